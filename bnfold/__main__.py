@@ -1,0 +1,5 @@
+import sys
+
+from bnfold.cli import main
+
+sys.exit(main())

@@ -1,0 +1,217 @@
+"""The `bnfold` command: parses arguments and calls library functions, nothing more.
+
+This is the top floor of the project, the one module that reaches every package. Each
+command's handler imports what it needs when it runs, so `bnfold --help` stays fast and a
+command never pays for another's dependencies (uvicorn, matplotlib, torchvision).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from bnfold.errors import BnfoldError
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,3,32,32, got {text!r}")
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"every dimension must be positive, got {text!r}")
+    return dims
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,8,32, got {text!r}")
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"every value must be positive, got {text!r}")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# Handlers: each turns parsed arguments into one library call and prints its result.
+
+
+def _cmd_fold(args: argparse.Namespace) -> int:
+    raise BnfoldError("bnfold fold is not implemented yet")
+
+
+def _cmd_fold_onnx(args: argparse.Namespace) -> int:
+    raise BnfoldError("bnfold fold-onnx is not implemented yet")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    raise BnfoldError("bnfold train is not implemented yet")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    raise BnfoldError("bnfold export is not implemented yet")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    raise BnfoldError("bnfold serve is not implemented yet")
+
+
+def _cmd_loadtest(args: argparse.Namespace) -> int:
+    raise BnfoldError("bnfold loadtest is not implemented yet")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    raise BnfoldError("bnfold bench is not implemented yet")
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    raise BnfoldError("bnfold pipeline is not implemented yet")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers
+
+
+def _add(sub: argparse._SubParsersAction, name: str, handler: Callable[[argparse.Namespace], int],
+         help: str, description: str | None = None) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help, description=description or help,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bnfold",
+        description="Fold BatchNorm into Conv/Linear weights, export verified ONNX/TorchScript/"
+                    "torch.export files, serve them, and benchmark CPU against GPU.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = _add(sub, "fold", _cmd_fold, "fold every eval-mode BatchNorm of a model and check parity",
+             "Fold a bnfold checkpoint or a torch.save'd nn.Module, print the fold report and the "
+             "parity against the original, and save the folded module. Nothing is written when "
+             "parity fails.")
+    p.add_argument("model", help="a bnfold checkpoint (from `bnfold train`) or a torch.save'd nn.Module")
+    p.add_argument("--out", required=True, help="where to torch.save the folded module")
+    p.add_argument("--input-shape", type=_shape, default=None,
+                   help="input shape for the parity check, batch included, e.g. 1,3,32,32 "
+                        "(read from a checkpoint's spec when omitted)")
+    p.add_argument("--rtol", type=float, default=1e-5, help="largest max-relative-error accepted")
+    p.add_argument("--samples", type=int, default=8, help="random inputs in the parity check")
+
+    p = _add(sub, "fold-onnx", _cmd_fold_onnx, "fold BatchNormalization nodes of any ONNX file",
+             "Fold inference-mode BatchNormalization after Conv, ConvTranspose, Gemm and MatMul(+Add) "
+             "in an ONNX file, check the result with onnx.checker and onnxruntime, then write it.")
+    p.add_argument("input", help="ONNX file to read")
+    p.add_argument("output", help="ONNX file to write")
+    p.add_argument("--input-shape", type=_shape, default=None,
+                   help="shape for the parity check when the file's input has symbolic dimensions "
+                        "other than the batch, e.g. 1,3,224,224")
+    p.add_argument("--rtol", type=float, default=1e-5, help="largest max-relative-error accepted")
+
+    p = _add(sub, "train", _cmd_train, "train a model with BatchNorm into a self-describing checkpoint")
+    p.add_argument("--model", default="lenet", help="architecture name (see models.list_models)")
+    p.add_argument("--dataset", default="digits",
+                   help="digits (bundled), mnist, fashion-mnist, cifar10, or imagefolder:PATH")
+    p.add_argument("--data-root", default="data", help="folder holding torchvision datasets")
+    p.add_argument("--download", action="store_true",
+                   help="allow torchvision to download mnist/fashion-mnist/cifar10 into --data-root")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default depends on the optimizer)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw")
+    p.add_argument("--schedule", choices=["cosine", "step", "none"], default="cosine")
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--norm", choices=["bn", "none"], default="bn", help="BatchNorm or no normalization")
+    p.add_argument("--activation", default=None, help="lenet: sigmoid or relu")
+    p.add_argument("--bn-momentum", type=float, default=0.1)
+    p.add_argument("--bn-eps", type=float, default=1e-5)
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: convert BatchNorm to SyncBatchNorm for training (CUDA only); "
+                        "the checkpoint holds plain BatchNorm")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--out", required=True, help="run folder: best.pt, last.pt, metrics.jsonl, curves.png")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+
+    p = _add(sub, "export", _cmd_export, "export a checkpoint to verified ONNX / TorchScript / torch.export files")
+    p.add_argument("checkpoint", help="a bnfold checkpoint")
+    p.add_argument("--format", type=_csv, default=["onnx", "torchscript", "program"],
+                   help="comma-separated: onnx, torchscript, program")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-fold", action="store_true", help="export without folding BatchNorm first")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--legacy-onnx", action="store_true", help="use the TorchScript-based ONNX exporter")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch dimension instead of a dynamic axis")
+    p.add_argument("--fp16", action="store_true", help="fold in float64, then store weights in float16")
+    p.add_argument("--triton-repo", default=None, help="also write a Triton model repository here")
+    p.add_argument("--data-root", default="data", help="where the checkpoint's dataset lives, for parity samples")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
+
+    p = _add(sub, "serve", _cmd_serve, "serve ONNX models over the Open Inference Protocol v2 (HTTP)")
+    p.add_argument("model", help="a model.onnx file, or a model repository folder (as --triton-repo writes)")
+    p.add_argument("--name", default=None, help="model name for a single file (default: from its spec or file name)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--threads", type=int, default=None,
+                   help="onnxruntime intra-op threads (default: the CPUs this process may use)")
+    p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted (413 beyond)")
+    p.add_argument("--cuda-graph", action="store_true", help="capture a CUDA graph for the fixed batch-1 shape")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    p = _add(sub, "loadtest", _cmd_loadtest, "drive a running server and report latency and throughput")
+    p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", required=True, help="model name on the server")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--requests", type=int, default=2000, help="total requests over all connections")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--binary", dest="binary", action="store_true", default=True,
+                      help="binary tensor extension (default)")
+    mode.add_argument("--json", dest="binary", action="store_false", help="JSON tensors")
+
+    p = _add(sub, "bench", _cmd_bench, "measure batch-1 latency of eager, folded, TorchScript, torch.export, onnxruntime and HTTP")
+    p.add_argument("checkpoint", help="a bnfold checkpoint")
+    p.add_argument("--device", type=_csv, default=["cpu", "cuda"], help="comma-separated: cpu, cuda")
+    p.add_argument("--backends", type=_csv,
+                   default=["eager", "folded", "torchscript", "program", "ort", "http"],
+                   help="comma-separated: eager, folded, torchscript, program, compile, ort, http")
+    p.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 32])
+    p.add_argument("--threads", type=int, default=None, help="threads for every backend (default: the CPUs this process may use)")
+    p.add_argument("--seconds", type=float, default=2.0, help="measuring time per backend and batch size")
+    p.add_argument("--out", required=True, help="folder for report.json, report.md and charts")
+
+    p = _add(sub, "pipeline", _cmd_pipeline, "train -> fold -> export -> verify -> bench, on the bundled digits by default")
+    p.add_argument("--model", default="lenet")
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--bench-seconds", type=float, default=1.0, help="measuring time per backend in the bench")
+    p.add_argument("--device", type=_csv, default=["cpu", "cuda"], help="bench devices (absent ones are reported as skipped)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--force", action="store_true", help="reuse an existing output folder")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except BnfoldError as exc:
+        print(f"bnfold {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bnfold {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Set bnfold up from nothing but Python, then run its main job or its tests.
+
+    python3 dev.py demo     # train -> fold -> export -> verify -> bench on the bundled digits
+    python3 dev.py test     # the whole test suite (what CI runs)
+    python3 dev.py setup    # only create .venv and install bnfold with its test extras
+
+Extra arguments after the verb go to the command: `python3 dev.py test -k fold -x`.
+The virtual environment lives in `.venv` beside this file (override with BNFOLD_VENV); it
+is reinstalled whenever pyproject.toml changes.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = Path(os.environ.get("BNFOLD_VENV", ROOT / ".venv"))
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
+STAMP = VENV / ".bnfold-installed"
+
+
+def _pyproject_digest() -> str:
+    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+
+
+def setup() -> None:
+    """Create the venv and install bnfold (editable) with its test extras, once per pyproject."""
+    if not PYTHON.exists():
+        print(f"creating virtual environment in {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    digest = _pyproject_digest()
+    if STAMP.exists() and STAMP.read_text().strip() == digest:
+        return
+    print("installing bnfold and its dependencies (torch is large: a few minutes the first time)", flush=True)
+    subprocess.run(
+        [str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         "-e", f"{ROOT}[test,compare]"],
+        check=True,
+    )
+    STAMP.write_text(digest + "\n")
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in {"setup", "demo", "test"}:
+        print(__doc__)
+        return 0 if argv and argv[0] in {"-h", "--help"} else 2
+    verb, rest = argv[0], argv[1:]
+    try:
+        setup()
+    except subprocess.CalledProcessError as exc:
+        print(f"dev.py: installing dependencies failed (exit {exc.returncode}); see pip's output above",
+              file=sys.stderr)
+        return exc.returncode or 1
+    if verb == "setup":
+        return 0
+    if verb == "demo":
+        command = [str(BIN / "bnfold"), "pipeline", *rest]
+    else:
+        command = [str(PYTHON), "-m", "pytest", *rest]
+    return subprocess.run(command, cwd=ROOT).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Verified writers for ONNX, TorchScript, torch.export and Triton model repositories."""

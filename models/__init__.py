@@ -1,0 +1,1 @@
+"""Architectures, datasets, augmentation, training and checkpoints."""

@@ -1,0 +1,63 @@
+"""The model spec: everything needed to rebuild, preprocess and label a trained model.
+
+It travels inside every checkpoint (`models.checkpoint`) and, as JSON under the key
+`SPEC_METADATA_KEY`, inside every exported ONNX file's `metadata_props`, so that a server can
+preprocess an image and name the classes without the checkpoint or bnfold's training code.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SPEC_METADATA_KEY = "bnfold.spec"
+SPEC_VERSION = 1
+
+
+@dataclass
+class Preprocess:
+    """The eval-time transform, written so that PIL + numpy can replay it without torchvision.
+
+    Applied in this order: convert to `mode` ("L" grey or "RGB"), resize (an int resizes the
+    shorter side keeping the aspect ratio; [h, w] resizes exactly), center-crop to `crop`
+    ([h, w], or None for no crop), scale to [0, 1], then (x - mean) / std per channel.
+    """
+
+    mode: str
+    resize: int | list[int]
+    crop: list[int] | None
+    mean: list[float]
+    std: list[float]
+    interpolation: str = "bilinear"
+
+
+@dataclass
+class ModelSpec:
+    arch: str                                   # registry name for models.build
+    arch_kwargs: dict[str, Any]                 # constructor arguments for models.build
+    task: str                                   # "classification" or "segmentation"
+    input_shape: list[int]                      # [C, H, W] of one sample, batch excluded
+    preprocess: Preprocess
+    labels: list[str]                           # class names; segmentation: ["background", "foreground"]
+    dataset: str
+    epoch: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    train_transform: list[str] = field(default_factory=list)  # human-readable, for the record
+    versions: dict[str, str] = field(default_factory=dict)
+    spec_version: int = SPEC_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        data = dict(data)
+        data["preprocess"] = Preprocess(**data["preprocess"])
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelSpec":
+        return cls.from_dict(json.loads(text))

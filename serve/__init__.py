@@ -1,0 +1,1 @@
+"""onnxruntime sessions, the Open Inference Protocol service, and the latency benchmark."""
