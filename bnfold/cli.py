@@ -66,11 +66,23 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    raise BnfoldError("bnfold bench is not implemented yet")
+    from serve.bench import run_bench
+    from serve.bench_report import summary_lines, write_report
+
+    result = run_bench(args.checkpoint, devices=args.device, backends=args.backends,
+                       batch_sizes=args.batch_sizes, threads=args.threads, seconds=args.seconds)
+    files = write_report(result, args.out)
+    print("\n".join(summary_lines(result)))
+    print(f"wrote {files.json}, {files.markdown}, " + ", ".join(str(c) for c in files.charts))
+    return 0
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    raise BnfoldError("bnfold pipeline is not implemented yet")
+    from serve.pipeline import run_pipeline
+
+    run_pipeline(model=args.model, dataset=args.dataset, data_root=args.data_root, epochs=args.epochs,
+                 bench_seconds=args.bench_seconds, devices=args.device, out=args.out, force=args.force)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------

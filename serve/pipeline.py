@@ -1,0 +1,247 @@
+"""`bnfold pipeline`: the whole job in one call, train -> fold -> export -> verify -> bench -> REPORT.md.
+
+Each stage is one call into the package that owns it (`models.train`, `bnfold.fold` and
+`bnfold.compare`, `export.export_checkpoint`, `serve.bench.run_bench`), with plain values passed
+between them. The run folder ends up holding:
+
+    OUT/train/    best.pt, last.pt, metrics.jsonl, curves.png   (models.train)
+    OUT/export/   model.onnx, model.ts, model.pt2, export.json   (export.export_checkpoint)
+    OUT/bench/    report.json, report.md, latency.png, throughput.png
+    OUT/REPORT.md accuracy, fold report, parity table, latency table and charts
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bnfold.errors import BnfoldError
+from serve.bench import DEFAULT_BACKENDS, BenchResult, run_bench
+from serve.bench_report import ReportFiles, render_markdown, summary_lines, write_report
+
+# The folded module must match the original to this max relative error on real samples (fp32).
+FOLD_RTOL = 1e-4
+
+
+@dataclass
+class PipelineResult:
+    """What one pipeline run produced, with the time each stage took (seconds)."""
+
+    out: Path
+    checkpoint: Path
+    spec: Any
+    metrics: dict[str, float]
+    fold_report: Any
+    fold_parity: Any
+    batchnorm_before: int
+    batchnorm_after: int
+    export_summary: Any
+    bench: BenchResult
+    bench_files: ReportFiles
+    report: Path
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float | None:
+        return headline_metric(self.metrics)[1]
+
+
+def headline_metric(metrics: dict[str, Any]) -> tuple[str | None, float | None]:
+    """The metric a reader looks for first: an accuracy for classifiers, IoU/Dice for masks."""
+    for needle in ("acc", "iou", "dice"):
+        for key, value in metrics.items():
+            if needle in key.lower() and isinstance(value, (int, float)):
+                return key, float(value)
+    return None, None
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise BnfoldError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise BnfoldError(f"--out {out} already holds files; pass --force to reuse it "
+                          f"(its train/, export/ and bench/ are overwritten) or choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _train(model: str, dataset: str, data_root: str, epochs: int, out: Path, progress: bool) -> Any:
+    import models
+
+    config = models.TrainConfig(model=model, dataset=dataset, data_root=data_root, epochs=epochs,
+                                out=str(out), progress=progress)
+    return models.train(config)
+
+
+def _fold(checkpoint: Path, data_root: str) -> tuple[Any, Any, int, int]:
+    """Fold the trained module and compare it with the original on real eval samples."""
+    import bnfold
+    import models
+    import torch
+
+    model, spec = models.load_checkpoint(checkpoint)
+    folded, report = bnfold.fold(model)
+    samples = models.sample_inputs(spec, n=64, data_root=data_root)
+    if samples is None:  # dataset files absent: random inputs still exercise every folded layer
+        samples = torch.randn(64, *spec.input_shape, generator=torch.Generator().manual_seed(0))
+    parity = bnfold.compare(model, folded, samples)
+    parity.check(FOLD_RTOL, "folded model against the trained model")
+    return report, parity, bnfold.count_batchnorm(model), bnfold.count_batchnorm(folded)
+
+
+def _export(checkpoint: Path, out: Path, data_root: str, progress: bool) -> Any:
+    import export
+
+    # The export folder belongs to this run: overwrite it when the run folder is reused.
+    return export.export_checkpoint(checkpoint, out, data_root=data_root, force=True, progress=progress)
+
+
+def _as_dict(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if hasattr(value, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(value)
+    return value
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.4f}"
+    return "–" if value is None else str(value)
+
+
+def parity_table(export_summary: Any, fold_parity: Any) -> str:
+    """One row per checked artifact: the folded module and every exported file against PyTorch."""
+    lines = ["| artifact | max abs error | max rel error | cosine | top-1 agreement | samples |",
+             "|---|---:|---:|---:|---:|---:|"]
+
+    def add(name: str, parity: Any) -> None:
+        p = _as_dict(parity) or {}
+        lines.append(f"| {name} | {_fmt(p.get('max_abs_error'))} | {_fmt(p.get('max_rel_error'))} | "
+                     f"{_fmt(p.get('cosine'))} | {_fmt(p.get('top1_agreement'))} | {_fmt(p.get('samples'))} |")
+
+    add("folded module (bnfold.fold)", fold_parity)
+    for name, artifact in _artifacts(export_summary):
+        parity = artifact.get("parity")
+        if parity is not None:
+            add(name, parity)
+    return "\n".join(lines)
+
+
+def _artifacts(export_summary: Any) -> list[tuple[str, dict[str, Any]]]:
+    """(file name, artifact dict) pairs from an ExportSummary, whatever container it uses."""
+    summary = _as_dict(export_summary)
+    items = summary.get("artifacts", []) if isinstance(summary, dict) else []
+    if isinstance(items, dict):
+        items = [dict(v, format=k) if isinstance(v, dict) else {"format": k} for k, v in items.items()]
+    out = []
+    for item in items:
+        item = _as_dict(item)
+        if isinstance(item, dict):
+            name = item.get("path") or item.get("file") or item.get("format") or "artifact"
+            out.append((Path(str(name)).name, item))
+    return out
+
+
+def render_report(result: PipelineResult, *, command: str, train_dir: Path) -> str:
+    """REPORT.md: what was trained and how well, what was folded, what was exported and verified, how fast."""
+    spec = result.spec
+    key, value = headline_metric(result.metrics)
+    headline = f"{key} = {value:.4f}" if key else "no metric recorded"
+    metric_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(result.metrics.items()))
+    timing_rows = "\n".join(f"| {k} | {v:.1f} s |" for k, v in result.timings.items())
+    curves = train_dir / "curves.png"
+    bench_md = render_markdown(result.bench, [f"bench/{c.name}" for c in result.bench_files.charts],
+                               heading="##")
+    parts = [
+        f"# bnfold pipeline: {spec.arch} on {spec.dataset}",
+        f"`{command}` — {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}",
+        f"**Trained {spec.arch} for {spec.epoch} epochs: {headline}.** BatchNorm modules: "
+        f"{result.batchnorm_before} before folding, {result.batchnorm_after} after. "
+        f"Every exported file was checked against PyTorch before it was written.",
+        "## Stages", "| stage | time |\n|---|---:|\n" + timing_rows,
+        "## Training", f"Checkpoint: `{result.checkpoint}`, input {list(spec.input_shape)}.",
+        "| metric | value |\n|---|---:|\n" + metric_rows if metric_rows else "_No metrics recorded._",
+    ]
+    if curves.exists():
+        parts.append(f"![training curves]({os.path.relpath(curves, result.out)})")
+    parts += [
+        "## Fold report", "```\n" + str(result.fold_report).rstrip() + "\n```",
+        "## Parity against the trained PyTorch model", parity_table(result.export_summary, result.fold_parity),
+        bench_md,
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def run_pipeline(*, model: str = "lenet", dataset: str = "digits", data_root: str = "data",
+                 epochs: int = 5, bench_seconds: float = 1.0, devices: Sequence[str] = ("cpu", "cuda"),
+                 out: str | os.PathLike = "runs/demo", force: bool = False,
+                 backends: Sequence[str] = DEFAULT_BACKENDS, batch_sizes: Sequence[int] = (1, 8, 32),
+                 threads: int | None = None, progress: bool = True,
+                 log: Callable[[str], None] = print) -> PipelineResult:
+    """Train, fold, export, verify and benchmark one model, then write OUT/REPORT.md.
+
+    `log` receives the human-readable progress (stage headers, the fold report, the summary);
+    pass `lambda _: None` for silence. A parity failure stops the run with `bnfold.ParityError`.
+    """
+    if epochs < 1:
+        raise BnfoldError(f"epochs must be at least 1, got {epochs}")
+    out_dir = Path(out)
+    _prepare_out(out_dir, force)
+    timings: dict[str, float] = {}
+    command = (f"bnfold pipeline --model {model} --dataset {dataset} --epochs {epochs} "
+               f"--bench-seconds {bench_seconds} --device {','.join(devices)} --out {out_dir}")
+
+    def stage(name: str) -> Callable[[], None]:
+        log(f"== {name}")
+        start = time.perf_counter()
+        return lambda: timings.__setitem__(name, time.perf_counter() - start)
+
+    done = stage("train")
+    trained = _train(model, dataset, data_root, epochs, out_dir / "train", progress)
+    done()
+    checkpoint = Path(trained.best)
+    spec = trained.spec
+    metrics = dict(getattr(spec, "metrics", {}) or {})
+    key, value = headline_metric(metrics)
+    log(f"trained {model} on {dataset} for {epochs} epochs: " + (f"{key} = {value:.4f}" if key else "no metric")
+        + f" -> {checkpoint}")
+
+    done = stage("fold")
+    fold_report, fold_parity, bn_before, bn_after = _fold(checkpoint, data_root)
+    done()
+    log(str(fold_report))
+    log(f"parity, folded against trained: {fold_parity}")
+
+    done = stage("export")
+    summary = _export(checkpoint, out_dir / "export", data_root, progress)
+    done()
+    for name, artifact in _artifacts(summary):
+        log(f"exported {name}" + (f": {artifact['parity']}" if artifact.get("parity") is not None else ""))
+
+    done = stage("bench")
+    bench = run_bench(checkpoint, devices=devices, backends=backends, batch_sizes=batch_sizes,
+                      threads=threads, seconds=bench_seconds, progress=progress,
+                      export_dir=out_dir / "export")
+    files = write_report(bench, out_dir / "bench")
+    done()
+
+    result = PipelineResult(out_dir, checkpoint, spec, metrics, fold_report, fold_parity, bn_before,
+                            bn_after, summary, bench, files, out_dir / "REPORT.md", timings)
+    result.report.write_text(render_report(result, command=command, train_dir=out_dir / "train"))
+    log("== summary")
+    log(f"{spec.arch} on {spec.dataset}: " + (f"{key} = {value:.4f}" if key else "no metric")
+        + f"; BatchNorm {bn_before} -> {bn_after}; fold max rel error {fold_parity.max_rel_error:.2e}")
+    for line in summary_lines(bench):
+        log(line)
+    log("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+    log(f"report: {result.report}")
+    return result
+
+
+__all__ = ["PipelineResult", "run_pipeline", "render_report", "parity_table", "headline_metric"]
