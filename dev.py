@@ -39,7 +39,7 @@ def setup() -> None:
         return
     print("installing bnfold and its dependencies (torch is large: a few minutes the first time)", flush=True)
     subprocess.run(
-        [str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+        [str(PYTHON), "-m", "pip", "install", "-qq", "--disable-pip-version-check",
          "-e", f"{ROOT}[test,compare]"],
         check=True,
     )
