@@ -58,11 +58,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    raise BnfoldError("bnfold serve is not implemented yet")
+    from serve.launch import serve
+
+    return serve(args.model, name=args.name, device=args.device, host=args.host, port=args.port,
+                 threads=args.threads, max_body_mb=args.max_body_mb, cuda_graph=args.cuda_graph,
+                 log_level=args.log_level, access_log=not args.no_access_log)
 
 
 def _cmd_loadtest(args: argparse.Namespace) -> int:
-    raise BnfoldError("bnfold loadtest is not implemented yet")
+    from serve.loadtest import run_loadtest
+
+    result = run_loadtest(args.url, args.model, concurrency=args.concurrency, requests=args.requests,
+                          binary=args.binary, reference=args.reference, input_shape=args.input_shape)
+    print(result)
+    return 0 if result.errors == 0 else 1
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -178,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted (413 beyond)")
     p.add_argument("--cuda-graph", action="store_true", help="capture a CUDA graph for the fixed batch-1 shape")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--no-access-log", action="store_true", help="do not write the JSON-lines access log to stderr")
 
     p = _add(sub, "loadtest", _cmd_loadtest, "drive a running server and report latency and throughput")
     p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
@@ -188,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--binary", dest="binary", action="store_true", default=True,
                       help="binary tensor extension (default)")
     mode.add_argument("--json", dest="binary", action="store_false", help="JSON tensors")
+    p.add_argument("--reference", action="store_true",
+                   help="drive the reference FastAPI service's POST /predict {\"data\": [...]} instead of /v2 "
+                        "(--model is then ignored)")
+    p.add_argument("--input-shape", type=_shape, default=None,
+                   help="input shape, batch included (default: from the model's metadata; 1,1,28,28 with --reference)")
 
     p = _add(sub, "bench", _cmd_bench, "measure batch-1 latency of eager, folded, TorchScript, torch.export, onnxruntime and HTTP")
     p.add_argument("checkpoint", help="a bnfold checkpoint")

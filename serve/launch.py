@@ -1,0 +1,126 @@
+"""Starting the service: in this process under uvicorn (`serve`), or as a subprocess (`running_server`)."""
+from __future__ import annotations
+
+import contextlib
+import http.client
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from serve.runtime import ServeError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind before starting uvicorn so that a busy port is our clear error, not uvicorn's exit(1)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", status=500) from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(model: str | os.PathLike, *, name: str | None = None, device: str = "cpu",
+          host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
+          max_body_mb: float = 16.0, cuda_graph: bool = False, log_level: str = "info",
+          access_log: bool = True) -> int:
+    """Load the model(s), then serve until SIGTERM/SIGINT; in-flight requests finish first.
+
+    Loading (and the CUDA check) happens before the port is bound, so failures surface as a
+    `ServeError` for the CLI to print; uvicorn runs with uvloop and httptools, its own access
+    log off (the app writes JSON lines instead).
+    """
+    import uvicorn
+
+    from serve.app import create_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    app = create_app(model, device=device, threads=threads, cuda_graph=cuda_graph, name=name,
+                     max_body_mb=max_body_mb, access_log=access_log and log_level in ("debug", "info"))
+    sock = _bind(host, port)
+    config = uvicorn.Config(app, loop="uvloop", http="httptools", lifespan="on", access_log=False,
+                            log_level=log_level, server_header=False, timeout_graceful_shutdown=30,
+                            limit_max_requests=None)
+    server = uvicorn.Server(config)
+    print(f"bnfold serve: {', '.join(app.models)} on http://{host}:{sock.getsockname()[1]} ({device})",
+          file=sys.stderr, flush=True)
+    server.run(sockets=[sock])
+    return 0
+
+
+def _ready(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        conn.request("GET", "/v2/health/ready")
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return ok
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def running_server(model_path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
+                   port: int | None = None, name: str | None = None, extra_args: Sequence[str] = (),
+                   log_path: str | os.PathLike | None = None, startup_timeout: float = 120.0,
+                   env: dict[str, str] | None = None) -> Iterator[str]:
+    """`bnfold serve` as a subprocess on 127.0.0.1; yields its base URL once it reports ready.
+
+    Its output goes to `log_path` (default: a temporary file) rather than a pipe nobody reads,
+    which would stall the server once full. On exit it is sent SIGTERM and waited for. A server
+    that dies during start-up raises `ServeError` with the tail of its log.
+    """
+    port = free_port() if port is None else port
+    command = [sys.executable, "-m", "bnfold.cli", "serve", str(model_path), "--device", device,
+               "--host", "127.0.0.1", "--port", str(port)]
+    if threads is not None:
+        command += ["--threads", str(threads)]
+    if name is not None:
+        command += ["--name", name]
+    command += list(extra_args)
+    owned_log = log_path is None
+    log_file = Path(tempfile.mkstemp(prefix="bnfold-serve-", suffix=".log")[1]) if owned_log else Path(log_path)
+    with open(log_file, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while not _ready("127.0.0.1", port):
+            if process.poll() is not None:
+                tail = log_file.read_text(errors="replace")[-2000:]
+                raise ServeError(f"`{' '.join(command)}` exited with code {process.returncode} before it was "
+                                 f"ready:\n{tail}", status=500)
+            if time.monotonic() > deadline:
+                raise ServeError(f"server on port {port} not ready after {startup_timeout:.0f} s; "
+                                 f"log: {log_file}", status=500)
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if owned_log:
+            with contextlib.suppress(OSError):
+                log_file.unlink()

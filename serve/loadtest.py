@@ -1,0 +1,236 @@
+"""A load generator that is not the bottleneck: asyncio, raw keep-alive HTTP/1.1, pre-encoded requests.
+
+Each of `concurrency` connections sends its share of the requests back to back, timing each
+from the first byte written to the last byte read. Requests are encoded once; a response
+counts as an error unless it is a 200 whose body equals the first 200 answer to the same input
+(the service is deterministic), so a load test also checks that answers do not change or mix
+under concurrency.
+"""
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from serve.runtime import V2_TO_NUMPY, ServeError
+
+
+@dataclass
+class LoadtestResult:
+    """Latency percentiles over all timed requests and throughput over the whole run."""
+
+    url: str
+    mode: str                 # "binary", "json" or "reference"
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    first_error: str | None = None
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("latencies_ms")
+        return data
+
+    def __str__(self) -> str:
+        text = (f"{self.mode} x{self.concurrency}: {self.requests} requests in {self.seconds:.2f} s, "
+                f"{self.rps:.0f} req/s; latency p50 {self.p50_ms:.3f} ms, p90 {self.p90_ms:.3f} ms, "
+                f"p99 {self.p99_ms:.3f} ms, mean {self.mean_ms:.3f} ms; errors {self.errors}")
+        if self.first_error:
+            text += f" (first: {self.first_error})"
+        return text
+
+
+def _split(url: str) -> tuple[str, int, str]:
+    parts = urlsplit(url if "://" in url else "http://" + url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ServeError(f"expected a URL like http://127.0.0.1:8000, got {url!r}")
+    return parts.hostname, parts.port or 80, parts.path.rstrip("/")
+
+
+def fetch_model_metadata(url: str, model: str) -> dict[str, Any]:
+    """GET /v2/models/{model} from a running v2 server."""
+    host, port, base = _split(url)
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        conn.request("GET", f"{base}/v2/models/{model}")
+        response = conn.getresponse()
+        body = response.read()
+    except OSError as exc:
+        raise ServeError(f"cannot reach {url}: {exc}")
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise ServeError(f"{url} answered {response.status} for model {model!r}: {body[:300].decode(errors='replace')}")
+    return json.loads(body)
+
+
+def encode_request(host: str, path: str, body: bytes, extra_headers: dict[str, str]) -> bytes:
+    """One complete HTTP/1.1 request, ready to write."""
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in extra_headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def v2_request(host: str, base: str, model: str, input_name: str, datatype: str, x: np.ndarray,
+               binary: bool) -> bytes:
+    """An Open Inference Protocol infer request for `x`, binary extension or JSON tensors."""
+    tensor: dict[str, Any] = {"name": input_name, "shape": list(x.shape), "datatype": datatype}
+    path = f"{base}/v2/models/{model}/infer"
+    if binary:
+        data = np.ascontiguousarray(x).tobytes()
+        tensor["parameters"] = {"binary_data_size": len(data)}
+        header = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}}).encode()
+        return encode_request(host, path, header + data,
+                              {"Inference-Header-Content-Length": str(len(header)),
+                               "Content-Type": "application/octet-stream"})
+    tensor["data"] = x.ravel().tolist()
+    return encode_request(host, path, json.dumps({"inputs": [tensor]}).encode(),
+                          {"Content-Type": "application/json"})
+
+
+def reference_request(host: str, base: str, x: np.ndarray) -> bytes:
+    """The reference FastAPI service's `POST /predict {"data": [floats]}`."""
+    body = json.dumps({"data": x.ravel().astype(np.float64).tolist()}).encode()
+    return encode_request(host, f"{base}/predict", body, {"Content-Type": "application/json"})
+
+
+class _Tally:
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.first_error: str | None = None
+        self.expected: dict[int, bytes] = {}
+
+    def record(self, index: int, status: int, body: bytes, seconds: float | None) -> None:
+        if seconds is not None:
+            self.latencies.append(seconds)
+        if status != 200:
+            problem = f"HTTP {status}: {body[:200].decode(errors='replace')}"
+        else:
+            expected = self.expected.setdefault(index, body)
+            if body == expected:
+                return
+            problem = f"answer to input {index} differs from its first answer"
+        if seconds is not None:
+            self.errors += 1
+        if self.first_error is None:
+            self.first_error = problem
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bytes]:
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = None
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == b"content-length":
+            length = int(value)
+            break
+    if length is None:
+        raise ServeError(f"response without Content-Length: {head[:200]!r}")
+    body = await reader.readexactly(length) if length else b""
+    return status, body
+
+
+async def _send_many(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, requests: list[bytes],
+                     count: int, offset: int, tally: _Tally, timed: bool) -> None:
+    n = len(requests)
+    clock = time.perf_counter
+    for i in range(count):
+        index = (offset + i) % n
+        start = clock()
+        status, body = await _exchange(reader, writer, requests[index])
+        tally.record(index, status, body, clock() - start if timed else None)
+
+
+async def _drive(host: str, port: int, requests: list[bytes], concurrency: int, total: int,
+                 warmup: int) -> tuple[_Tally, float]:
+    tally = _Tally()
+    connections = [await asyncio.open_connection(host, port) for _ in range(concurrency)]
+    try:
+        # The first answer to each input is taken on one connection before the load starts.
+        reader, writer = connections[0]
+        for index, request in enumerate(requests):
+            status, body = await _exchange(reader, writer, request)
+            tally.record(index, status, body, None)
+        await asyncio.gather(*(_send_many(r, w, requests, warmup, c, tally, False)
+                               for c, (r, w) in enumerate(connections)))
+        shares = [total // concurrency + (1 if c < total % concurrency else 0) for c in range(concurrency)]
+        start = time.perf_counter()
+        await asyncio.gather(*(_send_many(r, w, requests, shares[c], c, tally, True)
+                               for c, (r, w) in enumerate(connections)))
+        return tally, time.perf_counter() - start
+    finally:
+        for _, writer in connections:
+            writer.close()
+
+
+def _run(coro):
+    try:
+        import uvloop
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+def run_loadtest(url: str, model: str | None, *, concurrency: int = 8, requests: int = 2000,
+                 binary: bool = True, inputs: np.ndarray | list[np.ndarray] | None = None,
+                 reference: bool = False, input_shape: tuple[int, ...] | None = None,
+                 warmup: int = 10, seed: int = 0) -> LoadtestResult:
+    """Send `requests` inferences over `concurrency` keep-alive connections and time them.
+
+    url: server base URL. model: the v2 model name (ignored with `reference`). inputs: one
+    array or a list cycled through (default: 4 random arrays of the model's batch-1 shape).
+    reference: drive the reference FastAPI service's `POST /predict` instead of v2.
+    warmup: untimed requests per connection before its timed ones.
+    """
+    if concurrency < 1 or requests < 1:
+        raise ServeError(f"concurrency and requests must be at least 1, got {concurrency} and {requests}")
+    host, port, base = _split(url)
+    rng = np.random.default_rng(seed)
+    if reference:
+        shape = input_shape or (1, 1, 28, 28)
+        datatype, input_name = "FP32", None
+    else:
+        if not model:
+            raise ServeError("--model is required for an Open Inference Protocol server")
+        meta = fetch_model_metadata(url, model)
+        first = meta["inputs"][0]
+        datatype, input_name = first["datatype"], first["name"]
+        shape = input_shape or tuple(1 if d == -1 else d for d in first["shape"])
+    if inputs is None:
+        dtype = V2_TO_NUMPY.get(datatype, np.dtype(np.float32))
+        inputs = [rng.standard_normal(shape).astype(dtype) for _ in range(4)]
+    elif isinstance(inputs, np.ndarray):
+        inputs = [inputs]
+    if reference:
+        encoded = [reference_request(host, base, x) for x in inputs]
+        mode = "reference"
+    else:
+        encoded = [v2_request(host, base, model, input_name, datatype, x, binary) for x in inputs]
+        mode = "binary" if binary else "json"
+    try:
+        tally, seconds = _run(_drive(host, port, encoded, concurrency, requests, warmup))
+    except (OSError, asyncio.IncompleteReadError) as exc:
+        raise ServeError(f"load test against {url} failed: {type(exc).__name__}: {exc}")
+    ms = np.asarray(tally.latencies) * 1e3
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99]) if ms.size else (float("nan"),) * 3
+    return LoadtestResult(url=url, mode=mode, concurrency=concurrency, requests=len(ms), errors=tally.errors,
+                          seconds=seconds, rps=len(ms) / seconds if seconds > 0 else 0.0,
+                          p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99),
+                          mean_ms=float(ms.mean()) if ms.size else float("nan"),
+                          first_error=tally.first_error, latencies_ms=ms.tolist())

@@ -1,0 +1,404 @@
+"""onnxruntime sessions for serving: explicit providers and threads, no silent CPU fallback.
+
+`open_session(path, device)` returns a `ModelRuntime`: the session, what its one input and its
+outputs look like in Open Inference Protocol terms (datatype names, shapes with -1 for dynamic
+dimensions), the bnfold spec read back from the file's metadata, and a `run(x)` that is as short
+as onnxruntime allows. The validation helpers here raise `ServeError`, which carries the HTTP
+status the service answers with.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from bnfold.errors import BnfoldError
+from models.spec import SPEC_METADATA_KEY, ModelSpec
+
+# A model whose warm-up median is under this runs inside the event loop: a thread hop costs
+# about 50-100 us on a 2-core box, several times what onnxruntime needs for LeNet (~30 us).
+# Slower models go to a worker thread so that health checks and metrics keep answering.
+INLINE_THRESHOLD_MS = 1.0
+
+# Open Inference Protocol datatype names <-> onnxruntime type strings <-> numpy dtypes.
+_ORT_TO_V2 = {
+    "tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64",
+    "tensor(bfloat16)": "BF16",
+    "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
+    "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64", "tensor(bool)": "BOOL", "tensor(string)": "BYTES",
+}
+V2_TO_NUMPY: dict[str, np.dtype] = {
+    "FP32": np.dtype(np.float32), "FP16": np.dtype(np.float16), "FP64": np.dtype(np.float64),
+    "INT8": np.dtype(np.int8), "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "BOOL": np.dtype(np.bool_),
+}
+KNOWN_DATATYPES = frozenset(V2_TO_NUMPY) | {"BYTES", "BF16"}
+
+
+class ServeError(BnfoldError):
+    """A request or start-up problem with the HTTP status the service answers with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class DeviceUnavailableError(ServeError):
+    """The device asked for (CUDA) is not active in this onnxruntime; nothing falls back silently."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=503)
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """One model input or output as the Open Inference Protocol describes it."""
+
+    name: str
+    datatype: str          # "FP32", "INT64", ...
+    shape: list[int]       # -1 for every dynamic dimension
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+def available_cpus() -> int:
+    """The CPUs this process may actually use: its affinity mask, capped by a cgroup CPU quota.
+
+    `os.cpu_count()` reports the host's cores, which inside a container limited to two CPUs
+    makes onnxruntime start a pool that fights itself.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return max(1, cpus)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """CPUs allowed by cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us`; None when unlimited/unknown."""
+    try:
+        text = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if len(text) == 2 and text[0] != "max":
+            return int(text[0]) / int(text[1])
+        if text:
+            return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        if quota > 0 and period > 0:
+            return quota / period
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _meta(arg: ort.NodeArg) -> TensorMeta:
+    datatype = _ORT_TO_V2.get(arg.type)
+    if datatype is None:
+        raise ServeError(f"{arg.name!r} has type {arg.type}, which the service cannot carry", status=500)
+    shape = [d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or [])]
+    return TensorMeta(arg.name, datatype, shape)
+
+
+def _read_spec(session: ort.InferenceSession, path: Path) -> ModelSpec | None:
+    text = session.get_modelmeta().custom_metadata_map.get(SPEC_METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        return ModelSpec.from_json(text)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ServeError(f"{path}: metadata {SPEC_METADATA_KEY!r} is not a valid bnfold spec ({exc})",
+                         status=500) from exc
+
+
+@dataclass
+class ModelRuntime:
+    """A loaded model: its session, protocol metadata, spec and a `run` for numpy arrays."""
+
+    name: str
+    path: Path
+    session: ort.InferenceSession
+    device: str
+    inputs: list[TensorMeta]
+    outputs: list[TensorMeta]
+    spec: ModelSpec | None
+    version: str = "1"
+    threads: int = 1
+    cuda_graph: bool = False
+    warmup_ms: float = 0.0
+    inline: bool = True            # run in the event loop (True) or in a worker thread (False)
+    _output_names: list[str] = field(default_factory=list, repr=False)
+    _runner: Any = field(default=None, repr=False)
+
+    @property
+    def input_name(self) -> str:
+        return self.inputs[0].name
+
+    @property
+    def output_name(self) -> str:
+        return self.outputs[0].name
+
+    @property
+    def input_dtype(self) -> np.dtype:
+        return V2_TO_NUMPY[self.inputs[0].datatype]
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    @property
+    def platform(self) -> str:
+        return "onnxruntime_onnx"
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """The first output for input `x` (numpy in, numpy out, on the host)."""
+        return self._runner(x)[0]
+
+    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
+        """Every output, in the model's order."""
+        return self._runner(x)
+
+    def sample_input(self, batch: int = 1) -> np.ndarray:
+        """Zeros of the input's shape with the batch (and any other dynamic dimension) set."""
+        shape = [batch if i == 0 and d == -1 else (d if d != -1 else 1)
+                 for i, d in enumerate(self.inputs[0].shape)]
+        return np.zeros(shape, dtype=self.input_dtype)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "path": str(self.path), "device": self.device,
+                "providers": self.providers, "threads": self.threads, "inline": self.inline,
+                "warmup_ms": round(self.warmup_ms, 4), "cuda_graph": self.cuda_graph}
+
+
+def _cpu_runner(session: ort.InferenceSession, input_name: str, output_names: list[str]):
+    run = session.run
+
+    def runner(x: np.ndarray) -> list[np.ndarray]:
+        return run(output_names, {input_name: x})
+    return runner
+
+
+def _cuda_runner(session: ort.InferenceSession, input_name: str, output_names: list[str]):
+    """IO binding: the input is copied to the GPU once, outputs stay there until fetched."""
+
+    def runner(x: np.ndarray) -> list[np.ndarray]:
+        binding = session.io_binding()
+        binding.bind_cpu_input(input_name, np.ascontiguousarray(x))
+        for name in output_names:
+            binding.bind_output(name, "cuda")
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+    return runner
+
+
+def _cuda_graph_runner(session: ort.InferenceSession, inputs: list[TensorMeta],
+                       outputs: list[TensorMeta], model: str):
+    """Fixed device buffers bound once; every run replays the captured CUDA graph.
+
+    onnxruntime captures the graph on the first `run_with_iobinding` and replays it while the
+    bound addresses stay the same, so the input is written in place and shapes cannot change.
+    """
+    in_meta = inputs[0]
+    in_shape = [1 if (i == 0 and d == -1) else d for i, d in enumerate(in_meta.shape)]
+    out_shapes = [[1 if (i == 0 and d == -1) else d for i, d in enumerate(o.shape)] for o in outputs]
+    if -1 in in_shape or any(-1 in s for s in out_shapes):
+        raise ServeError(f"--cuda-graph needs fixed shapes apart from the batch; model {model!r} has "
+                         f"input {in_meta.shape} and outputs {[o.shape for o in outputs]}", status=500)
+    x_dev = ort.OrtValue.ortvalue_from_shape_and_type(in_shape, V2_TO_NUMPY[in_meta.datatype], "cuda", 0)
+    outs = [ort.OrtValue.ortvalue_from_shape_and_type(s, V2_TO_NUMPY[o.datatype], "cuda", 0)
+            for s, o in zip(out_shapes, outputs)]
+    binding = session.io_binding()
+    binding.bind_ortvalue_input(in_meta.name, x_dev)
+    for meta, value in zip(outputs, outs):
+        binding.bind_ortvalue_output(meta.name, value)
+    expected = tuple(in_shape)
+
+    def runner(x: np.ndarray) -> list[np.ndarray]:
+        if x.shape != expected:
+            raise ServeError(f"model {model!r} runs a captured CUDA graph for shape {list(expected)}; "
+                             f"got {list(x.shape)}")
+        x_dev.update_inplace(np.ascontiguousarray(x))
+        session.run_with_iobinding(binding)
+        return [value.numpy() for value in outs]
+    return runner
+
+
+def _session_options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning workers burn the shared cores the HTTP loop needs; batch-1 work is too short to gain.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return options
+
+
+def _cuda_providers(cuda_graph: bool) -> list[Any]:
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise DeviceUnavailableError(
+            f"device 'cuda' asked for, but this onnxruntime {ort.__version__} build has no "
+            f"CUDAExecutionProvider (it offers {available}); install the GPU build: "
+            f"pip uninstall -y onnxruntime && pip install onnxruntime-gpu (or 'bnfold[gpu]')")
+    options: dict[str, str] = {"device_id": "0"}
+    if cuda_graph:
+        options["enable_cuda_graph"] = "1"
+    return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+
+
+def _warm_up(runtime: ModelRuntime, rounds: int = 7) -> None:
+    """Run before reporting ready: first runs allocate arenas and pick kernels (cuDNN autotune)."""
+    x = runtime.sample_input(1)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        runtime.run_all(x)
+        times.append((time.perf_counter() - start) * 1e3)
+    runtime.warmup_ms = statistics.median(times[2:] if len(times) > 3 else times)
+    runtime.inline = runtime.warmup_ms < INLINE_THRESHOLD_MS
+
+
+def open_session(path: str | os.PathLike, device: str = "cpu", *, threads: int | None = None,
+                 cuda_graph: bool = False, name: str | None = None, version: str = "1",
+                 warmup: bool = True) -> ModelRuntime:
+    """Load an ONNX file for serving on `device` ("cpu" or "cuda"), warmed up and checked.
+
+    threads: onnxruntime intra-op threads (default `available_cpus()`). For "cuda" the session
+    must really run on CUDAExecutionProvider, otherwise `DeviceUnavailableError` says what is
+    missing; `cuda_graph` captures a CUDA graph for the batch-1 shape.
+    """
+    path = Path(path)
+    if device not in ("cpu", "cuda"):
+        raise ServeError(f"device must be 'cpu' or 'cuda', got {device!r}", status=500)
+    if cuda_graph and device != "cuda":
+        raise ServeError("--cuda-graph needs --device cuda", status=500)
+    if not path.is_file():
+        raise ServeError(f"model file not found: {path}", status=500)
+    threads = available_cpus() if threads is None else threads
+    if threads < 1:
+        raise ServeError(f"threads must be at least 1, got {threads}", status=500)
+
+    providers: list[Any] = _cuda_providers(cuda_graph) if device == "cuda" else ["CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(str(path), _session_options(threads), providers=providers)
+    except Exception as exc:  # onnxruntime raises its own types for corrupt files or bad graphs
+        if device == "cuda" and cuda_graph:
+            raise DeviceUnavailableError(f"{path}: onnxruntime could not build a CUDA-graph session "
+                                         f"(every node must run on CUDA): {exc}") from exc
+        raise ServeError(f"{path}: onnxruntime cannot load this file: {exc}", status=500) from exc
+    if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        raise DeviceUnavailableError(
+            f"device 'cuda' asked for, but CUDAExecutionProvider failed to load (session providers: "
+            f"{session.get_providers()}); this usually means the CUDA or cuDNN libraries do not match "
+            f"the onnxruntime-gpu {ort.__version__} build, or no GPU is visible")
+
+    inputs = [_meta(a) for a in session.get_inputs()]
+    outputs = [_meta(a) for a in session.get_outputs()]
+    if len(inputs) != 1:
+        raise ServeError(f"{path}: the service handles models with exactly one input, this one has "
+                         f"{[i.name for i in inputs]}", status=500)
+    spec = _read_spec(session, path)
+    if name is None:
+        name = spec.arch if spec is not None else path.stem
+    output_names = [o.name for o in outputs]
+    if device == "cuda" and cuda_graph:
+        runner = _cuda_graph_runner(session, inputs, outputs, name)
+    elif device == "cuda":
+        runner = _cuda_runner(session, inputs[0].name, output_names)
+    else:
+        runner = _cpu_runner(session, inputs[0].name, output_names)
+    runtime = ModelRuntime(name=name, path=path, session=session, device=device, inputs=inputs,
+                           outputs=outputs, spec=spec, version=str(version), threads=threads,
+                           cuda_graph=cuda_graph, _output_names=output_names, _runner=runner)
+    if warmup:
+        try:
+            _warm_up(runtime)
+        except Exception as exc:
+            raise ServeError(f"{path}: warm-up run failed on {device}: {exc}", status=500) from exc
+    return runtime
+
+
+def load_repository(root: str | os.PathLike, device: str = "cpu", *, threads: int | None = None,
+                    cuda_graph: bool = False, name: str | None = None) -> dict[str, ModelRuntime]:
+    """Models to serve from a `model.onnx` file or a Triton-layout folder.
+
+    A folder holds `<name>/<version>/model.onnx`; the highest numeric version of each model is
+    served. A single file is served under `name` (default: its spec's arch, else the file stem).
+    """
+    root = Path(root)
+    if root.is_file():
+        runtime = open_session(root, device, threads=threads, cuda_graph=cuda_graph, name=name)
+        return {runtime.name: runtime}
+    if not root.is_dir():
+        raise ServeError(f"no such model file or repository folder: {root}", status=500)
+    if name is not None:
+        raise ServeError("--name applies to a single model file, not a repository folder", status=500)
+    models: dict[str, ModelRuntime] = {}
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        versions = [v for v in model_dir.iterdir()
+                    if v.is_dir() and v.name.isdigit() and (v / "model.onnx").is_file()]
+        if not versions:
+            continue
+        latest = max(versions, key=lambda v: int(v.name))
+        models[model_dir.name] = open_session(latest / "model.onnx", device, threads=threads,
+                                              cuda_graph=cuda_graph, name=model_dir.name,
+                                              version=latest.name)
+    if not models:
+        raise ServeError(f"{root}: no models found; expected <name>/<version>/model.onnx inside "
+                         f"(the layout `bnfold export --triton-repo` writes)", status=500)
+    return models
+
+
+# ---------------------------------------------------------------------------------------------
+# Request validation: each helper names what was expected and what came (Triton's wording).
+
+
+def check_datatype(model: ModelRuntime, name: str, datatype: Any) -> np.dtype:
+    expected = model.inputs[0].datatype
+    if datatype != expected:
+        if not isinstance(datatype, str) or datatype not in KNOWN_DATATYPES:
+            raise ServeError(f"invalid datatype {json.dumps(datatype)} for input {name!r} for model "
+                             f"{model.name!r}. Expected {expected}")
+        raise ServeError(f"unexpected datatype {datatype} for input {name!r} for model {model.name!r}. "
+                         f"Expected {expected}")
+    return V2_TO_NUMPY[expected]
+
+
+def check_shape(model: ModelRuntime, name: str, shape: Any) -> tuple[int, ...]:
+    expected = model.inputs[0].shape
+    if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)):
+        raise ServeError(f"invalid shape {json.dumps(shape)} for input {name!r} for model {model.name!r}: "
+                         f"expected a list of non-negative integers like {_shape_str(expected)}")
+    if len(shape) != len(expected) or any(e != -1 and e != d for e, d in zip(expected, shape)):
+        raise ServeError(f"unexpected shape for input {name!r} for model {model.name!r}. "
+                         f"Expected {_shape_str(expected)}, got {_shape_str(shape)}")
+    return tuple(shape)
+
+
+def check_input_name(model: ModelRuntime, name: Any) -> str:
+    if name != model.input_name:
+        raise ServeError(f"unexpected inference input {json.dumps(name)} for model {model.name!r}. "
+                         f"Expected {model.input_name!r}")
+    return name
+
+
+def _shape_str(shape: list[int]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
