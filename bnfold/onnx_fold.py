@@ -1,0 +1,356 @@
+"""Fold inference-mode BatchNormalization nodes of any ONNX graph into their producers.
+
+Handles BatchNormalization after Conv, ConvTranspose (grouped too), Gemm (honouring transB,
+alpha, beta and any broadcastable C) and MatMul, with or without a following bias Add. The
+producer's weights must be constants (initializers not also listed as graph inputs, Constant
+nodes, or Identity of those); the arithmetic is `bnfold.math`'s, in float64. New weights get
+new initializer names, so a weight shared with another node is never changed under it; the
+originals are dropped once nothing uses them.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from bnfold.errors import BnfoldError
+from bnfold.math import bn_scale_shift, fold_bn_after
+from bnfold.report import FoldReport
+
+__all__ = ["fold_onnx", "load_onnx", "count_onnx_batchnorm"]
+
+
+class _Skip(Exception):
+    """A guard refused a BatchNormalization node; the message is the reason."""
+
+
+def load_onnx(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+    """A copy of `model_or_path`, read from disk if it is a path; `BnfoldError` when unreadable."""
+    if isinstance(model_or_path, onnx.ModelProto):
+        return copy.deepcopy(model_or_path)
+    path = Path(model_or_path)
+    if not path.is_file():
+        raise BnfoldError(f"no ONNX file at {str(path)!r}")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises DecodeError, onnx raises its own; both mean unreadable
+        raise BnfoldError(f"{str(path)!r} is not a readable ONNX file ({type(exc).__name__}: {exc})") from None
+    if not model.graph.node:
+        raise BnfoldError(f"{str(path)!r} holds no ONNX graph (is it an ONNX file?)")
+    return model
+
+
+def count_onnx_batchnorm(model: onnx.ModelProto) -> int:
+    """BatchNormalization nodes in the main graph."""
+    return sum(1 for n in model.graph.node if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx"))
+
+
+def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _subgraph_inputs(graph: onnx.GraphProto) -> Iterator[str]:
+    """Every name read by nodes of the subgraphs (If/Loop/Scan bodies) of `graph`."""
+    for node in graph.node:
+        for a in node.attribute:
+            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for sub in subs:
+                for n in sub.node:
+                    yield from n.input
+                yield from _subgraph_inputs(sub)
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor ranks from shape inference (a help for MatMul folds, never a requirement)."""
+    ranks: dict[str, int] = {}
+    try:
+        # Inference needs no float weights (integer ones may be Reshape shapes); dropping them
+        # keeps it fast on big models.
+        light = onnx.ModelProto()
+        light.CopyFrom(model)
+        floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                  onnx.TensorProto.BFLOAT16}
+        for t in light.graph.initializer:
+            if t.data_type in floats:
+                for f in ("raw_data", "float_data", "double_data", "int32_data"):
+                    t.ClearField(f)
+        inferred = onnx.shape_inference.infer_shapes(light)
+    except Exception:
+        return ranks
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
+    return ranks
+
+
+class _Graph:
+    """Lookup tables over one graph: producers, consumers and constant values."""
+
+    def __init__(self, model: onnx.ModelProto, ranks: dict[str, int] | None = None) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.inputs = {i.name for i in self.graph.input}
+        self.outputs = {o.name for o in self.graph.output}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.graph.node:
+            for name in node.output:
+                self.producer[name] = node
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(node)
+        self.sub_reads = set(_subgraph_inputs(self.graph))
+        self.ranks: dict[str, int] = ranks if ranks is not None else _ranks(model)
+        self._counter = 0
+
+    def const(self, name: str, what: str) -> np.ndarray:
+        """The value of a constant tensor, or `_Skip` saying why `name` is not one."""
+        if not name:
+            raise _Skip(f"{what} is missing")
+        if name in self.inits:
+            if name in self.inputs:
+                raise _Skip(f"{what} {name!r} is an initializer that is also a graph input, so it can be "
+                            "overridden at run time")
+            return numpy_helper.to_array(self.inits[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            value = _attr(node, "value", None)
+            if value is not None:
+                return numpy_helper.to_array(value)
+        if node is not None and node.op_type == "Identity":
+            return self.const(node.input[0], what)
+        raise _Skip(f"{what} {name!r} is computed at run time, not a constant initializer")
+
+    def only_consumer(self, name: str, node: onnx.NodeProto) -> None:
+        """`_Skip` unless `node` is the one reader of `name`."""
+        users = self.consumers.get(name, [])
+        if name in self.outputs:
+            raise _Skip(f"{name!r} is also a graph output")
+        if name in self.sub_reads:
+            raise _Skip(f"{name!r} is also read inside a subgraph")
+        if len(users) != 1 or users[0] is not node:
+            kinds = ", ".join(f"{u.op_type} {u.name!r}" for u in users)
+            raise _Skip(f"the output {name!r} has {len(users)} consumers ({kinds})")
+
+    def add_initializer(self, base: str, value: np.ndarray) -> str:
+        taken = set(self.inits) | set(self.producer) | self.inputs
+        name = f"{base}_bnfold"
+        while name in taken:
+            self._counter += 1
+            name = f"{base}_bnfold{self._counter}"
+        tensor = numpy_helper.from_array(value, name)
+        self.graph.initializer.append(tensor)
+        self.inits[name] = tensor
+        return name
+
+
+def _cast(value: torch.Tensor, like: np.ndarray) -> np.ndarray:
+    return value.numpy().astype(like.dtype)
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a, dtype=np.float64).copy())
+
+
+def _bn_tensors(g: _Graph, bn: onnx.NodeProto) -> tuple[torch.Tensor, ...]:
+    if int(_attr(bn, "training_mode", 0)):
+        raise _Skip("training_mode=1: it normalizes with batch statistics")
+    if not int(_attr(bn, "spatial", 1)):
+        raise _Skip("spatial=0 (per-element statistics, opset < 9) is not supported")
+    if any(out for out in bn.output[1:]):
+        raise _Skip("it also outputs running statistics (a training graph)")
+    if len(bn.input) < 5:
+        raise _Skip(f"it has {len(bn.input)} inputs, expected 5")
+    names = ("scale", "B", "input_mean", "input_var")
+    scale, bias, mean, var = (g.const(n, f"BatchNormalization {w}") for n, w in zip(bn.input[1:5], names))
+    return _t(mean), _t(var), _t(scale), _t(bias)
+
+
+def _fold_conv(g: _Graph, layer: onnx.NodeProto, stats: tuple, eps: float) -> None:
+    transposed = layer.op_type == "ConvTranspose"
+    w = g.const(layer.input[1], f"{layer.op_type} weight")
+    b = g.const(layer.input[2], f"{layer.op_type} bias") if len(layer.input) > 2 and layer.input[2] else None
+    groups = int(_attr(layer, "group", 1))
+    channels = w.shape[1] * groups if transposed else w.shape[0]
+    if stats[0].numel() != channels:
+        raise _Skip(f"shapes disagree: {layer.op_type} produces {channels} channels, "
+                    f"BatchNormalization normalizes {stats[0].numel()}")
+    mean, var, gamma, beta = stats
+    new_w, new_b = fold_bn_after(_t(w), None if b is None else _t(b), mean, var, eps, gamma, beta,
+                                 transposed=transposed, groups=groups)
+    inputs = list(layer.input[:1]) + [g.add_initializer(layer.input[1], _cast(new_w, w)),
+                                      g.add_initializer(layer.input[2] if b is not None else f"{layer.input[1]}_bias",
+                                                        _cast(new_b, w if b is None else b))]
+    del layer.input[:]
+    layer.input.extend(inputs)
+
+
+def _fold_gemm(g: _Graph, layer: onnx.NodeProto, stats: tuple, eps: float) -> None:
+    w = g.const(layer.input[1], "Gemm B")
+    c = g.const(layer.input[2], "Gemm C") if len(layer.input) > 2 and layer.input[2] else None
+    beta = float(_attr(layer, "beta", 1.0))
+    trans_b = int(_attr(layer, "transB", 0))
+    if w.ndim != 2:
+        raise _Skip(f"Gemm B has rank {w.ndim}, expected 2")
+    rows = w if trans_b else w.T  # (N, K): one row per output channel, like nn.Linear's weight
+    n = rows.shape[0]
+    if stats[0].numel() != n:
+        raise _Skip(f"shapes disagree: Gemm produces {n} channels, BatchNormalization normalizes {stats[0].numel()}")
+    mean, var, gamma, bn_beta = stats
+    # s*(alpha*A*B' + beta*C) + t  ==  alpha*A*(B' s) + (beta*C*s + t): alpha stays, C becomes
+    # the folded bias and beta becomes 1.
+    scale, shift = bn_scale_shift(mean, var, eps, gamma, bn_beta)
+    new_rows = _t(rows) * scale[:, None]
+    if c is None:
+        new_c = shift
+    else:
+        if c.ndim > 2 or (c.ndim >= 1 and c.shape[-1] not in (1, n)):
+            raise _Skip(f"Gemm C of shape {list(c.shape)} does not broadcast over {n} columns")
+        full = np.broadcast_to(np.asarray(c, dtype=np.float64) * beta, (*c.shape[:-1], n) if c.ndim else (n,))
+        new_c = _t(full) * scale + shift
+    new_w = new_rows if trans_b else new_rows.T
+    inputs = [layer.input[0], g.add_initializer(layer.input[1], _cast(new_w.contiguous(), w)),
+              g.add_initializer(layer.input[2] if c is not None else f"{layer.input[1]}_bias",
+                                _cast(new_c.contiguous(), w if c is None else c))]
+    del layer.input[:]
+    layer.input.extend(inputs)
+    for attr in layer.attribute:
+        if attr.name == "beta":
+            attr.f = 1.0
+
+
+def _fold_matmul(g: _Graph, matmul: onnx.NodeProto, add: onnx.NodeProto | None, stats: tuple, eps: float,
+                 bn: onnx.NodeProto) -> onnx.NodeProto | None:
+    """Returns a new Add node to insert in place of the BN when the MatMul had none."""
+    rank = g.ranks.get(matmul.input[0])
+    if rank != 2:
+        raise _Skip("MatMul input rank is " + ("unknown" if rank is None else str(rank)) +
+                    "; only a 2-D MatMul puts the BatchNormalization channel on its last axis")
+    w = g.const(matmul.input[1], "MatMul weight")
+    if w.ndim != 2:
+        raise _Skip(f"MatMul weight has rank {w.ndim}, expected 2")
+    n = w.shape[1]
+    if stats[0].numel() != n:
+        raise _Skip(f"shapes disagree: MatMul produces {n} channels, BatchNormalization normalizes {stats[0].numel()}")
+    mean, var, gamma, beta = stats
+    b_name, b = None, None
+    if add is not None:
+        b_name = add.input[1] if add.input[0] in matmul.output else add.input[0]
+        b = g.const(b_name, "Add bias")
+        if b.size not in (1, n) or b.ndim > 2 or (b.ndim and b.shape[-1] != b.size):
+            raise _Skip(f"Add bias of shape {list(b.shape)} is not a per-column bias of {n} columns")
+    bias = None if b is None else _t(np.broadcast_to(b.reshape(-1), (n,)))
+    new_rows, new_b = fold_bn_after(_t(w.T), bias, mean, var, eps, gamma, beta)
+    new_w_name = g.add_initializer(matmul.input[1], _cast(new_rows.T.contiguous(), w))
+    matmul.input[1] = new_w_name
+    if add is not None:
+        bias_name = g.add_initializer(b_name, _cast(new_b, b))
+        add.input[0 if add.input[0] == b_name else 1] = bias_name
+        return None
+    bias_name = g.add_initializer(f"{matmul.input[1]}_bias", _cast(new_b, w))
+    return helper.make_node("Add", [matmul.output[0], bias_name], [bn.output[0]],
+                            name=f"{bn.name or matmul.name}_bias")
+
+
+def _fold_one(g: _Graph, bn: onnx.NodeProto) -> tuple[str, list[onnx.NodeProto]]:
+    """Fold `bn`; returns the producer's name and nodes to insert. `_Skip` when it cannot."""
+    x = bn.input[0]
+    producer = g.producer.get(x)
+    if producer is None:
+        raise _Skip(f"its input {x!r} is a graph input or initializer, not a node output")
+    stats = _bn_tensors(g, bn)
+    eps = float(_attr(bn, "epsilon", 1e-5))
+    g.only_consumer(x, bn)
+    if producer.domain not in ("", "ai.onnx"):
+        raise _Skip(f"its producer {producer.op_type} is in domain {producer.domain!r}")
+    if producer.op_type in ("Conv", "ConvTranspose"):
+        _fold_conv(g, producer, stats, eps)
+    elif producer.op_type == "Gemm":
+        _fold_gemm(g, producer, stats, eps)
+    elif producer.op_type == "MatMul":
+        add = _fold_matmul(g, producer, None, stats, eps, bn)
+        return producer.name or producer.output[0], [add]
+    elif producer.op_type == "Add" and any(
+            (p := g.producer.get(i)) is not None and p.op_type == "MatMul" for i in producer.input):
+        matmul = next(g.producer[i] for i in producer.input if i in g.producer and g.producer[i].op_type == "MatMul")
+        g.only_consumer(matmul.output[0], producer)
+        _fold_matmul(g, matmul, producer, stats, eps, bn)
+        producer.output[0] = bn.output[0]
+        return matmul.name or matmul.output[0], []
+    else:
+        raise _Skip(f"its producer is {producer.op_type} {producer.name!r}, not Conv, ConvTranspose, Gemm or MatMul")
+    producer.output[0] = bn.output[0]
+    return producer.name or producer.output[0], []
+
+
+def _used_names(model: onnx.ModelProto) -> set[str]:
+    graph = model.graph
+    return ({name for node in graph.node for name in node.input} | set(_subgraph_inputs(graph))
+            | {o.name for o in graph.output})
+
+
+def _clean(model: onnx.ModelProto, originally_used: set[str]) -> None:
+    """Drop what folding left unused: Identity/Constant nodes that fed BN statistics, replaced
+    initializers, stale value_info. Things the file already carried unused are kept."""
+    graph = model.graph
+    while True:
+        used = _used_names(model)
+        dead = [n for n in graph.node if n.op_type in ("Identity", "Constant") and n.output[0] in originally_used
+                and not any(out in used for out in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    used = _used_names(model)
+    keep = [t for t in graph.initializer if t.name in used or t.name not in originally_used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    live = {name for node in graph.node for name in node.output}
+    infos = [vi for vi in graph.value_info if vi.name in live]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
+
+
+def fold_onnx(model_or_path: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, FoldReport]:
+    """Fold every inference-mode BatchNormalization that follows Conv, ConvTranspose, Gemm or MatMul(+Add).
+
+    Returns `(folded_model, report)`; the input `ModelProto` is not modified. The result passes
+    `onnx.checker.check_model`. BatchNormalization nodes in subgraphs (If/Loop bodies) are left
+    alone and noted.
+    """
+    model = load_onnx(model_or_path)
+    g = _Graph(model)
+    report = FoldReport()
+    originally_used = _used_names(model)
+    for bn in [n for n in g.graph.node if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
+        bn_name = bn.name or bn.output[0]
+        try:
+            layer_name, new_nodes = _fold_one(g, bn)
+        except _Skip as exc:
+            report.skipped.append((bn_name, str(exc)))
+            continue
+        index = list(g.graph.node).index(bn)
+        g.graph.node.remove(bn)
+        for offset, node in enumerate(new_nodes):
+            g.graph.node.insert(index + offset, node)
+        report.folded.append((layer_name, bn_name))
+        g = _Graph(model, g.ranks)  # the tables changed; rebuilding is cheap next to the weights
+    _clean(model, originally_used)
+    if any(n.op_type in ("If", "Loop", "Scan") for n in model.graph.node):
+        report.notes.append("subgraphs (If/Loop/Scan bodies) were not searched for BatchNormalization")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise BnfoldError(f"the folded ONNX graph fails onnx.checker: {exc}") from None
+    return model, report
