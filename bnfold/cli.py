@@ -54,7 +54,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    raise BnfoldError("bnfold export is not implemented yet")
+    from export import export_checkpoint
+
+    summary = export_checkpoint(
+        args.checkpoint, args.out, formats=args.format, fold=not args.no_fold, opset=args.opset,
+        static_batch=args.static_batch, fp16=args.fp16, legacy=args.legacy_onnx,
+        triton_repo=args.triton_repo, triton_device=args.triton_device,
+        triton_name=args.triton_name, data_root=args.data_root, force=args.force,
+        progress=not args.no_progress, verbose=args.verbose)
+    print(summary)
+    return 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -175,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--triton-repo", default=None, help="also write a Triton model repository here")
     p.add_argument("--data-root", default="data", help="where the checkpoint's dataset lives, for parity samples")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
+    p.add_argument("--triton-device", choices=["cpu", "cuda"], default="cpu",
+                   help="instance_group kind in the Triton config.pbtxt (KIND_CPU or KIND_GPU)")
+    p.add_argument("--triton-name", default=None,
+                   help="model name in the Triton repository (default: the architecture)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="show the exporters' own output and warnings")
 
     p = _add(sub, "serve", _cmd_serve, "serve ONNX models over the Open Inference Protocol v2 (HTTP)")
     p.add_argument("model", help="a model.onnx file, or a model repository folder (as --triton-repo writes)")

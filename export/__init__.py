@@ -1,1 +1,22 @@
-"""Verified writers for ONNX, TorchScript, torch.export and Triton model repositories."""
+"""Verified writers for ONNX, TorchScript, torch.export and Triton model repositories.
+
+Every writer folds a copy of the model with `bnfold.fold`, exports it, loads the file back
+with the runtime that will serve it, compares it with the original eval-mode model, and only
+then moves the file into place; a mismatch raises `bnfold.ParityError` and writes nothing.
+"""
+from export._common import FILE_NAMES, FORMATS, FP16_RTOL, FP32_RTOL
+from export.checkpoint import export_checkpoint
+from export.errors import (ExportError, OpsetError, OutputExistsError, UnknownFormatError,
+                           UnsupportedOpError)
+from export.onnx import export_onnx, read_spec
+from export.program import export_program, load_program
+from export.report import ArtifactReport, ExportSummary
+from export.torchscript import export_torchscript, load_torchscript
+from export.triton import write_triton_repo
+
+__all__ = [
+    "export_onnx", "export_torchscript", "export_program", "write_triton_repo",
+    "export_checkpoint", "read_spec", "load_program", "load_torchscript",
+    "ArtifactReport", "ExportSummary", "FORMATS", "FILE_NAMES", "FP32_RTOL", "FP16_RTOL",
+    "ExportError", "OpsetError", "OutputExistsError", "UnknownFormatError", "UnsupportedOpError",
+]

@@ -1,0 +1,235 @@
+"""What every writer shares: preparing the module, parity inputs, staged writes, a quiet exporter.
+
+Each writer (`export.onnx`, `export.torchscript`, `export.program`) follows the same steps:
+fold a copy of the model (the caller's module is never touched), export it into a temporary
+file beside the target, load that file back with the runtime that will serve it, compare it
+with the original eval-mode model, and only then move it into place.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+import sys
+import tempfile
+import uuid
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import bnfold
+from models.spec import ModelSpec
+
+from export.errors import ExportError, UnknownFormatError
+
+FORMATS: tuple[str, ...] = ("onnx", "torchscript", "program")
+FILE_NAMES: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.ts", "program": "model.pt2"}
+
+# Parity tolerances on max relative error (max |diff| / max |reference|). Folding is done in
+# float64 and stored in float32, which leaves rounding differences around 1e-7..1e-6; float16
+# weights keep about 3 decimal digits, and errors grow through a deep network, so 1e-2.
+FP32_RTOL = 1e-5
+FP16_RTOL = 1e-2
+
+# The batch size of a --static-batch artifact: batch 1 is what the serving benchmark measures.
+STATIC_BATCH = 1
+# The example batch used while tracing a dynamic-batch artifact. torch.export specializes
+# sizes 0 and 1, so tracing with 2 keeps the batch axis symbolic.
+TRACE_BATCH = 2
+# How many random inputs the parity check uses when no dataset sample is given.
+RANDOM_SAMPLES = 16
+
+
+def check_formats(formats: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Normalize a list (or comma-separated string) of format names; unknown names are refused."""
+    if isinstance(formats, str):
+        formats = [part for part in formats.split(",")]
+    names: list[str] = []
+    for raw in formats:
+        name = raw.strip().lower()
+        if not name:
+            continue
+        if name not in FORMATS:
+            raise UnknownFormatError(
+                f"unknown export format {raw!r}; choose from: {', '.join(FORMATS)}")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise UnknownFormatError(f"no export format given; choose from: {', '.join(FORMATS)}")
+    return names
+
+
+def output_name(spec: ModelSpec) -> str:
+    """`mask` for segmentation models, `logits` for everything else."""
+    return "mask" if spec.task == "segmentation" else "logits"
+
+
+class EdgeCast(nn.Module):
+    """Runs a float16 module behind float32 edges: callers keep feeding and reading float32."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.to(torch.float16)).to(torch.float32)
+
+
+@dataclass
+class Prepared:
+    """The module to export, the module to compare against, and what folding did."""
+
+    module: nn.Module
+    reference: nn.Module
+    fold_report: "bnfold.FoldReport | None"
+    dtype: str
+
+
+def reference_module(model: nn.Module) -> nn.Module:
+    """The caller's model as a CPU float32 eval-mode module, copied only when it must change."""
+    params = list(model.parameters()) + list(model.buffers())
+    on_cpu = all(t.device.type == "cpu" for t in params)
+    fp32 = all(t.dtype == torch.float32 for t in params if t.is_floating_point())
+    if on_cpu and fp32 and not any(m.training for m in model.modules()):
+        return model
+    return copy.deepcopy(model).cpu().float().eval()
+
+
+def prepare(model: nn.Module, *, fold: bool, fp16: bool) -> Prepared:
+    """Fold (or copy) the model for export; the given module is left exactly as it was."""
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"expected a torch.nn.Module to export, got {type(model).__name__}")
+    reference = reference_module(model)
+    if fold:
+        # bnfold.fold works on a copy, computes in float64 and returns an eval-mode module.
+        module, report = bnfold.fold(reference)
+    else:
+        module, report = copy.deepcopy(reference), None
+    module = module.cpu().float().eval()
+    if fp16:
+        module = EdgeCast(module.half()).eval()
+    for param in module.parameters():
+        param.requires_grad_(False)
+    return Prepared(module=module, reference=reference, fold_report=report,
+                    dtype="float16" if fp16 else "float32")
+
+
+def example_input(spec: ModelSpec, dynamic_batch: bool) -> torch.Tensor:
+    """A float32 input of the spec's shape used to trace the exporters."""
+    batch = TRACE_BATCH if dynamic_batch else STATIC_BATCH
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, *spec.input_shape, generator=generator)
+
+
+def parity_batches(spec: ModelSpec, samples: torch.Tensor | None, *, dynamic_batch: bool,
+                   seed: int = 0) -> tuple[list[torch.Tensor], str]:
+    """Split the parity inputs into batches, and say where they came from.
+
+    A dynamic-batch artifact sees a batch of 1 and larger batches, which also proves the batch
+    axis really is dynamic; a static one sees batches of `STATIC_BATCH`.
+    """
+    if samples is None:
+        generator = torch.Generator().manual_seed(seed)
+        samples = torch.randn(RANDOM_SAMPLES, *spec.input_shape, generator=generator)
+        source = f"random normal inputs of shape {list(spec.input_shape)}"
+    else:
+        samples = torch.as_tensor(samples)
+        source = f"{samples.shape[0]} given samples"
+    expected = tuple(spec.input_shape)
+    if samples.ndim != len(expected) + 1 or tuple(samples.shape[1:]) != expected:
+        raise ExportError(f"parity samples have shape {list(samples.shape)}, expected "
+                          f"[N, {', '.join(map(str, expected))}] from the spec")
+    if samples.shape[0] == 0:
+        raise ExportError("parity samples are empty: give at least one input")
+    samples = samples.detach().float().cpu().contiguous()
+    if not dynamic_batch:
+        return list(samples.split(STATIC_BATCH)), source
+    batches = [samples[:1]]
+    if samples.shape[0] > 1:
+        batches += list(samples[1:].split(16))
+    return batches, source
+
+
+def tolerance(fp16: bool) -> float:
+    return FP16_RTOL if fp16 else FP32_RTOL
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def staging_path(target: Path, kind: str = "tmp") -> Path:
+    """A hidden sibling of `target`: same folder, so the final move is an atomic rename."""
+    return target.with_name(f".{target.name}.{kind}-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def staged_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; move it into place only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staging_path(target)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# Keeping exporters quiet
+
+
+@dataclass
+class Captured:
+    """What an exporter printed and warned while it ran quietly."""
+
+    text: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    def tail(self, lines: int = 20) -> str:
+        return "\n".join((self.text.strip().splitlines() + self.warnings)[-lines:])
+
+
+@contextlib.contextmanager
+def quiet(enabled: bool = True) -> Iterator[Captured]:
+    """Capture everything an exporter prints, at the file-descriptor level.
+
+    The dynamo ONNX exporter prints progress lines from Python and the TorchScript-based one
+    dumps whole graphs from C++ straight to fd 2, so redirecting `sys.stdout` is not enough.
+    Deprecation warnings (torch.jit, the legacy exporter) are recorded rather than shown.
+    """
+    captured = Captured()
+    if not enabled:
+        yield captured
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    py_buffer = io.StringIO()
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            with warnings.catch_warnings(record=True) as caught, \
+                    contextlib.redirect_stdout(py_buffer), contextlib.redirect_stderr(py_buffer):
+                warnings.simplefilter("always")
+                try:
+                    yield captured
+                finally:
+                    captured.warnings = [f"{w.category.__name__}: {w.message}" for w in caught]
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            sink.seek(0)
+            captured.text = py_buffer.getvalue() + sink.read().decode("utf-8", "replace")

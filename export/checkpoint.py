@@ -1,0 +1,169 @@
+"""`export_checkpoint`: every requested artifact of one checkpoint, all verified, or none written.
+
+Artifacts are written into a hidden folder beside `out_dir`; only when every one of them has
+passed its parity check (and the Triton model folder is complete) are they renamed into place.
+A failure removes the staging folders and leaves `out_dir` (and the Triton repository) as it was.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import models
+from models.spec import ModelSpec
+
+from export._common import FILE_NAMES, check_formats, staging_path
+from export.errors import ExportError, OutputExistsError
+from export.onnx import bnfold_version, check_opset, export_onnx
+from export.program import export_program
+from export.report import ArtifactReport, ExportSummary
+from export.torchscript import export_torchscript
+from export.triton import (check_model_name, default_model_name, replace_dir,
+                           write_triton_model)
+
+# Dataset samples used for the parity check when the checkpoint's dataset is available.
+PARITY_SAMPLES = 32
+
+
+def _check_target(path: Path, force: bool, what: str) -> None:
+    if path.exists() and not force and not (path.is_dir() and not any(path.iterdir())):
+        raise OutputExistsError(f"{what} {str(path)!r} already exists; pass --force (force=True) "
+                                "to replace it")
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{what} {str(path)!r} exists and is not a folder")
+
+
+def _load(checkpoint: Path) -> tuple[torch.nn.Module, ModelSpec]:
+    if not checkpoint.is_file():
+        raise ExportError(f"checkpoint {str(checkpoint)!r} does not exist")
+    if not models.is_checkpoint(checkpoint):
+        raise ExportError(f"{str(checkpoint)!r} is not a bnfold checkpoint (expected a file "
+                          "written by `bnfold train` / models.save_checkpoint)")
+    return models.load_checkpoint(checkpoint, map_location="cpu")
+
+
+def _parity_samples(spec: ModelSpec, data_root: str | os.PathLike) -> tuple[torch.Tensor | None, str]:
+    samples = models.sample_inputs(spec, PARITY_SAMPLES, data_root=str(data_root))
+    if samples is None:
+        return None, f"random normal inputs (the {spec.dataset!r} dataset is not available)"
+    return samples, f"{samples.shape[0]} eval-split samples of {spec.dataset!r}"
+
+
+def _export_one(fmt: str, model: torch.nn.Module, spec: ModelSpec, path: Path, *, fold: bool,
+                opset: int | None, static_batch: bool, fp16: bool, legacy: bool,
+                samples: torch.Tensor | None, verbose: bool) -> ArtifactReport:
+    if fmt == "onnx":
+        return export_onnx(model, spec, path, fold=fold, opset=opset,
+                           dynamic_batch=not static_batch, fp16=fp16, legacy=legacy,
+                           samples=samples, verbose=verbose)
+    if fmt == "torchscript":
+        return export_torchscript(model, spec, path, fold=fold, samples=samples, fp16=fp16,
+                                  verbose=verbose)
+    return export_program(model, spec, path, fold=fold, samples=samples,
+                          dynamic_batch=not static_batch, fp16=fp16, verbose=verbose)
+
+
+def _export_json(summary: ExportSummary, spec: ModelSpec, options: dict[str, Any]) -> dict[str, Any]:
+    data = summary.to_dict()
+    data.update({
+        "format": "bnfold-export",
+        "format_version": 1,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "options": options,
+        "spec": spec.to_dict(),
+        "versions": {"bnfold": bnfold_version(), "torch": torch.__version__,
+                     "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime")},
+    })
+    return data
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001 - a version string is informative only
+        return "unknown"
+
+
+def _progress(items: Sequence[str], enabled: bool):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc="export", unit="file", leave=False)
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
+                      formats: Sequence[str] | str = ("onnx", "torchscript", "program"),
+                      fold: bool = True, opset: int | None = None, static_batch: bool = False,
+                      fp16: bool = False, legacy: bool = False,
+                      triton_repo: str | os.PathLike | None = None, data_root: str = "data",
+                      force: bool = False, progress: bool = True,
+                      triton_device: str = "cpu", triton_name: str | None = None,
+                      verbose: bool = False) -> ExportSummary:
+    """Export a bnfold checkpoint to `out_dir` (`model.onnx`, `model.ts`, `model.pt2`,
+    `export.json`), each artifact verified against the checkpoint's eval-mode model.
+
+    Parity inputs are `PARITY_SAMPLES` eval-split samples of the checkpoint's dataset when
+    `models.sample_inputs` finds them under `data_root`, else random inputs of the spec's shape.
+    With `triton_repo`, the ONNX file is also added to that Triton model repository as
+    `<triton_name or arch>/1/model.onnx` with its `config.pbtxt`.
+    """
+    fmts = check_formats(formats)
+    check_opset(opset, legacy)
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    _check_target(out_dir, force, "output folder")
+    if triton_repo is not None and "onnx" not in fmts:
+        raise ExportError("a Triton repository needs the onnx format: add onnx to the formats")
+    model, spec = _load(checkpoint)
+    triton_target = None
+    if triton_repo is not None:
+        triton_target = Path(triton_repo) / check_model_name(triton_name or default_model_name(spec))
+        _check_target(triton_target, force, "Triton model folder")
+    samples, source = _parity_samples(spec, data_root)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staged = staging_path(out_dir)
+    staged_triton = staging_path(triton_target) if triton_target is not None else None
+    try:
+        staged.mkdir()
+        artifacts = []
+        for fmt in _progress(fmts, progress):
+            artifacts.append(_export_one(fmt, model, spec, staged / FILE_NAMES[fmt], fold=fold,
+                                         opset=opset, static_batch=static_batch, fp16=fp16,
+                                         legacy=legacy, samples=samples, verbose=verbose))
+        if staged_triton is not None:
+            staged_triton.parent.mkdir(parents=True, exist_ok=True)
+            write_triton_model(staged / FILE_NAMES["onnx"], spec, staged_triton,
+                               name=triton_target.name, device=triton_device,
+                               max_batch_size=0 if static_batch else 32)
+        for a in artifacts:
+            a.parity_inputs = source
+            a.path = out_dir / a.path.name
+        fold_report = next((a.fold_report for a in artifacts if a.fold_report is not None), None)
+        summary = ExportSummary(out_dir=out_dir, checkpoint=checkpoint, artifacts=artifacts,
+                                fold_report=fold_report, parity_inputs=source,
+                                export_json=out_dir / "export.json",
+                                triton_model_dir=triton_target)
+        options = {"formats": fmts, "fold": fold, "opset": opset, "static_batch": static_batch,
+                   "fp16": fp16, "legacy_onnx": legacy, "triton_device": triton_device}
+        (staged / "export.json").write_text(
+            json.dumps(_export_json(summary, spec, options), indent=2) + "\n")
+        # Everything passed: move into place (renames within the same folders).
+        replace_dir(staged, out_dir)
+        if staged_triton is not None:
+            replace_dir(staged_triton, triton_target)
+    finally:
+        for path in (staged, staged_triton):
+            if path is not None and path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+    return summary
+
+
+__all__ = ["export_checkpoint", "PARITY_SAMPLES"]

@@ -1,0 +1,267 @@
+"""ONNX writer: fold, export (dynamo or legacy exporter), check, stamp the spec, verify, write."""
+from __future__ import annotations
+
+import io
+import os
+import re
+import time
+from importlib import metadata
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+import bnfold
+from models.spec import SPEC_METADATA_KEY, ModelSpec
+
+from export._common import (example_input, output_name, parity_batches, prepare,
+                            quiet, staged_file, tolerance)
+from export.errors import ExportError, OpsetError, UnsupportedOpError
+from export.report import ArtifactReport
+
+INPUT_NAME = "input"
+VERSION_METADATA_KEY = "bnfold.version"
+
+try:  # torch's own bounds, when this torch exposes them
+    from torch.onnx import _constants as _torch_onnx_constants
+    _MAX_OPSET = int(_torch_onnx_constants.ONNX_MAX_OPSET)
+    _LEGACY_MAX_OPSET = int(_torch_onnx_constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+except (ImportError, AttributeError):  # pragma: no cover - other torch versions
+    _MAX_OPSET, _LEGACY_MAX_OPSET = 23, 20
+
+# The dynamo exporter's torchlib is written for opset 18 and up; below that it runs a
+# best-effort version converter, so we refuse instead. The legacy exporter goes down to 7,
+# but below 9 it needs initializers as graph inputs, which onnx.checker rejects.
+DYNAMO_OPSETS = (18, _MAX_OPSET)
+LEGACY_OPSETS = (9, _LEGACY_MAX_OPSET)
+
+
+def supported_opsets(legacy: bool = False) -> tuple[int, int]:
+    """The inclusive opset range accepted for the chosen exporter."""
+    return LEGACY_OPSETS if legacy else DYNAMO_OPSETS
+
+
+def check_opset(opset: int | None, legacy: bool = False) -> None:
+    if opset is None:
+        return
+    low, high = supported_opsets(legacy)
+    if not isinstance(opset, int) or not low <= opset <= high:
+        which = "legacy (TorchScript-based)" if legacy else "dynamo"
+        raise OpsetError(f"ONNX opset {opset!r} is outside the range the {which} exporter supports: "
+                         f"{low} to {high}")
+
+
+def bnfold_version() -> str:
+    try:
+        return metadata.version("bnfold")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a plain checkout
+        return "0+unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph inspection
+
+
+def _graphs(model: onnx.ModelProto):
+    """Every graph in the model: the main one, subgraphs in attributes, local functions."""
+    stack = [model.graph]
+    while stack:
+        graph = stack.pop()
+        yield graph.node
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    stack.append(attr.g)
+                stack.extend(attr.graphs)
+    for function in model.functions:
+        yield function.node
+
+
+def count_ops(model: onnx.ModelProto, op_type: str) -> int:
+    """How many nodes of `op_type` the model holds, subgraphs and functions included."""
+    return sum(1 for nodes in _graphs(model) for node in nodes if node.op_type == op_type)
+
+
+def model_opset(model: onnx.ModelProto) -> int | None:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    return None
+
+
+def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
+    """Set `metadata_props` entries, replacing any with the same key."""
+    kept = [p for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    for prop in kept:
+        model.metadata_props.add(key=prop.key, value=prop.value)
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)
+
+
+def read_spec(model_or_path: onnx.ModelProto | str | os.PathLike) -> ModelSpec:
+    """The model spec stamped into an exported ONNX file's metadata."""
+    model = model_or_path
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(os.fspath(model_or_path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    if SPEC_METADATA_KEY not in props:
+        raise ExportError(f"the ONNX model has no {SPEC_METADATA_KEY!r} metadata entry: "
+                          "it was not written by bnfold export")
+    return ModelSpec.from_json(props[SPEC_METADATA_KEY])
+
+
+# ---------------------------------------------------------------------------------------------
+# Exporter errors
+
+
+# Patterns that find the operator name in the exporters' messages (dynamo, then legacy).
+_OP_PATTERNS = (
+    re.compile(r"No ONNX function found for <OpOverload\(op='([\w.]+)'"),
+    re.compile(r"target=torch\.ops\.([\w]+\.[\w]+)\.\w+\]"),
+    re.compile(r"operator '([\w:.]+)'"),
+    re.compile(r"unrecognized namespace ([\w:.]+)"),
+    re.compile(r"Unsupported(?: ONNX)? op(?:erator)?:? '?([\w:.]+)'?"),
+)
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        chain.append(current)
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def unsupported_op(exc: BaseException) -> str | None:
+    """The operator an exporter failure is about, as `namespace::name`, when one is named."""
+    for error in _exception_chain(exc):
+        text = str(error)
+        for pattern in _OP_PATTERNS:
+            match = pattern.search(text)
+            if match:
+                op = match.group(1)
+                return op if "::" in op else op.replace(".", "::", 1)
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    deepest = _exception_chain(exc)[-1]
+    text = str(deepest).strip().splitlines()
+    return f"{type(deepest).__name__}: {text[0] if text else ''}"
+
+
+def _exporter_failure(exc: Exception, spec: ModelSpec, exporter: str) -> ExportError:
+    op = unsupported_op(exc)
+    if op is not None:
+        return UnsupportedOpError(op, f"{exporter} cannot export operator {op!r} of the {spec.arch} "
+                                      "model; replace it, or try the other exporter "
+                                      "(--legacy-onnx toggles it)")
+    return ExportError(f"{exporter} failed on the {spec.arch} model: {_first_line(exc)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def _run_exporter(module: nn.Module, example: torch.Tensor, out: str, *, opset: int | None,
+                  dynamic_batch: bool, legacy: bool) -> onnx.ModelProto:
+    if legacy:
+        buffer = io.BytesIO()
+        dynamic_axes = {INPUT_NAME: {0: "batch"}, out: {0: "batch"}} if dynamic_batch else None
+        torch.onnx.export(module, (example,), buffer, dynamo=False, input_names=[INPUT_NAME],
+                          output_names=[out], opset_version=opset, dynamic_axes=dynamic_axes,
+                          do_constant_folding=True)
+        return onnx.load_from_string(buffer.getvalue())
+    dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+    program = torch.onnx.export(module, (example,), None, dynamo=True, input_names=[INPUT_NAME],
+                                output_names=[out], opset_version=opset,
+                                dynamic_shapes=dynamic_shapes, verbose=False, optimize=True)
+    return program.model_proto
+
+
+def _remove_batchnorm(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
+    """Fold whatever BatchNormalization the exporter left; refuse a file that still has some."""
+    left = count_ops(model, "BatchNormalization")
+    if left == 0:
+        return model
+    model, report = bnfold.fold_onnx(model)
+    notes.append(f"bnfold.fold_onnx folded {len(report.folded)} BatchNormalization node(s) "
+                 "left in the exported graph")
+    still = count_ops(model, "BatchNormalization")
+    if still:
+        reasons = "; ".join(f"{name}: {why}" for name, why in report.skipped) or "no reason given"
+        raise ExportError(f"{still} BatchNormalization node(s) remain in the ONNX graph after "
+                          f"bnfold.fold_onnx ({reasons}); refusing to write an unfolded file")
+    return model
+
+
+def _onnx_session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, torch.get_num_threads())
+    options.log_severity_level = 3
+    return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+
+
+def export_onnx(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *, fold: bool = True,
+                opset: int | None = None, dynamic_batch: bool = True, fp16: bool = False,
+                legacy: bool = False, samples: torch.Tensor | None = None,
+                verbose: bool = False) -> ArtifactReport:
+    """Write `model` as a verified ONNX file at `path`.
+
+    The file has zero BatchNormalization nodes, input `input`, output `logits` (`mask` for
+    segmentation), a dynamic batch axis unless `dynamic_batch=False` (then batch 1), and the
+    spec JSON in `metadata_props`. With `fp16`, weights are float16 and the graph casts at its
+    float32 edges. It is written only after onnxruntime (CPU) matched the eval-mode `model` on
+    `samples` (random inputs of the spec's shape when None); otherwise `bnfold.ParityError`.
+    """
+    check_opset(opset, legacy)
+    start = time.perf_counter()
+    prepared = prepare(model, fold=fold, fp16=fp16)
+    out = output_name(spec)
+    exporter = f"torch.onnx.export(dynamo={not legacy})"
+    notes: list[str] = []
+    with quiet(not verbose):
+        try:
+            proto = _run_exporter(prepared.module, example_input(spec, dynamic_batch), out,
+                                  opset=opset, dynamic_batch=dynamic_batch, legacy=legacy)
+        except Exception as exc:  # the exporters raise many types; all become one clear error
+            raise _exporter_failure(exc, spec, exporter) from exc
+    proto = _remove_batchnorm(proto, notes)
+    _check_io(proto, out)
+    set_metadata(proto, {SPEC_METADATA_KEY: spec.to_json(), VERSION_METADATA_KEY: bnfold_version(),
+                         "bnfold.folded": str(fold).lower(), "bnfold.weights_dtype": prepared.dtype})
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"onnx.checker rejected the exported {spec.arch} model: {exc}") from exc
+    batches, source = parity_batches(spec, samples, dynamic_batch=dynamic_batch)
+    with staged_file(path) as tmp:
+        onnx.save_model(proto, os.fspath(tmp))
+        parity = bnfold.compare(prepared.reference, _onnx_session(tmp), batches)
+        tol = tolerance(fp16)
+        parity.check(tol, f"ONNX export of {spec.arch} ({prepared.dtype}, onnxruntime CPU)")
+        size = tmp.stat().st_size
+    return ArtifactReport(format="onnx", path=Path(path), exporter=exporter, dtype=prepared.dtype,
+                          dynamic_batch=dynamic_batch, folded=fold, parity=parity, tolerance=tol,
+                          parity_inputs=source, size_bytes=size,
+                          seconds=time.perf_counter() - start, input_name=INPUT_NAME,
+                          output_name=out, opset=model_opset(proto),
+                          fold_report=prepared.fold_report, notes=notes)
+
+
+def _check_io(model: onnx.ModelProto, out: str) -> None:
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    if inputs != [INPUT_NAME] or outputs != [out]:
+        raise ExportError(f"the exported graph has inputs {inputs} and outputs {outputs}; expected "
+                          f"[{INPUT_NAME!r}] and [{out!r}] (a model with one tensor in and one out)")
+
+
+__all__ = ["export_onnx", "read_spec", "count_ops", "supported_opsets", "check_opset",
+           "unsupported_op", "DYNAMO_OPSETS", "LEGACY_OPSETS"]

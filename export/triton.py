@@ -1,0 +1,162 @@
+"""Triton Inference Server model repository: `DIR/<name>/1/model.onnx` + `DIR/<name>/config.pbtxt`.
+
+The same verified ONNX file then runs on Triton or KServe (both load this layout) when one
+machine is not enough; bnfold's own server loads it too (highest numeric version folder).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from models.spec import ModelSpec
+
+from export._common import staging_path
+from export.errors import ExportError
+
+# ONNX TensorProto element type -> Triton model-config DataType.
+_TRITON_TYPES = {
+    onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
+    onnx.TensorProto.DOUBLE: "TYPE_FP64", onnx.TensorProto.BFLOAT16: "TYPE_BF16",
+    onnx.TensorProto.INT8: "TYPE_INT8", onnx.TensorProto.INT16: "TYPE_INT16",
+    onnx.TensorProto.INT32: "TYPE_INT32", onnx.TensorProto.INT64: "TYPE_INT64",
+    onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.BOOL: "TYPE_BOOL",
+}
+_KINDS = {"cpu": "KIND_CPU", "cuda": "KIND_GPU", "gpu": "KIND_GPU"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+LABELS_FILE = "labels.txt"
+
+
+@dataclass
+class TensorConfig:
+    name: str
+    data_type: str
+    dims: list[int]          # batch excluded when the model batches; -1 for a free dimension
+
+
+def _tensor_config(value: onnx.ValueInfoProto, batching: bool) -> TensorConfig:
+    tensor = value.type.tensor_type
+    if tensor.elem_type not in _TRITON_TYPES:
+        raise ExportError(f"tensor {value.name!r} has ONNX element type {tensor.elem_type}, "
+                          "which has no Triton data type here")
+    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+    if batching:
+        dims = dims[1:]
+    return TensorConfig(value.name, _TRITON_TYPES[tensor.elem_type], dims)
+
+
+def _is_batching(model: onnx.ModelProto) -> bool:
+    """True when the first axis of the first input is symbolic (a dynamic batch axis)."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return bool(dims) and not dims[0].HasField("dim_value")
+
+
+def _tensor_block(kind: str, tensors: list[TensorConfig], label_file: str | None) -> str:
+    entries = []
+    for t in tensors:
+        lines = [f'    name: "{t.name}"', f"    data_type: {t.data_type}",
+                 f"    dims: [ {', '.join(str(d) for d in t.dims)} ]"]
+        if label_file is not None:
+            lines.append(f'    label_filename: "{label_file}"')
+        entries.append("  {\n" + "\n".join(lines) + "\n  }")
+    return f"{kind} [\n" + ",\n".join(entries) + "\n]"
+
+
+def triton_config(model: onnx.ModelProto, name: str, *, device: str = "cpu",
+                  max_batch_size: int = 32, labels: bool = False) -> str:
+    """The `config.pbtxt` text for an ONNX model (Triton's ModelConfig in protobuf text format).
+
+    A model whose batch axis is fixed gets `max_batch_size: 0` and full dims, as Triton requires.
+    """
+    kind = _KINDS.get(device.split(":")[0].lower()) if isinstance(device, str) else None
+    if kind is None:
+        raise ExportError(f"unknown Triton device {device!r}; choose from: cpu, cuda")
+    if not isinstance(max_batch_size, int) or max_batch_size < 0:
+        raise ExportError(f"max_batch_size must be a non-negative integer, got {max_batch_size!r}")
+    batching = _is_batching(model) and max_batch_size > 0
+    inputs = [_tensor_config(v, batching) for v in model.graph.input]
+    outputs = [_tensor_config(v, batching) for v in model.graph.output]
+    parts = [f'name: "{name}"', 'platform: "onnxruntime_onnx"',
+             f"max_batch_size: {max_batch_size if batching else 0}",
+             _tensor_block("input", inputs, None),
+             _tensor_block("output", outputs, LABELS_FILE if labels else None)]
+    if batching:
+        # A short queue delay lets concurrent batch-1 requests share one run.
+        parts.append("dynamic_batching {\n  max_queue_delay_microseconds: 100\n}")
+    parts.append(f"instance_group [\n  {{\n    count: 1\n    kind: {kind}\n  }}\n]")
+    parts.append("version_policy: { latest: { num_versions: 1 } }")
+    return "\n".join(parts) + "\n"
+
+
+def check_model_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ExportError(f"invalid Triton model name {name!r}: use letters, digits, '_', '-', '.'")
+    return name
+
+
+def default_model_name(spec: ModelSpec) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", spec.arch) or "model"
+
+
+def write_triton_model(onnx_path: str | os.PathLike, spec: ModelSpec, model_dir: str | os.PathLike,
+                       *, name: str, device: str = "cpu", max_batch_size: int = 32) -> Path:
+    """Write one Triton model folder at `model_dir` (which must not exist yet); no staging."""
+    onnx_path, model_dir = Path(onnx_path), Path(model_dir)
+    if not onnx_path.is_file():
+        raise ExportError(f"ONNX file {str(onnx_path)!r} does not exist")
+    model = onnx.load(os.fspath(onnx_path), load_external_data=False)
+    labeled = spec.task == "classification" and bool(spec.labels)
+    config = triton_config(model, name, device=device, max_batch_size=max_batch_size,
+                           labels=labeled)
+    (model_dir / "1").mkdir(parents=True)
+    shutil.copyfile(onnx_path, model_dir / "1" / "model.onnx")
+    (model_dir / "config.pbtxt").write_text(config)
+    if labeled:  # Triton's classification extension reads one label per line
+        (model_dir / LABELS_FILE).write_text("\n".join(spec.labels) + "\n")
+    return model_dir
+
+
+def write_triton_repo(onnx_path: str | os.PathLike, spec: ModelSpec, repo_dir: str | os.PathLike,
+                      *, name: str | None = None, device: str = "cpu",
+                      max_batch_size: int = 32) -> Path:
+    """Add the ONNX model to a Triton model repository and return `repo_dir/<name>`.
+
+    `name` defaults to the spec's architecture. An existing `repo_dir/<name>` is replaced as a
+    whole, and only once the new folder is complete (written beside it, then renamed).
+    """
+    name = check_model_name(name or default_model_name(spec))
+    target = Path(repo_dir) / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = staging_path(target)
+    try:
+        write_triton_model(onnx_path, spec, staged, name=name, device=device,
+                           max_batch_size=max_batch_size)
+        replace_dir(staged, target)
+    finally:
+        if staged.exists():
+            shutil.rmtree(staged)
+    return target
+
+
+def replace_dir(source: Path, target: Path) -> None:
+    """Move folder `source` to `target`, replacing an existing `target` only after the move."""
+    old = None
+    if target.exists():
+        old = staging_path(target, "old")
+        os.replace(target, old)
+    try:
+        os.replace(source, target)
+    except OSError:
+        if old is not None:  # put the previous folder back
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["write_triton_repo", "write_triton_model", "triton_config", "default_model_name",
+           "check_model_name", "replace_dir"]
