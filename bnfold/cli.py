@@ -42,15 +42,45 @@ def _int_list(text: str) -> list[int]:
 
 
 def _cmd_fold(args: argparse.Namespace) -> int:
-    raise BnfoldError("bnfold fold is not implemented yet")
+    from bnfold.files import fold_and_save, load_module
+
+    shape = args.input_shape
+    try:
+        import models
+        checkpoint = models.is_checkpoint(args.model)
+    except ImportError:  # the models package is optional for folding a plain module
+        checkpoint = False
+    if checkpoint:
+        model, spec = models.load_checkpoint(args.model)
+        shape = shape or (1, *spec.input_shape)
+    else:
+        model = load_module(args.model)
+    print(fold_and_save(model, args.out, input_shape=shape, rtol=args.rtol, samples=args.samples))
+    return 0
 
 
 def _cmd_fold_onnx(args: argparse.Namespace) -> int:
-    raise BnfoldError("bnfold fold-onnx is not implemented yet")
+    from bnfold.files import fold_onnx_file
+
+    print(fold_onnx_file(args.input, args.output, input_shape=args.input_shape, rtol=args.rtol,
+                         samples=args.samples))
+    return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    raise BnfoldError("bnfold train is not implemented yet")
+    import models
+
+    config = models.TrainConfig(
+        model=args.model, dataset=args.dataset, data_root=args.data_root, download=args.download,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+        schedule=args.schedule, weight_decay=args.weight_decay, norm=args.norm, activation=args.activation,
+        bn_momentum=args.bn_momentum, bn_eps=args.bn_eps, sync_bn=args.sync_bn, seed=args.seed,
+        device=args.device, workers=args.workers, out=args.out, resume=args.resume,
+        progress=not args.no_progress, input_size=args.input_size, steps_per_epoch=args.steps_per_epoch)
+    result = models.train(config)
+    if result.history:  # only rank 0 has one under torchrun
+        print(models.train_summary(result))
+    return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -127,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
              "Fold a bnfold checkpoint or a torch.save'd nn.Module, print the fold report and the "
              "parity against the original, and save the folded module. Nothing is written when "
              "parity fails.")
-    p.add_argument("model", help="a bnfold checkpoint (from `bnfold train`) or a torch.save'd nn.Module")
+    p.add_argument("model", help="a bnfold checkpoint (from `bnfold train`) or a torch.save'd nn.Module; "
+                                 "a whole pickled module can only be loaded with torch.load(weights_only=False), "
+                                 "which runs code from the file: fold only files you trust")
     p.add_argument("--out", required=True, help="where to torch.save the folded module")
     p.add_argument("--input-shape", type=_shape, default=None,
                    help="input shape for the parity check, batch included, e.g. 1,3,32,32 "
@@ -144,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shape for the parity check when the file's input has symbolic dimensions "
                         "other than the batch, e.g. 1,3,224,224")
     p.add_argument("--rtol", type=float, default=1e-5, help="largest max-relative-error accepted")
+    p.add_argument("--samples", type=int, default=8, help="random inputs in the parity check")
 
     p = _add(sub, "train", _cmd_train, "train a model with BatchNorm into a self-describing checkpoint")
     p.add_argument("--model", default="lenet", help="architecture name (see models.list_models)")
@@ -170,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--out", required=True, help="run folder: best.pt, last.pt, metrics.jsonl, curves.png")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="input resolution (default: 28 for lenet on grey data, else 32)")
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="cap optimizer steps per epoch (smoke runs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines still print)")
 
     p = _add(sub, "export", _cmd_export, "export a checkpoint to verified ONNX / TorchScript / torch.export files")
     p.add_argument("checkpoint", help="a bnfold checkpoint")
