@@ -1,0 +1,174 @@
+"""File-to-file folding behind `bnfold fold` and `bnfold fold-onnx`: load, fold, prove, write.
+
+Nothing is written unless the folded model matches the original within the tolerance.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from bnfold.errors import BnfoldError
+from bnfold.graph import count_batchnorm, fold
+from bnfold.onnx_fold import count_onnx_batchnorm, fold_onnx, load_onnx
+from bnfold.parity import Parity, compare
+from bnfold.report import FoldReport
+
+__all__ = ["FoldOutcome", "load_module", "fold_and_save", "fold_onnx_file", "onnx_input_shape"]
+
+_SHAPE_HINT = "give it with --input-shape, e.g. --input-shape 1,3,32,32"
+
+
+@dataclass
+class FoldOutcome:
+    """What a file fold did: the report, the parity, BN counts and where the result went."""
+
+    report: FoldReport
+    parity: Parity
+    batchnorm_before: int
+    batchnorm_after: int
+    input_shape: tuple[int, ...]
+    out: Path
+
+    def __str__(self) -> str:
+        return (f"{self.report}\n{self.parity}\nBatchNorm left: {self.batchnorm_after} of "
+                f"{self.batchnorm_before} (input shape {','.join(map(str, self.input_shape))})\n"
+                f"wrote {self.out}")
+
+
+def load_module(path: str | os.PathLike) -> nn.Module:
+    """An `nn.Module` saved with `torch.save(model, path)`, on the CPU, in eval mode.
+
+    Tries `weights_only=True` first. A whole pickled module can only be read with
+    `weights_only=False`, which runs code from the file: that is done only when the safe load
+    refused the file for holding pickled objects, never for a file that is merely corrupt.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BnfoldError(f"no file at {str(path)!r}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc).lower() and "weights only" not in str(exc).lower():
+            raise BnfoldError(f"{str(path)!r} is not a readable torch.save file ({_first_line(exc)})") from None
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc2:
+            raise BnfoldError(f"{str(path)!r} could not be unpickled ({type(exc2).__name__}: "
+                              f"{_first_line(exc2)})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise BnfoldError(f"{str(path)!r} is not a readable torch.save file ({type(exc).__name__}: "
+                          f"{_first_line(exc)})") from None
+    if isinstance(obj, dict):
+        raise BnfoldError(f"{str(path)!r} holds a dict (a state_dict?), not a model: save the module itself "
+                          "with torch.save(model, path), or use a bnfold checkpoint")
+    if not isinstance(obj, nn.Module):
+        raise BnfoldError(f"{str(path)!r} holds a {type(obj).__name__}, not an nn.Module")
+    return obj.eval()
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return param.dtype if param is not None else torch.float32
+
+
+def fold_and_save(model: nn.Module, out: str | os.PathLike, *, input_shape: Sequence[int] | None,
+                  rtol: float = 1e-5, samples: int = 8, seed: int = 0) -> FoldOutcome:
+    """Fold `model`, compare it with the original on `samples` random batches of `input_shape`
+    (batch included), and `torch.save` the folded module to `out` when the parity holds.
+    """
+    if input_shape is None:
+        raise BnfoldError(f"the input shape of this model is unknown: {_SHAPE_HINT}")
+    shape = tuple(int(d) for d in input_shape)
+    if samples < 1:
+        raise BnfoldError(f"--samples must be at least 1, got {samples}")
+    model = model.eval()
+    folded, report = fold(model)
+    generator = torch.Generator().manual_seed(seed)
+    dtype = _float_dtype(model)
+    inputs = [torch.randn(shape, generator=generator).to(dtype) for _ in range(samples)]
+    try:
+        parity = compare(model, folded, inputs)
+    except BnfoldError:
+        raise
+    except Exception as exc:  # the model itself rejected the inputs: almost always a wrong shape
+        raise BnfoldError(f"the model failed on inputs of shape {list(shape)} ({type(exc).__name__}: "
+                          f"{_first_line(exc)}); {_SHAPE_HINT}") from None
+    parity.check(rtol, "the folded model")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(folded, out)
+    return FoldOutcome(report, parity, count_batchnorm(model), count_batchnorm(folded), shape, out)
+
+
+_NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+             onnx.TensorProto.DOUBLE: np.float64}
+
+
+def onnx_input_shape(model: onnx.ModelProto, input_shape: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The first graph input's shape: a symbolic first (batch) axis becomes 1; any other
+    symbolic axis needs `input_shape`."""
+    if input_shape is not None:
+        return tuple(int(d) for d in input_shape)
+    inits = {t.name for t in model.graph.initializer}
+    first = next(i for i in model.graph.input if i.name not in inits)
+    dims = []
+    for axis, dim in enumerate(first.type.tensor_type.shape.dim):
+        if dim.HasField("dim_value") and dim.dim_value > 0:
+            dims.append(dim.dim_value)
+        elif axis == 0:
+            dims.append(1)
+        else:
+            raise BnfoldError(f"input {first.name!r} has a symbolic axis {axis} ({dim.dim_param or '?'}): "
+                              f"{_SHAPE_HINT}")
+    return tuple(dims)
+
+
+def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike, *, input_shape: Sequence[int] | None = None,
+                   rtol: float = 1e-5, samples: int = 8, seed: int = 0) -> FoldOutcome:
+    """Fold an ONNX file, compare both graphs in onnxruntime on random inputs, write `dst`."""
+    import onnxruntime as ort  # lazily: `bnfold fold` should not pay for it
+
+    original = load_onnx(src)
+    folded, report = fold_onnx(original)
+    inits = {t.name for t in original.graph.initializer}
+    graph_inputs = [i for i in original.graph.input if i.name not in inits]
+    if len(graph_inputs) != 1:
+        raise BnfoldError(f"{str(src)!r} has {len(graph_inputs)} inputs; the parity check supports one")
+    elem = graph_inputs[0].type.tensor_type.elem_type
+    if elem not in _NP_TYPES:
+        raise BnfoldError(f"input {graph_inputs[0].name!r} is not a float tensor "
+                          f"({onnx.TensorProto.DataType.Name(elem)})")
+    shape = onnx_input_shape(original, input_shape)
+    rng = np.random.default_rng(seed)
+    inputs = [rng.standard_normal(shape).astype(_NP_TYPES[elem]) for _ in range(samples)]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    # Compare the graphs as written, not as onnxruntime would rewrite them (it folds BN too).
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        sessions = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+                    for m in (original, folded)]
+        parity = compare(sessions[0], sessions[1], inputs)
+    except BnfoldError:
+        raise
+    except Exception as exc:
+        raise BnfoldError(f"onnxruntime could not run {str(src)!r} on inputs of shape {list(shape)} "
+                          f"({type(exc).__name__}: {_first_line(exc)}); {_SHAPE_HINT}") from None
+    parity.check(rtol, "the folded ONNX graph")
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(folded, str(dst))
+    return FoldOutcome(report, parity, count_onnx_batchnorm(original), count_onnx_batchnorm(folded), shape, dst)
