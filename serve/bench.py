@@ -279,12 +279,20 @@ class _Context:
     artifact_errors: dict[str, str]
     inputs: dict[int, np.ndarray]
     _folded: nn.Module | None = None
+    _fold_error: str | None = None
+
+    def prepare_folded(self) -> None:
+        """Fold once, outside inference mode (parameters made under it cannot be copied freely)."""
+        import bnfold
+
+        try:
+            self._folded, _ = bnfold.fold(self.model)
+        except Exception as exc:  # noqa: BLE001 - the folded rows report it
+            self._fold_error = f"bnfold.fold failed: {_describe_error(exc)}"
 
     def folded(self) -> nn.Module:
         if self._folded is None:
-            import bnfold
-
-            self._folded, _ = bnfold.fold(self.model)
+            raise RuntimeError(self._fold_error or "the model was not folded")
         return self._folded
 
     def artifact(self, kind: str) -> Path:
@@ -340,7 +348,12 @@ def _build_folded(ctx: _Context, device: str, batch_size: int) -> Callable[[], A
 
 def _build_torchscript(ctx: _Context, device: str, batch_size: int) -> Callable[[], Any]:
     _check_cuda_torch(device)
-    module = torch.jit.load(str(ctx.artifact("torchscript")), map_location=device)
+    if device == "cpu":
+        from export import load_torchscript  # quiet: no deprecation warning per load
+
+        module = load_torchscript(ctx.artifact("torchscript"))
+    else:
+        module = torch.jit.load(str(ctx.artifact("torchscript")), map_location=device)
     module.eval()
     return _torch_call(module, _torch_input(ctx, device, batch_size), device)
 
@@ -478,19 +491,6 @@ def _prepare_artifacts(model: nn.Module, spec: Any, kinds: set[str], work_dir: P
 # HTTP
 
 
-def _served_name(url: str, spec: Any, onnx_path: Path) -> str:
-    """The name the server gave the model: asked from the server, guessed from the spec otherwise."""
-    import json
-    import urllib.request
-
-    with contextlib.suppress(Exception):
-        with urllib.request.urlopen(f"{url}/v2/repository/index", data=b"{}", timeout=5) as response:
-            index = json.loads(response.read())
-            if index and isinstance(index, list) and "name" in index[0]:
-                return str(index[0]["name"])
-    return spec.arch if spec is not None else onnx_path.stem
-
-
 def _bench_http(ctx: _Context, device: str, seconds: float) -> list[BenchRow]:
     """Latency over one connection and throughput over eight, against `bnfold serve` on loopback."""
     rows = [BenchRow("http", device, 1, note=NOTES["http"]), BenchRow("http-8conn", device, 1, note=NOTES["http-8conn"])]
@@ -500,8 +500,8 @@ def _bench_http(ctx: _Context, device: str, seconds: float) -> list[BenchRow]:
         from serve.launch import running_server
         from serve.loadtest import run_loadtest
 
-        with running_server(onnx_path, device=device, threads=ctx.threads) as url:
-            name = _served_name(url, ctx.spec, onnx_path)
+        name = "bench"
+        with running_server(onnx_path, device=device, threads=ctx.threads, name=name) as url:
             x = ctx.inputs[1]
             probe = run_loadtest(url, name, concurrency=1, requests=30, inputs=x)
             # Size the runs so that each lasts about `seconds`.
@@ -514,7 +514,8 @@ def _bench_http(ctx: _Context, device: str, seconds: float) -> list[BenchRow]:
             row.iterations = int(result.requests)
             row.items_per_s = float(result.rps)
             if result.errors:
-                row.status, row.reason = FAILED, f"{result.errors} of {result.requests} requests failed"
+                row.status = FAILED
+                row.reason = f"{result.errors} of {result.requests} requests failed: {result.first_error}"
     except _Unavailable as exc:
         for row in rows:
             row.status, row.reason = SKIPPED, str(exc)
@@ -651,6 +652,8 @@ def run_bench(checkpoint: str | os.PathLike, *, devices: Sequence[str] = ("cpu",
         artifacts, errors = _prepare_artifacts(model, spec, kinds, Path(tmp),
                                                Path(export_dir) if export_dir is not None else None)
         ctx = _Context(model, spec, threads, artifacts, errors, inputs)
+        if "folded" in backends:
+            ctx.prepare_folded()
         for batch_size in batch_sizes:
             with torch.inference_mode():
                 cases, built = _build_cases(ctx, devices, backends, batch_size, warmup_s, progress)

@@ -75,7 +75,7 @@ def latency_table(result: BenchResult, batch_size: int = 1) -> str:
     for row in result.rows:
         if row.batch_size != batch_size:
             continue
-        status = row.status if row.ok else f"{row.status}: {row.reason}"
+        status = row.status if row.ok else f"{row.status} (reason below)"
         lines.append(f"| {row.backend} | {row.device} | {_ms(row.p50_ms)} | {_ms(row.p90_ms)} | "
                      f"{_ms(row.p99_ms)} | {_ms(row.mean_ms)} | {row.iterations} | {status} |")
     return "\n".join(lines)
@@ -107,12 +107,21 @@ def throughput_table(result: BenchResult) -> str:
 
 
 def not_measured_table(result: BenchResult) -> str:
-    rows = [r for r in result.rows if not r.ok]
-    if not rows:
+    """Every row without figures, grouped by device and reason so that one cause reads once."""
+    groups: dict[tuple[str, str, str], dict[str, list[Any]]] = {}
+    for r in result.rows:
+        if not r.ok:
+            group = groups.setdefault((r.device, r.status, r.reason), {"backends": [], "sizes": []})
+            if r.backend not in group["backends"]:
+                group["backends"].append(r.backend)
+            if r.batch_size not in group["sizes"]:
+                group["sizes"].append(r.batch_size)
+    if not groups:
         return "_Every requested row was measured._"
-    lines = ["| backend | device | batch | status | reason |", "|---|---|---:|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.backend} | {r.device} | {r.batch_size} | {r.status} | {r.reason.replace('|', '/')} |")
+    lines = ["| device | backends | batch sizes | status | reason |", "|---|---|---|---|---|"]
+    for (device, status, reason), group in groups.items():
+        lines.append(f"| {device} | {', '.join(group['backends'])} | "
+                     f"{', '.join(str(b) for b in sorted(group['sizes']))} | {status} | {reason.replace('|', '/')} |")
     return "\n".join(lines)
 
 
@@ -162,8 +171,9 @@ def _pyplot() -> Any:
 def plot_latency(result: BenchResult, path: Path) -> Path:
     """Horizontal bars of batch-1 p50 per backend, one colour per device, whiskers up to p90."""
     plt = _pyplot()
-    rows = [r for r in result.rows if r.batch_size == 1 and r.ok and r.p50_ms]
-    backends = list(dict.fromkeys(r.backend for r in result.rows if r.batch_size == 1))
+    # The 8-connection row is a throughput figure (latency under load), not a batch-1 latency.
+    rows = [r for r in result.rows if r.batch_size == 1 and r.ok and r.p50_ms and r.backend != "http-8conn"]
+    backends = list(dict.fromkeys(r.backend for r in rows))
     devices = list(dict.fromkeys(r.device for r in rows)) or ["cpu"]
     height = 0.8 / len(devices)
     fig, ax = plt.subplots(figsize=(8, 0.5 * max(len(backends), 2) * max(len(devices), 1) + 1.5))
@@ -178,8 +188,8 @@ def plot_latency(result: BenchResult, path: Path) -> Path:
             whiskers.append(max((row.p90_ms or row.p50_ms) - row.p50_ms, 0.0))  # type: ignore[operator]
         if ys:
             ax.barh(ys, p50s, height=height, xerr=[[0] * len(ys), whiskers], capsize=3, label=device)
-            for y, v in zip(ys, p50s):
-                ax.text(v, y, f" {_ms(v)}", va="center", fontsize=8)
+            for y, v, w in zip(ys, p50s, whiskers):
+                ax.text(v + w, y, f"  {_ms(v)}", va="center", fontsize=8)
     ax.set_yticks(range(len(backends)), backends)
     ax.invert_yaxis()
     values = [r.p50_ms for r in rows if r.p50_ms]
@@ -190,7 +200,11 @@ def plot_latency(result: BenchResult, path: Path) -> Path:
     ax.set_title(f"{_title(env)}: {env.get('cpu')}" + (f" / {env['gpu']}" if env.get("gpu") else "")
                  + f", {env.get('threads')} threads", fontsize=9)
     ax.legend(title="device", fontsize=8)
-    fig.tight_layout()
+    skipped = sorted({f"{r.backend}@{r.device}" for r in result.rows if r.batch_size == 1 and not r.ok})
+    if skipped:
+        fig.text(0.01, 0.005, "not measured (see report.md): " + ", ".join(skipped), fontsize=6,
+                 wrap=True, va="bottom")
+    fig.tight_layout(rect=(0, 0.04 if skipped else 0, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

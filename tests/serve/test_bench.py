@@ -1,0 +1,215 @@
+"""`bnfold bench` / `serve.bench`: interleaved timing, well-formed reports, skipped CUDA rows."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import models
+from bnfold.cli import main
+from serve.bench import (OK, SKIPPED, BenchError, BenchRow, _Case, compute_speedups, measure_interleaved,
+                         run_bench)
+
+ROW_FIELDS = {"backend", "device", "batch_size", "status", "reason", "p50_ms", "p90_ms", "p99_ms",
+              "mean_ms", "iterations", "items_per_s"}
+ENV_FIELDS = {"cpu", "gpu", "torch", "onnxruntime", "onnx", "threads", "date", "input_shape", "dtype", "model"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
+    """Fresh BatchNorm is an identity; give it statistics and affine parameters worth folding."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
+
+
+@pytest.fixture(scope="module")
+def bench_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model, spec = models.create("lenet", "digits")
+    _randomize_bn(model)
+    return models.save_checkpoint(tmp_path_factory.mktemp("bench-ckpt") / "lenet.pt", model.eval(), spec)
+
+
+@pytest.fixture(scope="module")
+def cli_report(bench_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One `bnfold bench` run through the CLI, shared by the report checks below."""
+    out = tmp_path_factory.mktemp("bench-report")
+    code = main(["bench", str(bench_checkpoint), "--device", "cpu,cuda", "--batch-sizes", "1,4",
+                 "--threads", "1", "--seconds", "0.1", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The timing loop, with plain callables
+
+
+def test_measure_interleaved_alternates_and_fills_rows() -> None:
+    order: list[str] = []
+
+    def slow() -> None:
+        order.append("slow")
+        time.sleep(0.002)
+
+    def fast() -> None:
+        order.append("fast")
+
+    cases = [_Case(BenchRow("slow", "cpu", 1), slow), _Case(BenchRow("fast", "cpu", 4), fast)]
+    measure_interleaved(cases, seconds=0.05, burst_s=0.005)
+    switches = sum(1 for a, b in zip(order, order[1:]) if a != b)
+    # Interleaved: many alternations, not one block of each.
+    assert switches >= 6, switches
+    slow_row, fast_row = cases[0].row, cases[1].row
+    assert slow_row.iterations == order.count("slow") >= 5
+    assert fast_row.iterations == order.count("fast") > slow_row.iterations
+    assert 1.9 <= slow_row.p50_ms <= slow_row.p90_ms <= slow_row.p99_ms
+    assert slow_row.min_ms <= slow_row.p50_ms
+    assert fast_row.p50_ms < slow_row.p50_ms
+    assert fast_row.items_per_s == pytest.approx(4 / (fast_row.mean_ms / 1e3))
+    # Each case was measured for at least its budget.
+    assert cases[0].measured_ns >= 0.05e9
+
+
+def test_speedups_are_ratios_of_p50() -> None:
+    rows = [BenchRow("eager", "cpu", 1, p50_ms=2.0), BenchRow("folded", "cpu", 1, p50_ms=1.6),
+            BenchRow("ort", "cpu", 1, p50_ms=0.25),
+            BenchRow("ort", "cuda", 1, status=SKIPPED, reason="no CUDA")]
+    speedups = {s.label: s.factor for s in compute_speedups(rows)}
+    assert speedups["folded vs unfolded eager (cpu)"] == pytest.approx(1.25)
+    assert speedups["ort vs eager (cpu)"] == pytest.approx(8.0)
+    assert not any("GPU" in label for label in speedups)  # the skipped CUDA row has no figure
+
+
+# ---------------------------------------------------------------------------------------------
+# A real run on a tiny LeNet
+
+
+def test_report_json_is_well_formed(cli_report: Path) -> None:
+    report = json.loads((cli_report / "report.json").read_text())
+    assert ENV_FIELDS <= set(report["environment"]), set(report["environment"])
+    env = report["environment"]
+    assert env["threads"] == 1 and env["input_shape"] == [1, 28, 28] and env["model"] == "lenet"
+    assert env["torch"] == torch.__version__
+    rows = report["results"]
+    for row in rows:
+        assert ROW_FIELDS <= set(row), row
+    measured = {(r["backend"], r["device"], r["batch_size"]) for r in rows if r["status"] == OK}
+    for backend in ("eager", "folded", "torchscript", "program", "ort"):
+        for batch in (1, 4):
+            assert (backend, "cpu", batch) in measured, (backend, batch, rows)
+    for row in rows:
+        if row["status"] == OK:
+            assert row["iterations"] >= 5
+            assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+            assert row["items_per_s"] > 0
+
+
+def test_http_rows_measured_at_batch_one(cli_report: Path) -> None:
+    rows = json.loads((cli_report / "report.json").read_text())["results"]
+    http = {r["backend"]: r for r in rows if r["backend"].startswith("http") and r["device"] == "cpu"}
+    assert set(http) == {"http", "http-8conn"}
+    for row in http.values():
+        assert row["status"] == OK, row
+        assert row["batch_size"] == 1 and row["iterations"] >= 50 and row["items_per_s"] > 0
+        assert row["p50_ms"] <= row["p99_ms"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the report of a machine without CUDA")
+def test_cuda_rows_are_skipped_with_reason(cli_report: Path) -> None:
+    rows = json.loads((cli_report / "report.json").read_text())["results"]
+    cuda = [r for r in rows if r["device"] == "cuda"]
+    backends = {r["backend"] for r in cuda}
+    # Every requested backend has a CUDA row, plus the CUDA-only onnxruntime variants.
+    assert {"eager", "folded", "torchscript", "program", "ort", "ort-iobinding", "ort-cudagraph",
+            "http", "http-8conn"} <= backends
+    for row in cuda:
+        assert row["status"] == SKIPPED and "CUDA" in row["reason"], row
+        assert row["p50_ms"] is None
+    md = (cli_report / "report.md").read_text()
+    assert "skipped" in md and "torch.cuda.is_available() is False" in md
+
+
+def test_markdown_and_charts(cli_report: Path) -> None:
+    md = (cli_report / "report.md").read_text()
+    for heading in ("## Environment", "## Latency at batch size 1", "## Speed-ups at batch size 1",
+                    "## Throughput against batch size", "## Skipped and failed rows"):
+        assert heading in md
+    assert "folded vs unfolded eager (cpu)" in md and "ort vs eager (cpu)" in md
+    assert "bs=4 items/s" in md
+    for chart in ("latency.png", "throughput.png"):
+        data = (cli_report / chart).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5_000
+        assert f"]({chart})" in md
+
+
+def test_reuses_export_dir_and_reports_a_broken_file(bench_checkpoint: Path, tmp_path: Path) -> None:
+    (tmp_path / "model.ts").write_bytes(b"not a torchscript archive")
+    result = run_bench(bench_checkpoint, devices=("cpu",), backends=("eager", "torchscript"),
+                       batch_sizes=(1,), threads=1, seconds=0.05, progress=False, export_dir=tmp_path)
+    assert result.row("eager").status == OK
+    broken = result.row("torchscript")
+    assert broken.status == "failed" and broken.reason and broken.p50_ms is None
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"backends": ("eager", "tensorrt")}, "tensorrt"),
+    ({"devices": ("tpu",)}, "tpu"),
+    ({"seconds": 0.0}, "seconds"),
+    ({"batch_sizes": (0,)}, "batch"),
+])
+def test_rejects_bad_arguments(bench_checkpoint: Path, kwargs: dict, needle: str) -> None:
+    args = {"devices": ("cpu",), "backends": ("eager",), "batch_sizes": (1,), "seconds": 0.05} | kwargs
+    with pytest.raises(BenchError, match=needle):
+        run_bench(bench_checkpoint, progress=False, **args)
+
+
+def test_cli_error_exits_2_without_traceback(bench_checkpoint: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["bench", str(bench_checkpoint), "--backends", "eager,warp", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "'warp'" in err and "Traceback" not in err
+    assert not (tmp_path / "report.json").exists()
+
+
+@pytest.mark.slow
+def test_compile_row_is_measured_or_explained(bench_checkpoint: Path) -> None:
+    result = run_bench(bench_checkpoint, devices=("cpu",), backends=("eager", "compile"), batch_sizes=(1,),
+                       threads=1, seconds=0.05, progress=False)
+    row = result.row("compile")
+    assert row is not None
+    if row.status == OK:
+        assert row.p50_ms > 0 and row.iterations >= 5
+    else:
+        assert row.status == "failed" and row.reason
+
+
+@pytest.mark.gpu
+def test_cuda_rows_measured(bench_checkpoint: Path) -> None:
+    import onnxruntime
+
+    result = run_bench(bench_checkpoint, devices=("cpu", "cuda"), backends=("eager", "folded", "ort"),
+                       batch_sizes=(1,), threads=1, seconds=0.1, progress=False)
+    for backend in ("eager", "folded"):
+        row = result.row(backend, "cuda")
+        assert row.status == OK and row.p50_ms > 0, row
+    ort_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    for backend in ("ort", "ort-iobinding", "ort-cudagraph"):
+        row = result.row(backend, "cuda")
+        if ort_cuda:
+            assert row.status == OK and row.p50_ms > 0, row
+        else:
+            assert row.status == SKIPPED and "onnxruntime-gpu" in row.reason
+    labels = {s.label for s in result.speedups}
+    assert "GPU vs CPU, eager" in labels
+    assert np.isfinite([s.factor for s in result.speedups]).all()

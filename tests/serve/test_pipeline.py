@@ -1,0 +1,69 @@
+"""`bnfold pipeline` end to end on the bundled digits, with a tiny budget."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+from bnfold.cli import main
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny pipeline run (1 epoch, 0.05 s per bench row) shared by the checks below."""
+    out = tmp_path_factory.mktemp("pipeline") / "demo"
+    code = main(["pipeline", "--epochs", "1", "--bench-seconds", "0.05", "--device", "cpu,cuda",
+                 "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_pipeline_writes_every_stage(pipeline_run: Path) -> None:
+    out = pipeline_run
+    for name in ("train/best.pt", "export/model.onnx", "export/model.ts", "export/model.pt2",
+                 "bench/report.json", "bench/report.md", "bench/latency.png", "bench/throughput.png",
+                 "REPORT.md"):
+        assert (out / name).is_file(), name
+    model, spec = models.load_checkpoint(out / "train" / "best.pt")
+    assert spec.arch == "lenet" and spec.epoch == 1
+
+
+def test_pipeline_report_contents(pipeline_run: Path) -> None:
+    out = pipeline_run
+    report = (out / "REPORT.md").read_text()
+    for section in ("# bnfold pipeline: lenet on digits", "## Training", "## Fold report",
+                    "## Parity against the trained PyTorch model", "## Latency at batch size 1",
+                    "## Speed-ups at batch size 1"):
+        assert section in report, section
+    # The parity table has the folded module and the exported files, each with figures.
+    parity = report.split("## Parity against the trained PyTorch model")[1].split("\n## ")[0]
+    assert "folded module" in parity and "model.onnx" in parity
+    # Charts are linked relative to REPORT.md and exist there.
+    for link in ("bench/latency.png", "bench/throughput.png"):
+        assert f"]({link})" in report and (out / link).is_file()
+    _, spec = models.load_checkpoint(out / "train" / "best.pt")
+    metric = next(v for k, v in spec.metrics.items() if "acc" in k.lower())
+    assert 0.0 <= metric <= 1.0
+    assert f"{metric:.4f}" in report
+
+
+def test_pipeline_bench_rows(pipeline_run: Path) -> None:
+    out = pipeline_run
+    rows = json.loads((out / "bench" / "report.json").read_text())["results"]
+    ok = {(r["backend"], r["device"]) for r in rows if r["status"] == "ok" and r["batch_size"] == 1}
+    assert {("eager", "cpu"), ("folded", "cpu"), ("ort", "cpu"), ("http", "cpu")} <= ok
+    if not torch.cuda.is_available():
+        assert all(r["status"] == "skipped" for r in rows if r["device"] == "cuda")
+
+
+def test_pipeline_refuses_a_used_folder_without_force(pipeline_run: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = pipeline_run
+    before = (out / "REPORT.md").stat().st_mtime_ns
+    code = main(["pipeline", "--epochs", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--force" in err and str(out) in err and "Traceback" not in err
+    assert (out / "REPORT.md").stat().st_mtime_ns == before
