@@ -201,7 +201,7 @@ class InferenceApp:
             elif path.startswith("/predictions/"):
                 endpoint = "predictions"
                 model_name = path[len("/predictions/"):].rstrip("/")
-                self._require(method, "POST", path)
+                self._require(method, "POST", path, also="PUT")   # `curl -T file URL` sends PUT
                 status, headers, body = await self._predict(self._model(model_name), scope, receive)
             else:
                 status, headers, body = self._static_route(method, path)
@@ -231,10 +231,11 @@ class InferenceApp:
         return model
 
     @staticmethod
-    def _require(method: str, allowed: str, path: str) -> None:
-        if method != allowed:
-            exc = ServeError(f"method {method} not allowed on {path}; use {allowed}", status=405)
-            exc.allow = allowed  # type: ignore[attr-defined]
+    def _require(method: str, allowed: str, path: str, also: str | None = None) -> None:
+        if method != allowed and method != also:
+            allow = allowed if also is None else f"{allowed}, {also}"
+            exc = ServeError(f"method {method} not allowed on {path}; use {allow}", status=405)
+            exc.allow = allow  # type: ignore[attr-defined]
             raise exc
 
     def _static_route(self, method: str, path: str) -> tuple[int, list, bytes]:

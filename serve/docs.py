@@ -85,6 +85,7 @@ def openapi_document(models: Mapping[str, ModelRuntime]) -> dict[str, Any]:
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": ok("OpenAPI 3.1")}}},
         "/docs": {"get": {"summary": "This API as a readable page", "responses": {"200": ok("HTML")}}},
     }
+    paths["/predictions/{model}"]["put"] = paths["/predictions/{model}"]["post"]   # what `curl -T` sends
     tensor = {"type": "object", "required": ["name", "shape", "datatype"],
               "properties": {"name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
                              "datatype": {"type": "string", "enum": ["BOOL", "UINT8", "INT8", "INT16", "INT32",

@@ -1,7 +1,7 @@
 """Image uploads for `POST /predictions/{model}`: decode, preprocess with the model's spec, top-k.
 
-The spec's `Preprocess` is replayed with PIL and numpy (no torchvision at serving time):
-convert to the mode, resize, center-crop, scale to [0, 1], normalize per channel.
+The spec's `Preprocess` is replayed with PIL and numpy (no torchvision at serving time) by
+`models.preprocess_image`: convert to the mode, resize, center-crop, scale, normalize.
 """
 from __future__ import annotations
 
@@ -13,14 +13,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from models.spec import ModelSpec, Preprocess
+from bnfold.errors import BnfoldError
+from models import preprocess_image
+from models.spec import ModelSpec
 from serve.runtime import ServeError
 
-_INTERPOLATION = {
-    "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
-}
 # Decompression bombs: a 2 KB PNG can claim 100k x 100k pixels.
 _MAX_PIXELS = 40_000_000
 
@@ -62,31 +59,20 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def preprocess(image: Image.Image, spec: ModelSpec) -> np.ndarray:
-    """(1, C, H, W) float32 input for the model, following `spec.preprocess`."""
-    p: Preprocess = spec.preprocess
-    image = image.convert(p.mode)
-    method = _INTERPOLATION.get(p.interpolation, Image.Resampling.BILINEAR)
-    if isinstance(p.resize, int):
-        # Shorter side to `resize`, aspect ratio kept (torchvision's Resize(int)).
-        w, h = image.size
-        scale = p.resize / min(w, h)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    else:
-        size = (int(p.resize[1]), int(p.resize[0]))
-    if image.size != size:
-        image = image.resize(size, method)
-    if p.crop:
-        ch, cw = int(p.crop[0]), int(p.crop[1])
-        w, h = image.size
-        left, top = round((w - cw) / 2), round((h - ch) / 2)
-        image = image.crop((left, top, left + cw, top + ch))
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    if array.ndim == 2:
-        array = array[:, :, None]
-    mean = np.asarray(p.mean, dtype=np.float32).reshape(1, 1, -1)
-    std = np.asarray(p.std, dtype=np.float32).reshape(1, 1, -1)
-    array = (array - mean) / std
-    return np.ascontiguousarray(array.transpose(2, 0, 1)[None])
+    """(1, C, H, W) float32 input following `spec.preprocess`, with the same code training used.
+
+    `models.preprocess_image` is the one replay of the spec's transform (resize, crop, scale,
+    normalize); sharing it keeps the served preprocessing identical to what the model saw.
+    """
+    try:
+        array = preprocess_image(image, spec.preprocess)
+    except BnfoldError as exc:
+        raise ServeError(f"cannot preprocess a {image.width}x{image.height} image with the model's spec: {exc}")
+    expected = list(spec.input_shape)
+    if list(array.shape) != expected:
+        raise ServeError(f"a {image.width}x{image.height} image preprocesses to {list(array.shape)} with this "
+                         f"model's spec, but the model takes {expected}; send an image of that aspect ratio")
+    return array[None]
 
 
 def top_k(logits: np.ndarray, labels: list[str], k: int) -> list[dict[str, Any]]:

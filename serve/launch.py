@@ -62,7 +62,15 @@ def serve(model: str | os.PathLike, *, name: str | None = None, device: str = "c
     server = uvicorn.Server(config)
     print(f"bnfold serve: {', '.join(app.models)} on http://{host}:{sock.getsockname()[1]} ({device})",
           file=sys.stderr, flush=True)
+    # uvicorn re-raises the signal it shut down for once its own handlers are gone; with these in
+    # place a graceful SIGTERM/SIGINT ends in exit status 0 instead of death by the default handler.
+    stopped_by: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda number, frame: stopped_by.append(number))
     server.run(sockets=[sock])
+    if stopped_by:
+        print(f"bnfold serve: stopped by {signal.Signals(stopped_by[0]).name} after in-flight requests finished",
+              file=sys.stderr, flush=True)
     return 0
 
 

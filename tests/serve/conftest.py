@@ -7,6 +7,7 @@ digits correctly. All are session-scoped: built once per test run.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +23,7 @@ from serve.launch import free_port as _free_port
 
 def tiny_spec(in_channels: int = 1, size: int = 28, classes: int = 10) -> ModelSpec:
     return ModelSpec(arch="tiny", arch_kwargs={}, task="classification", input_shape=[in_channels, size, size],
-                     preprocess=Preprocess(mode="L" if in_channels == 1 else "RGB", resize=size, crop=None,
+                     preprocess=Preprocess(mode="L" if in_channels == 1 else "RGB", resize=size, crop=[size, size],
                                            mean=[0.5] * in_channels, std=[0.25] * in_channels),
                      labels=[str(i) for i in range(classes)], dataset="synthetic")
 
@@ -41,14 +42,22 @@ def write_tiny_onnx(path: Path, *, seed: int = 0, in_channels: int = 1, size: in
         bn.bias.uniform_(-0.5, 0.5)
     model.eval()
     x = torch.randn(1, in_channels, size, size)
-    torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    with warnings.catch_warnings():  # the legacy exporter is deprecated, and quick for a 6-layer net
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
     entry.key = SPEC_METADATA_KEY
     entry.value = (spec or tiny_spec(in_channels, size, classes)).to_json()
     onnx.save(proto, str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def make_tiny_onnx() -> Callable[..., Path]:
+    """`write_tiny_onnx(path, *, seed, in_channels, size, classes, spec)` for tests that need several."""
+    return write_tiny_onnx
 
 
 @pytest.fixture(scope="session")

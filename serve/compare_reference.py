@@ -1,0 +1,166 @@
+"""bnfold's server beside the plain FastAPI + pydantic service, in one run, with one load generator.
+
+    python -m serve.compare_reference --onnx runs/lenet/export/model.onnx
+
+Both servers run on loopback, single worker, one onnxruntime intra-op thread (the reference
+hard-codes 1). Rounds alternate between the targets (bnfold binary, bnfold JSON, reference
+JSON), each round measuring sequential latency (one connection) and throughput (8 connections)
+with `serve.loadtest`; latencies are pooled over rounds and throughput is total requests over
+total time. The reference runs with its documented command (`uvicorn plain_fastapi_service:app`,
+uvicorn's defaults); bnfold runs as `bnfold serve` with its default JSON-lines access log on.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from serve.launch import _ready, free_port, running_server
+from serve.loadtest import LoadtestResult, run_loadtest
+from serve.runtime import ServeError, open_session
+
+REFERENCE_DIR = Path(os.environ.get("BNFOLD_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
+
+
+@contextlib.contextmanager
+def reference_server(onnx_path: str | os.PathLike, port: int | None = None,
+                     startup_timeout: float = 120.0) -> Iterator[str]:
+    """The reference FastAPI service under uvicorn (its documented command), yielding its base URL."""
+    port = free_port() if port is None else port
+    command = [sys.executable, "-m", "uvicorn", "plain_fastapi_service:app", "--app-dir", str(REFERENCE_DIR),
+               "--host", "127.0.0.1", "--port", str(port)]
+    env = {**os.environ, "BNFOLD_REF_MODEL": str(Path(onnx_path).resolve())}
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + startup_timeout
+            while not _probe(port):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise ServeError(f"reference service did not start: {log.read()[-1500:].decode(errors='replace')}")
+                time.sleep(0.05)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _probe(port: int) -> bool:
+    import http.client
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+        conn.request("GET", "/openapi.json")
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return ok
+    except OSError:
+        return False
+
+
+@dataclass
+class TargetFigures:
+    name: str
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    sequential_requests: int
+    rps: float
+    concurrent_requests: int
+    errors: int
+
+
+def _pool(name: str, sequential: list[LoadtestResult], concurrent: list[LoadtestResult]) -> TargetFigures:
+    ms = np.concatenate([r.latencies_ms for r in sequential])
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    total = sum(r.requests for r in concurrent)
+    seconds = sum(r.seconds for r in concurrent)
+    errors = sum(r.errors for r in sequential + concurrent)
+    return TargetFigures(name, float(p50), float(p90), float(p99), int(ms.size), total / seconds, total, errors)
+
+
+def compare(onnx_path: str | os.PathLike, *, rounds: int = 3, sequential: int = 1000, concurrent: int = 4000,
+            concurrency: int = 8, threads: int = 1) -> dict:
+    """Measure both services interleaved; returns the pooled figures and the ratios."""
+    runtime = open_session(onnx_path, threads=1, warmup=False)
+    name = runtime.name
+    x = np.random.default_rng(0).standard_normal(runtime.sample_input(1).shape).astype(np.float32)
+    with running_server(onnx_path, threads=threads) as ours, reference_server(onnx_path) as ref:
+        targets = {
+            "bnfold binary": lambda c, n: run_loadtest(ours, name, concurrency=c, requests=n, binary=True, inputs=x),
+            "bnfold json": lambda c, n: run_loadtest(ours, name, concurrency=c, requests=n, binary=False, inputs=x),
+            "reference json": lambda c, n: run_loadtest(ref, None, concurrency=c, requests=n, reference=True, inputs=x),
+        }
+        seq: dict[str, list[LoadtestResult]] = {k: [] for k in targets}
+        conc: dict[str, list[LoadtestResult]] = {k: [] for k in targets}
+        per_round = []
+        for r in range(rounds):
+            row = {}
+            for key, drive in targets.items():
+                seq[key].append(drive(1, sequential))
+                conc[key].append(drive(concurrency, concurrent))
+                row[key] = {"p50_ms": seq[key][-1].p50_ms, "rps": conc[key][-1].rps}
+                print(f"round {r + 1}/{rounds} {key:15s} p50 {seq[key][-1].p50_ms:.3f} ms  "
+                      f"{conc[key][-1].rps:7.0f} req/s (x{concurrency})", file=sys.stderr, flush=True)
+            per_round.append(row)
+    figures = {k: _pool(k, seq[k], conc[k]) for k in targets}
+    ref = figures["reference json"]
+    ratios = {k: {"p50_lower_x": ref.p50_ms / f.p50_ms, "throughput_higher_x": f.rps / ref.rps}
+              for k, f in figures.items() if k != "reference json"}
+    return {"model": name, "onnx": str(onnx_path), "input_shape": list(x.shape), "threads": threads,
+            "rounds": rounds, "sequential_per_round": sequential, "concurrent_per_round": concurrent,
+            "concurrency": concurrency, "cpus": len(os.sched_getaffinity(0)),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "figures": {k: asdict(f) for k, f in figures.items()}, "ratios": ratios, "per_round": per_round}
+
+
+def format_report(report: dict) -> str:
+    lines = [f"model {report['model']} {report['input_shape']}, onnxruntime threads {report['threads']}, "
+             f"{report['rounds']} interleaved rounds, {report['cpus']} CPUs, {report['date']}",
+             f"{'target':16s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'req/s x' + str(report['concurrency']):>12s} "
+             f"{'errors':>7s}"]
+    for f in report["figures"].values():
+        lines.append(f"{f['name']:16s} {f['p50_ms']:8.3f} {f['p90_ms']:8.3f} {f['p99_ms']:8.3f} {f['rps']:12.0f} "
+                     f"{f['errors']:7d}")
+    for key, r in report["ratios"].items():
+        lines.append(f"{key} vs reference: p50 {r['p50_lower_x']:.2f}x lower, throughput "
+                     f"{r['throughput_higher_x']:.2f}x higher")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve.compare_reference", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--onnx", required=True, help="the model both services load (LeNet model.onnx)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sequential", type=int, default=1000, help="requests per round on one connection")
+    parser.add_argument("--concurrent", type=int, default=4000, help="requests per round over --concurrency")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--out", default=None, help="also write the figures as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        report = compare(args.onnx, rounds=args.rounds, sequential=args.sequential, concurrent=args.concurrent,
+                         concurrency=args.concurrency)
+    except ServeError as exc:
+        print(f"compare_reference: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

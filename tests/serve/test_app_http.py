@@ -1,0 +1,339 @@
+"""The real server on 127.0.0.1, driven by tritonclient (sync and aio, binary and JSON) and plain HTTP.
+
+One server per module serves a Triton-layout repository with two models ("tiny" in versions 1
+and 2, "rgb"), so every answer can be compared with a direct onnxruntime run of the same file.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.http as triton_http
+import tritonclient.http.aio as triton_aio
+
+from models.spec import ModelSpec, Preprocess
+from serve.launch import running_server
+
+MAX_BODY_MB = 0.05   # 52 KB: room for a JSON LeNet request, small enough to test the 413
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, make_tiny_onnx) -> Path:
+    root = tmp_path_factory.mktemp("repo")
+    for name, version, seed, kwargs in [("tiny", "1", 0, {}), ("tiny", "2", 1, {}),
+                                        ("rgb", "1", 2, {"in_channels": 3, "size": 32, "classes": 5})]:
+        (root / name / version).mkdir(parents=True)
+        make_tiny_onnx(root / name / version / "model.onnx", seed=seed, **kwargs)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path) -> str:
+    with running_server(repo, threads=1, extra_args=["--max-body-mb", str(MAX_BODY_MB)]) as url:
+        yield url
+
+
+def direct(path: Path, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def digits_like(seed: int, shape=(1, 1, 28, 28)) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def binary_request(x: np.ndarray, *, name: str = "input", datatype: str = "FP32", size: int | None = None,
+                   shape: list[int] | None = None, data: bytes | None = None) -> tuple[bytes, dict]:
+    raw = x.tobytes() if data is None else data
+    header = json.dumps({"inputs": [{"name": name, "shape": shape or list(x.shape), "datatype": datatype,
+                                     "parameters": {"binary_data_size": len(x.tobytes()) if size is None else size}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    return header + raw, {"Inference-Header-Content-Length": str(len(header))}
+
+
+def decode_binary(response: httpx.Response) -> np.ndarray:
+    n = int(response.headers["inference-header-content-length"])
+    header = json.loads(response.content[:n])
+    out = header["outputs"][0]
+    assert out["parameters"]["binary_data_size"] == len(response.content) - n
+    return np.frombuffer(response.content[n:], dtype=np.float32).reshape(out["shape"])
+
+
+def json_request(x: np.ndarray, **overrides) -> dict:
+    tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
+    tensor.update(overrides)
+    return {"inputs": [tensor]}
+
+
+# ------------------------------------------------------------------------------------ protocol
+
+
+def test_health_and_metadata(server: str) -> None:
+    with httpx.Client(base_url=server) as client:
+        assert client.get("/v2/health/live").status_code == 200
+        assert client.get("/v2/health/ready").status_code == 200
+        meta = client.get("/v2").json()
+        assert meta["name"] == "bnfold" and "binary_tensor_data" in meta["extensions"]
+        model = client.get("/v2/models/tiny").json()
+        assert model["versions"] == ["2"] and model["platform"] == "onnxruntime_onnx"
+        assert model["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
+        assert model["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
+        assert client.get("/v2/models/rgb").json()["inputs"][0]["shape"] == [-1, 3, 32, 32]
+        assert client.get("/v2/models/tiny/ready").status_code == 200
+        assert client.get("/v2/models/tiny/versions/2/ready").status_code == 200
+        assert client.get("/v2/models/tiny/versions/2").json()["name"] == "tiny"
+
+
+def test_tritonclient_sync_binary_and_json(server: str, repo: Path) -> None:
+    client = triton_http.InferenceServerClient(url=server.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny")
+    assert client.get_model_metadata("rgb")["outputs"][0]["shape"] == [-1, 5]
+    for binary in (True, False):
+        x = digits_like(10 + binary)
+        inp = triton_http.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        out = triton_http.InferRequestedOutput("logits", binary_data=binary)
+        result = client.infer("tiny", [inp], outputs=[out], request_id="r1")
+        np.testing.assert_allclose(result.as_numpy("logits"), direct(repo / "tiny/2/model.onnx", x),
+                                   rtol=1e-6, atol=1e-6)
+        assert result.get_response()["id"] == "r1"
+    x = digits_like(12, (2, 3, 32, 32))
+    inp = triton_http.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    result = client.infer("rgb", [inp])    # no outputs named: every output, binary
+    np.testing.assert_allclose(result.as_numpy("logits"), direct(repo / "rgb/1/model.onnx", x), rtol=1e-6, atol=1e-6)
+    client.close()
+
+
+def test_tritonclient_aio(server: str, repo: Path) -> None:
+    x = digits_like(20, (4, 1, 28, 28))
+
+    async def run() -> np.ndarray:
+        client = triton_aio.InferenceServerClient(url=server.removeprefix("http://"))
+        try:
+            assert await client.is_model_ready("tiny")
+            inp = triton_aio.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x, binary_data=True)
+            results = await asyncio.gather(*(client.infer("tiny", [inp]) for _ in range(4)))
+            return np.stack([r.as_numpy("logits") for r in results])
+        finally:
+            await client.close()
+
+    got = asyncio.run(run())
+    expected = direct(repo / "tiny/2/model.onnx", x)
+    for answer in got:
+        np.testing.assert_allclose(answer, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_plain_http_json_binary_and_versions(server: str, repo: Path) -> None:
+    x = digits_like(30, (3, 1, 28, 28))
+    expected = direct(repo / "tiny/2/model.onnx", x)
+    with httpx.Client(base_url=server) as client:
+        # JSON tensors, nested data, any content type (tritonclient sends none)
+        body = json_request(x, data=x.tolist())
+        r = client.post("/v2/models/tiny/versions/2/infer", content=json.dumps(body),
+                        headers={"content-type": "text/plain"})
+        assert r.status_code == 200, r.text
+        out = r.json()["outputs"][0]
+        assert out["shape"] == [3, 10] and out["datatype"] == "FP32"
+        np.testing.assert_allclose(np.asarray(out["data"], np.float32).reshape(3, 10), expected, rtol=1e-6, atol=1e-6)
+        content, headers = binary_request(x)
+        r = client.post("/v2/models/tiny/infer", content=content, headers=headers)
+        assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+        np.testing.assert_array_equal(decode_binary(r), r2 := decode_binary(client.post(
+            "/v2/models/tiny/infer", content=content, headers=headers)))
+        np.testing.assert_allclose(r2, expected, rtol=1e-6, atol=1e-6)
+        r = client.post("/v2/models/tiny/versions/1/infer", json=json_request(x))
+        assert r.status_code == 404 and "unknown version '1'" in r.json()["error"]
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+X = digits_like(40)
+_OK_BIN, _OK_HEADERS = binary_request(X)
+_HEADER_LEN = int(_OK_HEADERS["Inference-Header-Content-Length"])
+
+BAD = [
+    # id, method, path, request kwargs, status, expected words in the error
+    ("unknown model", "POST", "/v2/models/nope/infer", {"json": json_request(X)}, 404, "unknown model 'nope'"),
+    ("unknown model metadata", "GET", "/v2/models/nope", {}, 404, "unknown model 'nope'"),
+    ("unknown version", "GET", "/v2/models/tiny/versions/7", {}, 404, "unknown version '7'"),
+    ("wrong shape", "POST", "/v2/models/tiny/infer",
+     {"json": json_request(X[0, 0, :1], shape=[1, 1, 28])}, 400,
+     "unexpected shape for input 'input' for model 'tiny'. Expected [-1,1,28,28], got [1,1,28]"),
+    ("wrong datatype", "POST", "/v2/models/tiny/infer", {"json": json_request(X, datatype="FP64")}, 400,
+     "unexpected datatype FP64 for input 'input' for model 'tiny'. Expected FP32"),
+    ("unknown datatype", "POST", "/v2/models/tiny/infer", {"json": json_request(X, datatype="FLOAT")}, 400,
+     "invalid datatype"),
+    ("element count", "POST", "/v2/models/tiny/infer", {"json": json_request(X, data=[0.5] * 10)}, 400,
+     "Shape [1, 1, 28, 28] needs 784, got 10"),
+    ("non-numeric data", "POST", "/v2/models/tiny/infer", {"json": json_request(X, data=["a"] * 784)}, 400,
+     "must be a (nested) list of numbers"),
+    ("wrong input name", "POST", "/v2/models/tiny/infer", {"json": json_request(X, name="image")}, 400,
+     "unexpected inference input \"image\" for model 'tiny'. Expected 'input'"),
+    ("two inputs", "POST", "/v2/models/tiny/infer",
+     {"json": {"inputs": json_request(X)["inputs"] * 2}}, 400, "expects 'inputs' to be a list of 1 tensor"),
+    ("unknown output", "POST", "/v2/models/tiny/infer",
+     {"json": dict(json_request(X), outputs=[{"name": "probs"}])}, 400, "unexpected inference output \"probs\""),
+    ("binary size disagrees with shape", "POST", "/v2/models/tiny/infer",
+     dict(zip(("content", "headers"), binary_request(X, size=3000, data=X.tobytes()[:3000]))), 400,
+     "needs 3136 bytes, got 3000"),
+    ("truncated binary", "POST", "/v2/models/tiny/infer",
+     {"content": _OK_BIN[:-100], "headers": _OK_HEADERS}, 400, "truncated binary data for input 'input'"),
+    ("extra binary", "POST", "/v2/models/tiny/infer",
+     {"content": _OK_BIN + b"junk", "headers": _OK_HEADERS}, 400, "unexpected 4 bytes of binary data"),
+    ("binary without size", "POST", "/v2/models/tiny/infer",
+     {"content": json.dumps(json_request(X)).encode() + b"xx",
+      "headers": {"Inference-Header-Content-Length": str(len(json.dumps(json_request(X))))}}, 400,
+     "no input declares parameters.binary_data_size"),
+    ("header length past the body", "POST", "/v2/models/tiny/infer",
+     {"content": _OK_BIN, "headers": {"Inference-Header-Content-Length": str(len(_OK_BIN) + 1)}}, 400,
+     f"Inference-Header-Content-Length is {len(_OK_BIN) + 1} but the body has {len(_OK_BIN)} bytes"),
+    ("header length not a number", "POST", "/v2/models/tiny/infer",
+     {"content": _OK_BIN, "headers": {"Inference-Header-Content-Length": "ten"}}, 400, "must be an integer"),
+    ("malformed JSON", "POST", "/v2/models/tiny/infer", {"content": b'{"inputs": [{"name": '}, 400,
+     "malformed JSON in the inference request"),
+    ("JSON not an object", "POST", "/v2/models/tiny/infer", {"content": b"[1, 2]"}, 400, "must be a JSON object"),
+    ("empty body", "POST", "/v2/models/tiny/infer", {"content": b""}, 400, "empty request body"),
+    ("body over the limit", "POST", "/v2/models/tiny/infer", {"content": b"0" * 100_000}, 413,
+     "request body of 100000 bytes is over the limit"),
+    ("undecodable image", "POST", "/predictions/tiny", {"content": b"\x89PNG\r\n\x1a\nnot really"}, 400,
+     "cannot decode the body as an image"),
+    ("empty image", "POST", "/predictions/tiny", {"content": b""}, 400, "empty request body"),
+    ("bad top_k", "POST", "/predictions/tiny?top_k=abc", {"content": b"x"}, 400, "top_k must be a positive integer"),
+    ("image for unknown model", "POST", "/predictions/nope", {"content": b"x"}, 404, "unknown model 'nope'"),
+    ("GET on infer", "GET", "/v2/models/tiny/infer", {}, 405, "method GET not allowed"),
+    ("unknown route", "GET", "/v3/whatever", {}, 404, "no route for GET /v3/whatever"),
+]
+
+
+@pytest.mark.parametrize("method, path, kwargs, status, words", [case[1:] for case in BAD],
+                         ids=[case[0] for case in BAD])
+def test_bad_input_is_a_4xx_and_the_server_keeps_serving(server: str, method: str, path: str, kwargs: dict,
+                                                         status: int, words: str) -> None:
+    with httpx.Client(base_url=server) as client:
+        r = client.request(method, path, **kwargs)
+        assert r.status_code == status, r.text
+        assert r.headers["content-type"] == "application/json"
+        body = r.json()
+        assert list(body) == ["error"] and words in body["error"], body
+        assert "Traceback" not in r.text
+        assert client.get("/v2/health/ready").status_code == 200
+        good = client.post("/v2/models/tiny/infer", content=_OK_BIN, headers=_OK_HEADERS)
+        assert good.status_code == 200
+
+
+# ------------------------------------------------------------------------------------ concurrency
+
+
+def test_eight_clients_two_hundred_requests_each(server: str, repo: Path) -> None:
+    """Every answer equals the single-request answer for that client's own input: nothing mixes."""
+    inputs = [digits_like(100 + c) for c in range(8)]
+    expected = [direct(repo / "tiny/2/model.onnx", x) for x in inputs]
+    failures: list[str] = []
+
+    def client_loop(c: int) -> None:
+        content, headers = binary_request(inputs[c])
+        with httpx.Client(base_url=server) as client:
+            single = decode_binary(client.post("/v2/models/tiny/infer", content=content, headers=headers))
+            np.testing.assert_allclose(single, expected[c], rtol=1e-6, atol=1e-6)
+            for i in range(200):
+                r = client.post("/v2/models/tiny/infer", content=content, headers=headers)
+                if r.status_code != 200 or not np.array_equal(decode_binary(r), single):
+                    failures.append(f"client {c} request {i}: {r.status_code} {r.content[:100]!r}")
+
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+def test_loadtest_against_the_server(server: str) -> None:
+    from serve.loadtest import run_loadtest
+
+    for binary in (True, False):
+        result = run_loadtest(server, "tiny", concurrency=4, requests=200, binary=binary)
+        assert result.errors == 0 and result.requests == 200, result
+        assert 0 < result.p50_ms <= result.p90_ms <= result.p99_ms
+        assert result.rps > 0
+    with pytest.raises(Exception, match="unknown model 'nope'"):
+        run_loadtest(server, "nope", requests=1)
+
+
+def test_loadtest_command(server: str, capsys: pytest.CaptureFixture) -> None:
+    from bnfold.cli import main
+
+    assert main(["loadtest", server, "--model", "tiny", "--requests", "300", "--concurrency", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "binary x3: 300 requests" in out and "req/s" in out and "errors 0" in out
+    assert main(["loadtest", server, "--model", "tiny", "--requests", "50", "--json"]) == 0
+    assert "json x8: 50 requests" in capsys.readouterr().out
+    assert main(["loadtest", server, "--model", "nope", "--requests", "5"]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ operations
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_count_requests_errors_and_latency(server: str) -> None:
+    with httpx.Client(base_url=server) as client:
+        before = client.get("/metrics").text
+        for _ in range(3):
+            assert client.post("/v2/models/rgb/infer", content=b"{").status_code == 400
+        content, headers = binary_request(digits_like(5, (1, 3, 32, 32)))
+        assert client.post("/v2/models/rgb/infer", content=content, headers=headers).status_code == 200
+        r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    after = r.text
+    delta = lambda name, **kw: _metric(after, name, **kw) - _metric(before, name, **kw)  # noqa: E731
+    assert delta("bnfold_requests_total", model="rgb", endpoint="infer") == 4
+    assert delta("bnfold_errors_total", model="rgb", endpoint="infer", status="400") == 3
+    assert delta("bnfold_request_latency_seconds_count", model="rgb", endpoint="infer") == 4
+    assert delta("bnfold_request_latency_seconds_bucket", model="rgb", endpoint="infer", le="+Inf") == 4
+
+
+def test_openapi_and_docs_pages(server: str) -> None:
+    with httpx.Client(base_url=server) as client:
+        doc = client.get("/openapi.json").json()
+        page = client.get("/docs")
+    assert doc["openapi"].startswith("3.")
+    for path in ("/v2/models/{model}/infer", "/predictions/{model}", "/v2/health/ready", "/metrics"):
+        assert path in doc["paths"]
+    assert doc["paths"]["/v2/models/{model}"]["get"]["parameters"][0]["schema"]["enum"] == ["rgb", "tiny"]
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    html = page.text
+    assert "<h1>" in html and "/v2/models/{model}/infer" in html and "Inference-Header-Content-Length" in html
+    assert "<script" not in html and "http://" not in html.replace("http://127.0.0.1", "")  # offline: no CDN
+
+
+def test_predictions_on_a_synthetic_model_answer_top_k(server: str) -> None:
+    from PIL import Image
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray((np.arange(40 * 30) % 255).astype(np.uint8).reshape(30, 40)).save(buffer, "PNG")
+    with httpx.Client(base_url=server) as client:
+        r = client.post("/predictions/rgb?top_k=3", content=buffer.getvalue())
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "rgb" and len(body["predictions"]) == 3
+        probs = [p["probability"] for p in body["predictions"]]
+        assert probs == sorted(probs, reverse=True) and all(0 <= p <= 1 for p in probs)
+        assert {p["label"] for p in body["predictions"]} <= {str(i) for i in range(5)}
+        r = client.post("/predictions/rgb?top_k=50", files={"data": ("x.png", buffer.getvalue(), "image/png")})
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 5     # capped at the class count
+        assert abs(sum(p["probability"] for p in r.json()["predictions"]) - 1) < 1e-6

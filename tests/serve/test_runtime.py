@@ -1,0 +1,101 @@
+"""serve.runtime: sessions equal a plain onnxruntime run, the CUDA check is real, repositories pick versions."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from serve.runtime import (DeviceUnavailableError, ServeError, available_cpus, check_datatype, check_shape,
+                           load_repository, open_session)
+
+
+def _direct(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x})[0]
+
+
+def test_available_cpus_is_within_affinity() -> None:
+    cpus = available_cpus()
+    assert 1 <= cpus <= len(os.sched_getaffinity(0))
+
+
+def test_open_session_matches_direct_onnxruntime(tiny_onnx: Path) -> None:
+    runtime = open_session(tiny_onnx, "cpu", threads=1)
+    x = np.random.default_rng(1).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    np.testing.assert_allclose(runtime.run(x), _direct(tiny_onnx, x), rtol=1e-6, atol=1e-6)
+    assert runtime.providers == ["CPUExecutionProvider"]
+    assert (runtime.input_name, runtime.output_name) == ("input", "logits")
+    assert runtime.inputs[0].shape == [-1, 1, 28, 28] and runtime.inputs[0].datatype == "FP32"
+    assert runtime.spec is not None and runtime.spec.labels[3] == "3"
+    assert runtime.name == "tiny"          # from the spec's arch
+    assert runtime.warmup_ms > 0
+
+
+def test_cuda_absent_is_a_clear_error(tiny_onnx: Path) -> None:
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: the refusal path cannot be exercised here")
+    with pytest.raises(DeviceUnavailableError, match="no CUDAExecutionProvider.*onnxruntime-gpu"):
+        open_session(tiny_onnx, "cuda")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"device": "tpu"}, "device must be 'cpu' or 'cuda'"),
+    ({"threads": 0}, "threads must be at least 1"),
+    ({"cuda_graph": True}, "needs --device cuda"),
+])
+def test_bad_options_are_named(tiny_onnx: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(ServeError, match=message):
+        open_session(tiny_onnx, **kwargs)
+
+
+def test_missing_and_corrupt_files(tmp_path: Path) -> None:
+    with pytest.raises(ServeError, match="not found"):
+        open_session(tmp_path / "nope.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model at all")
+    with pytest.raises(ServeError, match="cannot load"):
+        open_session(junk)
+
+
+def test_repository_serves_the_highest_version(tmp_path: Path, make_tiny_onnx) -> None:
+    for name, version, seed in [("a", "1", 0), ("a", "10", 1), ("a", "9", 2), ("b", "3", 3)]:
+        (tmp_path / name / version).mkdir(parents=True)
+        make_tiny_onnx(tmp_path / name / version / "model.onnx", seed=seed)
+    (tmp_path / "empty").mkdir()
+    models = load_repository(tmp_path, threads=1)
+    assert sorted(models) == ["a", "b"]
+    assert models["a"].version == "10" and models["b"].version == "3"
+    x = np.ones((1, 1, 28, 28), np.float32)
+    np.testing.assert_allclose(models["a"].run(x), _direct(tmp_path / "a" / "10" / "model.onnx", x), rtol=1e-6)
+    with pytest.raises(ServeError, match="no models found"):
+        load_repository(tmp_path / "empty")
+
+
+def test_validation_helpers_name_expected_and_got(tiny_onnx: Path) -> None:
+    runtime = open_session(tiny_onnx, threads=1, name="lenet", warmup=False)
+    with pytest.raises(ServeError, match=r"unexpected shape for input 'input' for model 'lenet'\. "
+                                         r"Expected \[-1,1,28,28\], got \[1,1,28\]") as info:
+        check_shape(runtime, "input", [1, 1, 28])
+    assert info.value.status == 400
+    assert check_shape(runtime, "input", [5, 1, 28, 28]) == (5, 1, 28, 28)
+    with pytest.raises(ServeError, match="unexpected datatype FP64 .* Expected FP32"):
+        check_datatype(runtime, "input", "FP64")
+    with pytest.raises(ServeError, match="invalid datatype"):
+        check_datatype(runtime, "input", "FLOAT")
+
+
+@pytest.mark.gpu
+def test_cuda_session_matches_cpu(tiny_onnx: Path) -> None:
+    x = np.random.default_rng(2).standard_normal((1, 1, 28, 28)).astype(np.float32)
+    cuda = open_session(tiny_onnx, "cuda", threads=1)
+    assert cuda.providers[0] == "CUDAExecutionProvider"
+    np.testing.assert_allclose(cuda.run(x), _direct(tiny_onnx, x), rtol=1e-3, atol=1e-4)
+    graph = open_session(tiny_onnx, "cuda", threads=1, cuda_graph=True)
+    for i in range(3):  # replays of the captured graph must see the new input every time
+        x = np.random.default_rng(3 + i).standard_normal((1, 1, 28, 28)).astype(np.float32)
+        np.testing.assert_allclose(graph.run(x), _direct(tiny_onnx, x), rtol=1e-3, atol=1e-4)
+    with pytest.raises(ServeError, match="captured CUDA graph"):
+        graph.run(np.zeros((2, 1, 28, 28), np.float32))
