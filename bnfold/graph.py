@@ -91,11 +91,24 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
+class _Tracer(fx.Tracer):
+    """FX's tracer, keeping every type of the folder table whole (a user's Conv2d subclass
+    would otherwise be traced through to a functional conv2d and could not be folded)."""
+
+    def __init__(self, leaf_types: frozenset[type]) -> None:
+        super().__init__()
+        self.leaf_types = leaf_types
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return type(m) in self.leaf_types or super().is_leaf_module(m, module_qualified_name)
+
+
 class _Folder:
     """One fold: the table, the report, and which modules/parameters are shared."""
 
     def __init__(self, root: nn.Module, table: dict[tuple[type, type], Folder]) -> None:
         self.table = table
+        self.leaf_types = frozenset(t for pair in table for t in pair)
         self.report = FoldReport()
         self.handled: set[str] = set()
         paths = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
@@ -148,7 +161,9 @@ class _Folder:
     def fold_module(self, module: nn.Module, prefix: str) -> nn.Module:
         """Fold inside `module` (named `prefix` in the root); returns it or its GraphModule."""
         try:
-            traced = fx.symbolic_trace(module)
+            tracer = _Tracer(self.leaf_types)
+            graph = tracer.trace(module)
+            traced = fx.GraphModule(tracer.root, graph, class_name=type(module).__name__)
         except Exception as exc:  # FX raises many types: TraceError, TypeError, NotImplementedError...
             first_line = (str(exc).strip().splitlines() or [""])[0][:160]
             self.report.notes.append(
