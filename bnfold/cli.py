@@ -118,7 +118,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from serve.bench_report import summary_lines, write_report
 
     result = run_bench(args.checkpoint, devices=args.device, backends=args.backends,
-                       batch_sizes=args.batch_sizes, threads=args.threads, seconds=args.seconds)
+                       batch_sizes=args.batch_sizes, threads=args.threads, seconds=args.seconds,
+                       export_dir=args.export_dir)
     files = write_report(result, args.out)
     print("\n".join(summary_lines(result)))
     print(f"wrote {files.json}, {files.markdown}, " + ", ".join(str(c) for c in files.charts))
@@ -265,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 32])
     p.add_argument("--threads", type=int, default=None, help="threads for every backend (default: the CPUs this process may use)")
     p.add_argument("--seconds", type=float, default=2.0, help="measuring time per backend and batch size")
+    p.add_argument("--export-dir", default=None,
+                   help="reuse model.onnx / model.ts / model.pt2 from this folder (as `bnfold export` "
+                        "writes it); missing files are exported into a temporary folder")
     p.add_argument("--out", required=True, help="folder for report.json, report.md and charts")
 
     p = _add(sub, "pipeline", _cmd_pipeline, "train -> fold -> export -> verify -> bench, on the bundled digits by default")
