@@ -212,7 +212,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, task: _Task, optimizer
         output = model(x)
         loss = task.loss(output, y)
         if dist.any_true(not bool(torch.isfinite(loss)), device):
-            raise TrainingError(f"loss became {loss.item()} at epoch {epoch}, step {step} (on some rank); "
+            where = " on at least one rank" if dist.enabled else ""
+            raise TrainingError(f"loss became {loss.item()} at epoch {epoch}, step {step}{where}; "
                                 f"try a lower --lr (now {optimizer.param_groups[0]['lr']:g})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -333,6 +334,8 @@ def _resume(config: TrainConfig, out: Path, model: nn.Module, spec: ModelSpec,
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     restore_rng(payload["rng"])
+    if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+        scheduler.T_max = config.epochs  # --epochs may have grown since: anneal to the new end
     history = list(payload.get("history", []))
     metric = "test_iou" if spec.task == "segmentation" else "test_accuracy"
     best = max((r[metric] for r in history), default=-math.inf)
@@ -369,6 +372,9 @@ def _train(config: TrainConfig, dist: DistContext, device: torch.device) -> Trai
     optimizer = make_optimizer(config, model)
     scheduler = make_scheduler(config, optimizer)
     state = _resume(config, out, model, spec, optimizer, scheduler) if config.resume else _State()
+    if state.start_epoch > config.epochs:
+        raise TrainingError(f"nothing to do: {str(out / 'last.pt')!r} already reached epoch {state.start_epoch - 1}"
+                            f" >= --epochs {config.epochs}; raise --epochs to train further")
     if config.sync_bn:
         model = to_sync_batchnorm(model)
     if dist.enabled:
@@ -376,6 +382,10 @@ def _train(config: TrainConfig, dist: DistContext, device: torch.device) -> Trai
     train_loader, test_loader, (sampler, generator) = _loaders(config, train_ds, test_ds, dist, device)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        if dist.enabled:
+            backend = torch.distributed.get_backend()
+            tqdm.write(f"distributed: {dist.world_size} processes ({backend}), batch {config.batch_size} per process"
+                       f"{', SyncBatchNorm' if config.sync_bn else ''}")
     progress = config.progress and dist.is_main
     best_path, last_path = out / "best.pt", out / "last.pt"
     for epoch in range(state.start_epoch, config.epochs + 1):
@@ -398,9 +408,6 @@ def _train(config: TrainConfig, dist: DistContext, device: torch.device) -> Trai
         dist.barrier()  # nobody runs ahead while rank 0 writes
     if not dist.is_main:
         return TrainResult(best=best_path, last=last_path, history=[], spec=spec)
-    if not state.history:
-        raise TrainingError(f"nothing to do: {str(last_path)!r} already reached epoch {state.start_epoch - 1} "
-                            f">= --epochs {config.epochs}")
     spec.epoch = state.history[-1]["epoch"]
     return TrainResult(best=best_path, last=last_path, history=state.history, spec=spec)
 

@@ -82,7 +82,7 @@ def test_zero_init_residual_zeroes_last_bn_of_each_block():
 
 
 def test_lenet_classic_layout():
-    model = models.build("lenet")
+    model = models.build("lenet", activation="sigmoid")
     types = [type(m) for m in model.modules() if not isinstance(m, (nn.Sequential, type(model)))]
     assert types == [nn.Conv2d, nn.BatchNorm2d, nn.Sigmoid, nn.AvgPool2d,
                      nn.Conv2d, nn.BatchNorm2d, nn.Sigmoid, nn.AvgPool2d,
@@ -93,9 +93,10 @@ def test_lenet_classic_layout():
 
 
 def test_lenet_options():
-    plain = models.build("lenet", norm="none", activation="relu", pool="max", in_channels=3, input_size=32)
+    assert any(isinstance(m, nn.ReLU) for m in models.build("lenet").modules())  # the default
+    plain = models.build("lenet", norm="none", activation="tanh", pool="max", in_channels=3, input_size=32)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in plain.modules())
-    assert any(isinstance(m, nn.ReLU) for m in plain.modules())
+    assert any(isinstance(m, nn.Tanh) for m in plain.modules())
     assert any(isinstance(m, nn.MaxPool2d) for m in plain.modules())
     assert plain.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     for bad in ({"activation": "gelu"}, {"pool": "sum"}, {"norm": "ln"}, {"num_classes": 0}):
