@@ -15,10 +15,11 @@ import sys
 import tempfile
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -155,6 +156,18 @@ def parity_batches(spec: ModelSpec, samples: torch.Tensor | None, *, dynamic_bat
     return batches, source
 
 
+def float32_runner(module: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[np.ndarray], torch.Tensor]:
+    """Run a loaded artifact on float32 input as a caller would.
+
+    `bnfold.compare` casts an `nn.Module`'s input to its parameters' dtype; a float16 artifact
+    takes float32 at its edges, so it is handed over as a plain numpy -> tensor function.
+    """
+    def run(x: np.ndarray) -> torch.Tensor:
+        with torch.no_grad():
+            return module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+    return run
+
+
 def tolerance(fp16: bool) -> float:
     return FP16_RTOL if fp16 else FP32_RTOL
 
@@ -165,7 +178,8 @@ def tolerance(fp16: bool) -> float:
 
 def staging_path(target: Path, kind: str = "tmp") -> Path:
     """A hidden sibling of `target`: same folder, so the final move is an atomic rename."""
-    return target.with_name(f".{target.name}.{kind}-{uuid.uuid4().hex[:8]}")
+    # Keep the suffix: torch.export.load insists on a name ending in .pt2.
+    return target.with_name(f".{target.stem}.{kind}-{uuid.uuid4().hex[:8]}{target.suffix}")
 
 
 @contextlib.contextmanager

@@ -76,7 +76,7 @@ def format_parity_table(artifacts: list[ArtifactReport]) -> str:
         rows.append((
             a.path.name, a.dtype, "dynamic" if a.dynamic_batch else "static",
             f"{p.max_abs_error:.3e}", f"{p.max_rel_error:.3e}", f"{a.tolerance:.0e}",
-            f"{p.top1_agreement:.4f}", str(p.samples), _size(a.size_bytes), f"{a.seconds:.1f}",
+            "n/a" if p.top1_agreement is None else f"{p.top1_agreement:.4f}", str(p.samples), _size(a.size_bytes), f"{a.seconds:.1f}",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in

@@ -11,7 +11,7 @@ from torch import nn
 import bnfold
 from models.spec import ModelSpec
 
-from export._common import (example_input, output_name, parity_batches, prepare, quiet,
+from export._common import (example_input, float32_runner, output_name, parity_batches, prepare, quiet,
                             staged_file, tolerance)
 from export.onnx import _exporter_failure
 from export.report import ArtifactReport
@@ -48,7 +48,7 @@ def export_torchscript(model: nn.Module, spec: ModelSpec, path: str | os.PathLik
             torch.jit.save(frozen, os.fspath(tmp))
         loaded = load_torchscript(tmp)
         with torch.no_grad():
-            parity = bnfold.compare(prepared.reference, loaded, batches)
+            parity = bnfold.compare(prepared.reference, float32_runner(loaded), batches)
         tol = tolerance(fp16)
         parity.check(tol, f"TorchScript export of {spec.arch} ({prepared.dtype})")
         size = tmp.stat().st_size
