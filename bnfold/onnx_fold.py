@@ -31,6 +31,10 @@ class _Skip(Exception):
     """A guard refused a BatchNormalization node; the message is the reason."""
 
 
+class _NotConstant(Exception):
+    """A tensor's value depends on the graph's inputs."""
+
+
 def load_onnx(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     """A copy of `model_or_path`, read from disk if it is a path; `BnfoldError` when unreadable."""
     if isinstance(model_or_path, onnx.ModelProto):
@@ -93,6 +97,66 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     return ranks
 
 
+def _constant(g: "_Graph", node: onnx.NodeProto) -> np.ndarray:
+    for a in node.attribute:
+        value = helper.get_attribute_value(a)
+        if a.name == "value":
+            return numpy_helper.to_array(value)
+        if a.name in ("value_float", "value_floats"):
+            return np.asarray(value, dtype=np.float32)
+        if a.name in ("value_int", "value_ints"):
+            return np.asarray(value, dtype=np.int64)
+    raise _NotConstant(f"Constant {node.name!r} has an unsupported value attribute")
+
+
+def _shape(g: "_Graph", node: onnx.NodeProto) -> np.ndarray:
+    dims = np.asarray(g._value(node.input[0]).shape, dtype=np.int64)
+    start, end = int(_attr(node, "start", 0)), _attr(node, "end", None)
+    return dims[start:None if end is None else int(end)]
+
+
+def _reshape(g: "_Graph", node: onnx.NodeProto) -> np.ndarray:
+    data, shape = g._value(node.input[0]), [int(d) for d in g._value(node.input[1])]
+    if not int(_attr(node, "allowzero", 0)):  # 0 means "copy this dimension from the input"
+        shape = [data.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+    return data.reshape(shape)
+
+
+def _axes(g: "_Graph", node: onnx.NodeProto) -> list[int] | None:
+    if len(node.input) > 1 and node.input[1]:
+        return [int(a) for a in g._value(node.input[1])]
+    axes = _attr(node, "axes", None)
+    return None if axes is None else [int(a) for a in axes]
+
+
+def _unsqueeze(g: "_Graph", node: onnx.NodeProto) -> np.ndarray:
+    data, axes = g._value(node.input[0]), _axes(g, node) or []
+    rank = data.ndim + len(axes)
+    for axis in sorted(a % rank for a in axes):
+        data = np.expand_dims(data, axis)
+    return data
+
+
+def _squeeze(g: "_Graph", node: onnx.NodeProto) -> np.ndarray:
+    data, axes = g._value(node.input[0]), _axes(g, node)
+    return np.squeeze(data) if axes is None else np.squeeze(data, axis=tuple(a % data.ndim for a in axes))
+
+
+_CONST_OPS = {
+    "Identity": lambda g, n: g._value(n.input[0]),
+    "Constant": _constant,
+    "Transpose": lambda g, n: np.transpose(g._value(n.input[0]), _attr(n, "perm", None)),
+    "Cast": lambda g, n: g._value(n.input[0]).astype(helper.tensor_dtype_to_np_dtype(int(_attr(n, "to", 1)))),
+    "CastLike": lambda g, n: g._value(n.input[0]).astype(g.elem_dtype(n.input[1])),
+    "Shape": _shape,
+    "Expand": lambda g, n: g._value(n.input[0]) * np.ones(tuple(int(d) for d in g._value(n.input[1])),
+                                                           dtype=g._value(n.input[0]).dtype),
+    "Reshape": _reshape,
+    "Unsqueeze": _unsqueeze,
+    "Squeeze": _squeeze,
+}
+
+
 class _Graph:
     """Lookup tables over one graph: producers, consumers and constant values."""
 
@@ -115,22 +179,40 @@ class _Graph:
         self._counter = 0
 
     def const(self, name: str, what: str) -> np.ndarray:
-        """The value of a constant tensor, or `_Skip` saying why `name` is not one."""
+        """The value of a constant tensor, or `_Skip` saying why `name` is not one.
+
+        Constant means an initializer that is not also a graph input, or the output of a small
+        chain of shape-free ops over constants (Identity, Constant, Transpose, Cast, CastLike,
+        Shape, Expand, Reshape, Squeeze, Unsqueeze): what exporters emit for a transposed weight
+        or a zero bias.
+        """
         if not name:
             raise _Skip(f"{what} is missing")
+        try:
+            return self._value(name)
+        except _NotConstant as exc:
+            raise _Skip(f"{what} {name!r} is computed at run time, not a constant initializer ({exc})") from None
+
+    def _value(self, name: str) -> np.ndarray:
         if name in self.inits:
             if name in self.inputs:
-                raise _Skip(f"{what} {name!r} is an initializer that is also a graph input, so it can be "
-                            "overridden at run time")
+                raise _NotConstant(f"{name!r} is an initializer that is also a graph input, so it can be "
+                                   "overridden at run time")
             return numpy_helper.to_array(self.inits[name])
         node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant":
-            value = _attr(node, "value", None)
-            if value is not None:
-                return numpy_helper.to_array(value)
-        if node is not None and node.op_type == "Identity":
-            return self.const(node.input[0], what)
-        raise _Skip(f"{what} {name!r} is computed at run time, not a constant initializer")
+        if node is None:
+            raise _NotConstant(f"{name!r} is a graph input")
+        fn = _CONST_OPS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if fn is None:
+            raise _NotConstant(f"{name!r} comes from {node.op_type}")
+        return fn(self, node)
+
+    def elem_dtype(self, name: str) -> np.dtype:
+        """numpy dtype of a tensor's declared element type (for CastLike)."""
+        for vi in list(self.graph.input) + list(self.graph.value_info) + list(self.graph.output):
+            if vi.name == name and vi.type.HasField("tensor_type"):
+                return helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        return self._value(name).dtype
 
     def only_consumer(self, name: str, node: onnx.NodeProto) -> None:
         """`_Skip` unless `node` is the one reader of `name`."""
@@ -301,12 +383,12 @@ def _used_names(model: onnx.ModelProto) -> set[str]:
 
 
 def _clean(model: onnx.ModelProto, originally_used: set[str]) -> None:
-    """Drop what folding left unused: Identity/Constant nodes that fed BN statistics, replaced
+    """Drop what folding left unused: the constant chains that fed weights or statistics, replaced
     initializers, stale value_info. Things the file already carried unused are kept."""
     graph = model.graph
     while True:
         used = _used_names(model)
-        dead = [n for n in graph.node if n.op_type in ("Identity", "Constant") and n.output[0] in originally_used
+        dead = [n for n in graph.node if n.op_type in _CONST_OPS and n.output[0] in originally_used
                 and not any(out in used for out in n.output)]
         if not dead:
             break
