@@ -143,7 +143,7 @@ def unsupported_op(exc: BaseException) -> str | None:
         for pattern in _OP_PATTERNS:
             match = pattern.search(text)
             if match:
-                op = match.group(1)
+                op = match.group(1).rstrip(".:")
                 return op if "::" in op else op.replace(".", "::", 1)
     return None
 

@@ -1,0 +1,84 @@
+"""`bnfold export` end to end on a saved LeNet-BN checkpoint, with the bundled digits as parity data."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+import export
+from bnfold.cli import main
+
+
+def _no_staging_left(folder: Path) -> None:
+    hidden = [p.name for p in folder.iterdir() if p.name.startswith(".")]
+    assert hidden == [], hidden
+
+
+def test_bnfold_export_writes_verified_files_export_json_and_a_triton_model(
+        lenet, lenet_checkpoint, tmp_path, capfd) -> None:
+    model, spec = lenet
+    out, repo = tmp_path / "export", tmp_path / "repo"
+    code = main(["export", str(lenet_checkpoint), "--out", str(out), "--triton-repo", str(repo),
+                 "--no-progress"])
+    stdout, stderr = capfd.readouterr()
+    assert code == 0, stderr
+    # The exporters' own chatter stays off the terminal; the parity table is printed.
+    assert "[torch.onnx]" not in stdout + stderr and "deprecated" not in stdout + stderr
+    for name in ("model.onnx", "model.ts", "model.pt2", "max rel err", "top-1 agree"):
+        assert name in stdout
+    assert "eval-split samples of 'digits'" in stdout
+
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.onnx", "model.pt2", "model.ts"]
+    report = json.loads((out / "export.json").read_text())
+    assert report["format"] == "bnfold-export"
+    assert report["spec"] == spec.to_dict()
+    assert [a["format"] for a in report["artifacts"]] == ["onnx", "torchscript", "program"]
+    for artifact in report["artifacts"]:
+        path = Path(artifact["path"])
+        assert path.parent == out and path.stat().st_size == artifact["size_bytes"]
+        assert artifact["max_rel_error"] <= 1e-5 == artifact["tolerance"]["max_rel_error"]
+        assert artifact["max_abs_error"] >= 0 and artifact["top1_agreement"] == 1.0
+        assert artifact["samples"] == export.checkpoint.PARITY_SAMPLES
+        assert "digits" in artifact["parity_inputs"]
+    assert len(report["fold_report"]["folded"]) == 4  # LeNet-BN: two Conv+BN, two Linear+BN
+
+    config = text_format.Parse((repo / "lenet" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 32
+    assert list(config.input[0].dims) == [1, 28, 28] and list(config.output[0].dims) == [10]
+    assert (repo / "lenet" / "1" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+    _no_staging_left(tmp_path)
+    _no_staging_left(repo)
+
+    # A second run needs --force; with it, the folder is replaced as a whole.
+    assert main(["export", str(lenet_checkpoint), "--out", str(out), "--no-progress"]) == 2
+    assert "--force" in capfd.readouterr().err
+    code = main(["export", str(lenet_checkpoint), "--out", str(out), "--format", "onnx",
+                 "--static-batch", "--triton-repo", str(repo), "--triton-device", "cuda",
+                 "--force", "--no-progress"])
+    capfd.readouterr()
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.onnx"]
+    dim0 = onnx.load(str(out / "model.onnx")).graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_value == 1
+    config = text_format.Parse((repo / "lenet" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    # A fixed batch axis: Triton wants max_batch_size 0 and the full shape.
+    assert config.max_batch_size == 0 and list(config.input[0].dims) == [1, 1, 28, 28]
+    assert not config.HasField("dynamic_batching")
+    assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
+    _no_staging_left(tmp_path)
+
+
+def test_export_checkpoint_returns_a_summary_matching_the_files(lenet_checkpoint, tmp_path) -> None:
+    summary = export.export_checkpoint(lenet_checkpoint, tmp_path / "out", formats="torchscript,program",
+                                       progress=False)
+    assert [a.format for a in summary.artifacts] == ["torchscript", "program"]
+    assert summary.export_json == tmp_path / "out" / "export.json" and summary.export_json.is_file()
+    assert summary.artifact("program").path == tmp_path / "out" / "model.pt2"
+    loaded = torch.export.load(str(summary.artifact("program").path)).module()
+    assert loaded(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    text = str(summary)
+    assert "model.ts" in text and "model.pt2" in text and "folded" in text.lower()
