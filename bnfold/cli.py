@@ -130,7 +130,8 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     from serve.pipeline import run_pipeline
 
     run_pipeline(model=args.model, dataset=args.dataset, data_root=args.data_root, epochs=args.epochs,
-                 bench_seconds=args.bench_seconds, devices=args.device, out=args.out, force=args.force)
+                 bench_seconds=args.bench_seconds, devices=args.device, out=args.out, force=args.force,
+                 threads=args.threads or None)
     return 0
 
 
@@ -278,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--bench-seconds", type=float, default=1.0, help="measuring time per backend in the bench")
     p.add_argument("--device", type=_csv, default=["cpu", "cuda"], help="bench devices (absent ones are reported as skipped)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads for every benchmarked backend; 0 = the CPUs this process may use")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--force", action="store_true", help="reuse an existing output folder")
     return parser

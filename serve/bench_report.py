@@ -260,13 +260,17 @@ def write_report(result: BenchResult, out_dir: str | os.PathLike) -> ReportFiles
 def summary_lines(result: BenchResult) -> list[str]:
     """A few lines for the terminal: batch-1 p50 per measured row, then the headline ratios."""
     lines = []
+    not_measured: dict[tuple[str, str, str], list[str]] = {}
     for row in result.rows:
-        if row.batch_size == 1:
-            if row.ok:
-                lines.append(f"  {row.backend:<14} {row.device:<5} p50 {_ms(row.p50_ms):>8} ms  "
-                             f"p90 {_ms(row.p90_ms):>8} ms  n={row.iterations}")
-            else:
-                lines.append(f"  {row.backend:<14} {row.device:<5} {row.status}: {row.reason}")
+        if row.batch_size != 1:
+            continue
+        if row.ok:
+            lines.append(f"  {row.backend:<14} {row.device:<5} p50 {_ms(row.p50_ms):>8} ms  "
+                         f"p90 {_ms(row.p90_ms):>8} ms  n={row.iterations}")
+        else:
+            not_measured.setdefault((row.device, row.status, row.reason), []).append(row.backend)
+    for (device, status, reason), backends in not_measured.items():
+        lines.append(f"  {status} on {device} ({', '.join(backends)}): {reason}")
     for s in result.speedups:
         lines.append(f"  {s.label}: {s.factor:.2f}x")
     return lines

@@ -44,10 +44,13 @@ def test_pipeline_report_contents(pipeline_run: Path) -> None:
     # Charts are linked relative to REPORT.md and exist there.
     for link in ("bench/latency.png", "bench/throughput.png"):
         assert f"]({link})" in report and (out / link).is_file()
+    # The headline is the held-out accuracy the checkpoint recorded, not the training one.
     _, spec = models.load_checkpoint(out / "train" / "best.pt")
-    metric = next(v for k, v in spec.metrics.items() if "acc" in k.lower())
+    metric = spec.metrics["test_accuracy"]
     assert 0.0 <= metric <= 1.0
-    assert f"{metric:.4f}" in report
+    assert f"test_accuracy = {metric:.4f}" in report
+    # One thread for every backend by default, and the report says so.
+    assert "| threads (torch and onnxruntime) | 1 |" in report
 
 
 def test_pipeline_bench_rows(pipeline_run: Path) -> None:
