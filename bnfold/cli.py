@@ -50,6 +50,8 @@ def _cmd_fold(args: argparse.Namespace) -> int:
         checkpoint = models.is_checkpoint(args.model)
     except ImportError:  # the models package is optional for folding a plain module
         checkpoint = False
+    except Exception:  # an unreadable file: load_module below says what is wrong with it
+        checkpoint = False
     if checkpoint:
         model, spec = models.load_checkpoint(args.model)
         shape = shape or (1, *spec.input_shape)
@@ -76,7 +78,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         schedule=args.schedule, weight_decay=args.weight_decay, norm=args.norm, activation=args.activation,
         bn_momentum=args.bn_momentum, bn_eps=args.bn_eps, sync_bn=args.sync_bn, seed=args.seed,
         device=args.device, workers=args.workers, out=args.out, resume=args.resume,
-        progress=not args.no_progress, input_size=args.input_size, steps_per_epoch=args.steps_per_epoch)
+        progress=not args.no_progress, input_size=args.input_size, steps_per_epoch=args.steps_per_epoch,
+        threads=args.threads)
     result = models.train(config)
     if result.history:  # only rank 0 has one under torchrun
         print(models.train_summary(result))
@@ -209,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input resolution (default: 28 for lenet on grey data, else 32)")
     p.add_argument("--steps-per-epoch", type=int, default=None, help="cap optimizer steps per epoch (smoke runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines still print)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
 
     p = _add(sub, "export", _cmd_export, "export a checkpoint to verified ONNX / TorchScript / torch.export files")
     p.add_argument("checkpoint", help="a bnfold checkpoint")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +63,7 @@ def load_module(path: str | os.PathLike) -> nn.Module:
         except Exception as exc2:
             raise BnfoldError(f"{str(path)!r} could not be unpickled ({type(exc2).__name__}: "
                               f"{_first_line(exc2)})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # torch.load fails on garbage in many ways (IndexError, EOFError, ...)
         raise BnfoldError(f"{str(path)!r} is not a readable torch.save file ({type(exc).__name__}: "
                           f"{_first_line(exc)})") from None
     if isinstance(obj, dict):
