@@ -64,6 +64,7 @@ class TrainConfig:
     input_size: int | None = None        # None: the architecture's default for the dataset
     steps_per_epoch: int | None = None   # cap on optimizer steps per epoch (smoke tests)
     eval_batch_size: int = 256
+    threads: int | None = None           # torch intra-op threads; None: torch's default
 
 
 @dataclass
@@ -153,6 +154,8 @@ def _check_config(config: TrainConfig) -> None:
         raise TrainingError(f"bn_momentum must be in [0, 1], got {config.bn_momentum}")
     if config.bn_eps <= 0:
         raise TrainingError(f"bn_eps must be positive, got {config.bn_eps}")
+    if config.threads is not None and config.threads <= 0:
+        raise TrainingError(f"threads must be positive, got {config.threads}")
     if config.steps_per_epoch is not None and config.steps_per_epoch <= 0:
         raise TrainingError(f"steps_per_epoch must be positive, got {config.steps_per_epoch}")
 
@@ -345,6 +348,9 @@ def _resume(config: TrainConfig, out: Path, model: nn.Module, spec: ModelSpec,
 def train(config: TrainConfig) -> TrainResult:
     """Train `config.model` on `config.dataset`; write OUT/best.pt, last.pt, metrics.jsonl, curves.png."""
     _check_config(config)
+    if config.threads is not None:
+        # Small models on a shared box lose more to thread hand-offs than they gain from a second core.
+        torch.set_num_threads(config.threads)
     dist = DistContext.from_env()
     device = resolve_device(config.device, dist.local_rank)
     if config.sync_bn and device.type != "cuda":

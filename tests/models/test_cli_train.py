@@ -1,0 +1,48 @@
+"""`bnfold train` from the command line, on a tiny budget."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import models
+from bnfold.cli import main
+
+
+def test_bnfold_train_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--model", "lenet", "--dataset", "digits", "--epochs", "1", "--steps-per-epoch", "2",
+                 "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05", "--schedule", "step",
+                 "--seed", "3", "--device", "cpu", "--no-progress", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "epoch 1/1" in printed and "test_accuracy" in printed and str(out / "best.pt") in printed
+    model, spec = models.load_checkpoint(out / "best.pt")
+    assert spec.arch == "lenet" and spec.epoch == 1
+    record = json.loads((out / "metrics.jsonl").read_text())
+    assert record["lr"] == pytest.approx(0.05)
+    config = torch.load(out / "last.pt", weights_only=True)["config"]
+    assert config["optimizer"] == "sgd" and config["seed"] == 3
+
+
+@pytest.mark.parametrize("argv,text", [
+    (["--model", "alexnet"], "alexnet"),
+    (["--dataset", "mnist", "--data-root", "{tmp}/empty"], "--download"),
+    (["--dataset", "imagefolder:{tmp}/missing"], "does not exist"),
+    (["--epochs", "0"], "epochs"),
+])
+def test_bnfold_train_cli_errors_exit_2_without_traceback(tmp_path, capsys, argv, text):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code = main(["train", "--out", str(tmp_path / "out"), "--no-progress", "--device", "cpu", *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert text in err and "Traceback" not in err
+
+
+def test_bnfold_train_help_lists_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--model", "--dataset", "--resume", "--sync-bn", "--bn-momentum", "--steps-per-epoch"):
+        assert option in text
