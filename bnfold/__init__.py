@@ -3,15 +3,42 @@
     folded, report = bnfold.fold(model)                 # nn.Module -> nn.Module
     onnx_model, report = bnfold.fold_onnx("model.onnx") # any ONNX file
     bnfold.compare(model, folded, torch.randn(8, 3, 32, 32)).check(1e-5, "folded model")
-"""
-from bnfold.errors import BnfoldError, ParityError
-from bnfold.graph import count_batchnorm, fold
-from bnfold.modules import DEFAULT_FOLDERS, FoldSkipped
-from bnfold.onnx_fold import count_onnx_batchnorm, fold_onnx
-from bnfold.parity import Parity, compare
-from bnfold.report import FoldReport
 
-__all__ = [
-    "BnfoldError", "ParityError", "FoldSkipped", "FoldReport", "Parity", "DEFAULT_FOLDERS",
-    "fold", "fold_onnx", "compare", "count_batchnorm", "count_onnx_batchnorm",
-]
+The public names are imported on first use, so that `bnfold --help` (whose CLI lives in this
+package) does not pay for importing torch and onnx.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from bnfold.errors import BnfoldError, ParityError
+
+if TYPE_CHECKING:
+    from bnfold.graph import count_batchnorm, fold
+    from bnfold.modules import DEFAULT_FOLDERS, FoldSkipped
+    from bnfold.onnx_fold import count_onnx_batchnorm, fold_onnx
+    from bnfold.parity import Parity, compare
+    from bnfold.report import FoldReport
+
+_LAZY = {
+    "fold": "bnfold.graph", "count_batchnorm": "bnfold.graph",
+    "DEFAULT_FOLDERS": "bnfold.modules", "FoldSkipped": "bnfold.modules",
+    "fold_onnx": "bnfold.onnx_fold", "count_onnx_batchnorm": "bnfold.onnx_fold",
+    "compare": "bnfold.parity", "Parity": "bnfold.parity",
+    "FoldReport": "bnfold.report",
+}
+
+__all__ = ["BnfoldError", "ParityError", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
