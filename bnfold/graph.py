@@ -5,6 +5,12 @@ output must go to the BN and nowhere else. A module FX cannot trace (data-depend
 flow) is not given up on: each of its children is traced on its own, and inside an
 `nn.Sequential` consecutive children are folded by position, where the data flow is known.
 
+The fallback assumes what every module tree written for `forward` assumes: a traced child's
+submodules are used through that child's `forward`, not reached into by an untraceable parent.
+
+Linear + BatchNorm1d is folded on the features axis; on 3-D activations `(N, L, C)` a BN1d
+over `L` with `L == C` cannot be told apart without example inputs (FX sees no shapes).
+
 Module pairs are rewritten in the module tree (the layer replaced by its folded copy, the BN
 by `nn.Identity`), so the result keeps the input's class and attributes. Only a functional
 `F.batch_norm` call needs its `forward` rewritten; a module holding one comes back as a
@@ -23,7 +29,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bnfold.errors import BnfoldError
-from bnfold.modules import PASSTHROUGH, Folder, FoldSkipped, is_batchnorm, merge_folders
+from bnfold.modules import PASSTHROUGH, Folder, FoldSkipped, check_running_stats, is_batchnorm, merge_folders
 from bnfold.report import FoldReport
 
 __all__ = ["fold", "count_batchnorm"]
@@ -69,11 +75,11 @@ class _Stats:
     eps: float
 
 
-def _describe(node: Any, scope: nn.Module) -> str:
+def _describe(node: Any, scope: nn.Module, prefix: str = "") -> str:
     if not isinstance(node, fx.Node):
         return repr(node)
     if node.op == "call_module":
-        return f"{node.target} ({type(scope.get_submodule(node.target)).__name__})"
+        return f"{_join(prefix, node.target)} ({type(scope.get_submodule(node.target)).__name__})"
     if node.op in ("call_function", "call_method"):
         return getattr(node.target, "__name__", str(node.target))
     if node.op == "placeholder":
@@ -180,6 +186,11 @@ class _Folder:
         for name, child in list(module.named_children()):
             path = _join(prefix, name)
             if is_batchnorm(child):
+                try:
+                    check_running_stats(child)
+                except FoldSkipped as exc:
+                    self.skipped(path, str(exc))
+                    continue
                 self.skipped(path, f"{prefix or 'the model'} cannot be traced by FX and this BatchNorm is "
                                    "not next to a layer inside an nn.Sequential, so its producer is unknown")
             elif any(True for _ in child.children()):
@@ -253,6 +264,11 @@ class _Folder:
             self.skipped(name, f"called {calls[bn_path]} times in forward; folding it into one producer "
                                "would change the other calls")
             return
+        try:
+            check_running_stats(bn)
+        except FoldSkipped as exc:
+            self.skipped(name, str(exc))
+            return
         reasons: list[str] = []
         if self._try_after(module, node, bn, calls, prefix, reasons):
             return
@@ -260,13 +276,13 @@ class _Folder:
             return
         self.skipped(name, "; ".join(reasons))
 
-    def _chain_has_one_user(self, start: fx.Node, last: fx.Node, scope: nn.Module) -> str | None:
+    def _chain_has_one_user(self, start: fx.Node, last: fx.Node, scope: nn.Module, prefix: str) -> str | None:
         """None when every node from `start` to `last` (the BN's input) feeds only the next one."""
         node = last
         while True:
             if len(node.users) != 1:
-                others = [_describe(u, scope) for u in node.users]
-                return f"the output of {_describe(node, scope)} has {len(node.users)} users ({', '.join(others)})"
+                others = [_describe(u, scope, prefix) for u in node.users]
+                return f"the output of {_describe(node, scope, prefix)} has {len(node.users)} users ({', '.join(others)})"
             if node is start:
                 return None
             node = node.args[0]
@@ -275,24 +291,24 @@ class _Folder:
                    reasons: list[str]) -> bool:
         producer = self._skip_passthrough_back(module, node.args[0] if node.args else None)
         if not (isinstance(producer, fx.Node) and producer.op == "call_module"):
-            reasons.append(f"its input comes from {_describe(producer, module)}, not a layer module")
+            reasons.append(f"its input comes from {_describe(producer, module, prefix)}, not a layer module")
             return False
         layer = module.get_submodule(producer.target)
         key = (type(layer), type(bn))
         if key not in self.table:
-            reasons.append(f"no folder for {type(layer).__name__} -> {type(bn).__name__} (after {producer.target})")
+            reasons.append(f"no folder for {type(layer).__name__} -> {type(bn).__name__} (after {_join(prefix, producer.target)})")
             return False
-        why = self._chain_has_one_user(producer, node.args[0], module)
+        why = self._chain_has_one_user(producer, node.args[0], module, prefix)
         if why is None and calls[producer.target] > 1:
-            why = f"{producer.target} is called {calls[producer.target]} times in forward"
+            why = f"{_join(prefix, producer.target)} is called {calls[producer.target]} times in forward"
         if why:
-            reasons.append(f"not folded into {producer.target}: {why}")
+            reasons.append(f"not folded into {_join(prefix, producer.target)}: {why}")
             return False
         try:
             self._apply(module, prefix, producer.target, node.target, key, producer.target, node.target)
             return True
         except FoldSkipped as exc:
-            reasons.append(f"not folded into {producer.target}: {exc}")
+            reasons.append(f"not folded into {_join(prefix, producer.target)}: {exc}")
             return False
 
     def _try_before(self, module: nn.Module, node: fx.Node, bn: nn.Module, calls: Counter, prefix: str,
@@ -315,14 +331,14 @@ class _Folder:
         if key not in self.table:
             return False
         if calls[user.target] > 1:
-            reasons.append(f"not folded into the following {user.target}: it is called "
+            reasons.append(f"not folded into the following {_join(prefix, user.target)}: it is called "
                            f"{calls[user.target]} times in forward")
             return False
         try:
             self._apply(module, prefix, node.target, user.target, key, user.target, node.target)
             return True
         except FoldSkipped as exc:
-            reasons.append(f"not folded into the following {user.target}: {exc}")
+            reasons.append(f"not folded into the following {_join(prefix, user.target)}: {exc}")
             return False
 
     def _fold_functional(self, module: nn.Module, node: fx.Node, calls: Counter, prefix: str) -> bool:
@@ -344,29 +360,29 @@ class _Folder:
             elif isinstance(value, fx.Node) and value.op == "get_attr":
                 tensors[key] = _get_attr(module, value.target)
             else:
-                self.skipped(name, f"its {key} is computed in forward ({_describe(value, module)}), "
+                self.skipped(name, f"its {key} is computed in forward ({_describe(value, module, prefix)}), "
                                    "not a module buffer or parameter")
                 return False
         stats = _Stats(tensors["running_mean"], tensors["running_var"], tensors["weight"], tensors["bias"],
                        float(args["eps"]))
         producer = self._skip_passthrough_back(module, args["input"])
         if not (isinstance(producer, fx.Node) and producer.op == "call_module"):
-            self.skipped(name, f"its input comes from {_describe(producer, module)}, not a layer module")
+            self.skipped(name, f"its input comes from {_describe(producer, module, prefix)}, not a layer module")
             return False
         layer = module.get_submodule(producer.target)
         fn = next((f for (a, b), f in self.table.items() if a is type(layer) and _is_batchnorm_type(b)), None)
         try:
             if fn is None:
                 raise FoldSkipped(f"no folder for {type(layer).__name__} followed by a BatchNorm")
-            why = self._chain_has_one_user(producer, args["input"], module)
+            why = self._chain_has_one_user(producer, args["input"], module, prefix)
             if why is None and calls[producer.target] > 1:
-                why = f"{producer.target} is called {calls[producer.target]} times in forward"
+                why = f"{_join(prefix, producer.target)} is called {calls[producer.target]} times in forward"
             why = why or self._shared(layer)
             if why:
                 raise FoldSkipped(why)
             new_layer = fn(layer, stats)
         except FoldSkipped as exc:
-            self.skipped(name, f"not folded into {producer.target}: {exc}")
+            self.skipped(name, f"not folded into {_join(prefix, producer.target)}: {exc}")
             return False
         _set_submodule(module, producer.target, new_layer)
         node.replace_all_uses_with(args["input"])

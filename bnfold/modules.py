@@ -27,7 +27,7 @@ from bnfold.errors import BnfoldError
 from bnfold.math import fold_bn_after, fold_bn_before
 
 __all__ = ["DEFAULT_FOLDERS", "PASSTHROUGH", "Folder", "FoldSkipped", "fold_layer_bn", "fold_bn_layer",
-           "merge_folders", "is_batchnorm"]
+           "merge_folders", "is_batchnorm", "check_running_stats"]
 
 Folder = Callable[[Any, Any], nn.Module]
 
@@ -46,7 +46,8 @@ def is_batchnorm(module: object) -> bool:
     return isinstance(module, _BatchNorm)
 
 
-def _check_stats(bn: Any) -> None:
+def check_running_stats(bn: Any) -> None:
+    """`FoldSkipped` unless `bn` normalizes with running statistics in eval mode."""
     if getattr(bn, "track_running_stats", True) is False or bn.running_mean is None or bn.running_var is None:
         raise FoldSkipped("BatchNorm has no running statistics (track_running_stats=False): "
                           "it normalizes with batch statistics even in eval mode")
@@ -96,7 +97,7 @@ def fold_layer_bn(layer: nn.Module, bn: Any) -> nn.Module:
     `bn` may be a BatchNorm module or anything with `running_mean`, `running_var`, `eps`,
     `weight`, `bias` (a functional `F.batch_norm` call's tensors).
     """
-    _check_stats(bn)
+    check_running_stats(bn)
     _check_layer(layer)
     channels = _out_channels(layer)
     if bn.running_mean.numel() != channels:
@@ -125,7 +126,7 @@ def fold_bn_layer(bn: Any, layer: nn.Module) -> nn.Module:
     Exact for Linear, and for a Conv without zero padding (padding 0, or a reflect / replicate /
     circular padding mode, which pad with values that went through the BN too).
     """
-    _check_stats(bn)
+    check_running_stats(bn)
     _check_layer(layer)
     if isinstance(layer, _ConvTransposeNd):
         raise FoldSkipped("BatchNorm before a ConvTranspose is not folded: the shift would reach "

@@ -34,12 +34,14 @@ class FoldReport:
 
     def __str__(self) -> str:
         head = f"BatchNorm fold: {len(self.folded)} folded, {len(self.skipped)} skipped"
-        rows = [("folded", layer, bn) for layer, bn in self.folded]
-        rows += [("skipped", "-", f"{bn}: {reason}") for bn, reason in self.skipped]
-        if not rows:
-            return head + "\n  (no BatchNorm found)" + "".join(f"\nnote: {n}" for n in self.notes)
-        width = max(len(r[1]) for r in rows + [("", "layer", "")])
-        lines = [head, f"  {'status':<8} {'layer':<{width}}  batchnorm"]
-        lines += [f"  {status:<8} {layer:<{width}}  {bn}" for status, layer, bn in rows]
+        rows = [("folded", bn, f"into {layer}") for layer, bn in self.folded]
+        rows += [("skipped", bn, reason) for bn, reason in self.skipped]
+        lines = [head]
+        if rows:
+            width = max(len(bn) for _, bn, _ in rows + [("", "batchnorm", "")])
+            lines.append(f"  {'status':<8} {'batchnorm':<{width}}  layer / reason")
+            lines += [f"  {status:<8} {bn:<{width}}  {detail}" for status, bn, detail in rows]
+        else:
+            lines.append("  (no BatchNorm found)")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
