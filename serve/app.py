@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 from serve import images
 from serve.docs import docs_html, openapi_document
-from serve.protocol import ResponseEncoder, parse_header_length, parse_infer
+from serve.protocol import RequestParser, ResponseEncoder, parse_header_length
 from serve.runtime import ModelRuntime, ServeError, load_repository
 
 Scope = dict[str, Any]
@@ -123,6 +123,7 @@ class InferenceApp:
         self.max_body_bytes = max_body_bytes
         self.access_log = access_log if access_log is not None else AccessLog()
         self.metrics = _Metrics(self.models)
+        self.parsers = {name: RequestParser(m) for name, m in self.models.items()}
         self.encoders = {name: ResponseEncoder(m) for name, m in self.models.items()}
         self.ready = True
         self._flusher: asyncio.Task | None = None
@@ -339,7 +340,7 @@ class InferenceApp:
         if encoding is not None:
             body = _decompress(body, encoding)
         header_length = parse_header_length(self._header(scope, b"inference-header-content-length"), len(body))
-        request = parse_infer(model, body, header_length)
+        request = self.parsers[model.name].parse(body, header_length)
         results = await self._run(model, request.array)
         payload, json_length = self.encoders[model.name].encode(request, results)
         if json_length is None:

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,8 +33,8 @@ REFERENCE_DIR = Path(os.environ.get("BNFOLD_REFERENCE_DIR", Path(__file__).resol
 
 
 @contextlib.contextmanager
-def reference_server(onnx_path: str | os.PathLike, port: int | None = None,
-                     startup_timeout: float = 120.0) -> Iterator[str]:
+def reference_server(onnx_path: str | os.PathLike, port: int | None = None, startup_timeout: float = 120.0,
+                     on_ready: Callable[[subprocess.Popen], None] | None = None) -> Iterator[str]:
     """The reference FastAPI service under uvicorn (its documented command), yielding its base URL."""
     port = free_port() if port is None else port
     command = [sys.executable, "-m", "uvicorn", "plain_fastapi_service:app", "--app-dir", str(REFERENCE_DIR),
@@ -49,6 +49,8 @@ def reference_server(onnx_path: str | os.PathLike, port: int | None = None,
                     log.seek(0)
                     raise ServeError(f"reference service did not start: {log.read()[-1500:].decode(errors='replace')}")
                 time.sleep(0.05)
+            if on_ready is not None:
+                on_ready(process)
             yield f"http://127.0.0.1:{port}"
         finally:
             process.terminate()
@@ -70,6 +72,12 @@ def _probe(port: int) -> bool:
         return False
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class TargetFigures:
     name: str
@@ -80,15 +88,19 @@ class TargetFigures:
     rps: float
     concurrent_requests: int
     errors: int
+    server_cpu_us_per_request: float   # server process CPU time / requests, over the x8 runs
+    generator_cpu_us_per_request: float  # the load generator's, likewise
 
 
-def _pool(name: str, sequential: list[LoadtestResult], concurrent: list[LoadtestResult]) -> TargetFigures:
+def _pool(name: str, sequential: list[LoadtestResult], concurrent: list[LoadtestResult],
+          cpu: float) -> TargetFigures:
     ms = np.concatenate([r.latencies_ms for r in sequential])
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
     total = sum(r.requests for r in concurrent)
     seconds = sum(r.seconds for r in concurrent)
     errors = sum(r.errors for r in sequential + concurrent)
-    return TargetFigures(name, float(p50), float(p90), float(p99), int(ms.size), total / seconds, total, errors)
+    return TargetFigures(name, float(p50), float(p90), float(p99), int(ms.size), total / seconds, total, errors,
+                         cpu / total * 1e6, sum(r.client_cpu_us * r.requests for r in concurrent) / total)
 
 
 def compare(onnx_path: str | os.PathLike, *, rounds: int = 3, sequential: int = 1000, concurrent: int = 4000,
@@ -97,7 +109,9 @@ def compare(onnx_path: str | os.PathLike, *, rounds: int = 3, sequential: int = 
     runtime = open_session(onnx_path, threads=1, warmup=False)
     name = runtime.name
     x = np.random.default_rng(0).standard_normal(runtime.sample_input(1).shape).astype(np.float32)
-    with running_server(onnx_path, threads=threads) as ours, reference_server(onnx_path) as ref:
+    pids: dict[str, int] = {}
+    with running_server(onnx_path, threads=threads, on_ready=lambda p: pids.__setitem__("bnfold", p.pid)) as ours, \
+            reference_server(onnx_path, on_ready=lambda p: pids.__setitem__("reference", p.pid)) as ref:
         targets = {
             "bnfold binary": lambda c, n: run_loadtest(ours, name, concurrency=c, requests=n, binary=True, inputs=x),
             "bnfold json": lambda c, n: run_loadtest(ours, name, concurrency=c, requests=n, binary=False, inputs=x),
@@ -105,19 +119,24 @@ def compare(onnx_path: str | os.PathLike, *, rounds: int = 3, sequential: int = 
         }
         seq: dict[str, list[LoadtestResult]] = {k: [] for k in targets}
         conc: dict[str, list[LoadtestResult]] = {k: [] for k in targets}
+        cpu: dict[str, float] = {k: 0.0 for k in targets}
         per_round = []
         for r in range(rounds):
             row = {}
             for key, drive in targets.items():
                 seq[key].append(drive(1, sequential))
+                pid = pids["reference" if key.startswith("reference") else "bnfold"]
+                before = cpu_seconds(pid)
                 conc[key].append(drive(concurrency, concurrent))
+                cpu[key] += cpu_seconds(pid) - before
                 row[key] = {"p50_ms": seq[key][-1].p50_ms, "rps": conc[key][-1].rps}
                 print(f"round {r + 1}/{rounds} {key:15s} p50 {seq[key][-1].p50_ms:.3f} ms  "
                       f"{conc[key][-1].rps:7.0f} req/s (x{concurrency})", file=sys.stderr, flush=True)
             per_round.append(row)
-    figures = {k: _pool(k, seq[k], conc[k]) for k in targets}
+    figures = {k: _pool(k, seq[k], conc[k], cpu[k]) for k in targets}
     ref = figures["reference json"]
-    ratios = {k: {"p50_lower_x": ref.p50_ms / f.p50_ms, "throughput_higher_x": f.rps / ref.rps}
+    ratios = {k: {"p50_lower_x": ref.p50_ms / f.p50_ms, "throughput_higher_x": f.rps / ref.rps,
+                  "server_cpu_lower_x": ref.server_cpu_us_per_request / f.server_cpu_us_per_request}
               for k, f in figures.items() if k != "reference json"}
     return {"model": name, "onnx": str(onnx_path), "input_shape": list(x.shape), "threads": threads,
             "rounds": rounds, "sequential_per_round": sequential, "concurrent_per_round": concurrent,
@@ -130,13 +149,14 @@ def format_report(report: dict) -> str:
     lines = [f"model {report['model']} {report['input_shape']}, onnxruntime threads {report['threads']}, "
              f"{report['rounds']} interleaved rounds, {report['cpus']} CPUs, {report['date']}",
              f"{'target':16s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'req/s x' + str(report['concurrency']):>12s} "
-             f"{'errors':>7s}"]
+             f"{'errors':>7s} {'server CPU us/req':>18s} {'generator CPU us/req':>21s}"]
     for f in report["figures"].values():
         lines.append(f"{f['name']:16s} {f['p50_ms']:8.3f} {f['p90_ms']:8.3f} {f['p99_ms']:8.3f} {f['rps']:12.0f} "
-                     f"{f['errors']:7d}")
+                     f"{f['errors']:7d} {f['server_cpu_us_per_request']:18.0f} "
+                     f"{f['generator_cpu_us_per_request']:21.0f}")
     for key, r in report["ratios"].items():
         lines.append(f"{key} vs reference: p50 {r['p50_lower_x']:.2f}x lower, throughput "
-                     f"{r['throughput_higher_x']:.2f}x higher")
+                     f"{r['throughput_higher_x']:.2f}x higher, server CPU per request {r['server_cpu_lower_x']:.2f}x lower")
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from serve.runtime import ServeError
@@ -56,7 +56,11 @@ def serve(model: str | os.PathLike, *, name: str | None = None, device: str = "c
     app = create_app(model, device=device, threads=threads, cuda_graph=cuda_graph, name=name,
                      max_body_mb=max_body_mb, access_log=access_log and log_level in ("debug", "info"))
     sock = _bind(host, port)
-    config = uvicorn.Config(app, loop="uvloop", http="httptools", lifespan="on", access_log=False,
+    from serve.one_write import OneWriteHttpToolsProtocol
+
+    # httptools, with head and body of each response in one write (see serve.one_write).
+    http = OneWriteHttpToolsProtocol if OneWriteHttpToolsProtocol is not None else "httptools"
+    config = uvicorn.Config(app, loop="uvloop", http=http, lifespan="on", access_log=False,
                             log_level=log_level, server_header=False, timeout_graceful_shutdown=30,
                             limit_max_requests=None)
     server = uvicorn.Server(config)
@@ -89,12 +93,14 @@ def _ready(host: str, port: int, timeout: float = 1.0) -> bool:
 def running_server(model_path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
                    port: int | None = None, name: str | None = None, extra_args: Sequence[str] = (),
                    log_path: str | os.PathLike | None = None, startup_timeout: float = 120.0,
-                   env: dict[str, str] | None = None) -> Iterator[str]:
+                   env: dict[str, str] | None = None,
+                   on_ready: Callable[[subprocess.Popen], None] | None = None) -> Iterator[str]:
     """`bnfold serve` as a subprocess on 127.0.0.1; yields its base URL once it reports ready.
 
     Its output goes to `log_path` (default: a temporary file) rather than a pipe nobody reads,
     which would stall the server once full. On exit it is sent SIGTERM and waited for. A server
-    that dies during start-up raises `ServeError` with the tail of its log.
+    that dies during start-up raises `ServeError` with the tail of its log. `on_ready` is
+    handed the process once it is ready (a benchmark reads its CPU time).
     """
     port = free_port() if port is None else port
     command = [sys.executable, "-m", "bnfold.cli", "serve", str(model_path), "--device", device,
@@ -120,6 +126,8 @@ def running_server(model_path: str | os.PathLike, *, device: str = "cpu", thread
                 raise ServeError(f"server on port {port} not ready after {startup_timeout:.0f} s; "
                                  f"log: {log_file}", status=500)
             time.sleep(0.05)
+        if on_ready is not None:
+            on_ready(process)
         yield f"http://127.0.0.1:{port}"
     finally:
         if process.poll() is None:
