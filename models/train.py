@@ -373,7 +373,12 @@ def _train(config: TrainConfig, dist: DistContext, device: torch.device) -> Trai
                          norm=config.norm, activation=config.activation, bn_momentum=config.bn_momentum,
                          bn_eps=config.bn_eps)
     task = _Task(spec.task)
+    # Rank 0 downloads (when allowed) while the others wait, then they read the same files.
+    if not dist.is_main:
+        dist.barrier()
     train_ds, test_ds = load_datasets(spec, config.data_root, download=config.download and dist.is_main)
+    if dist.is_main:
+        dist.barrier()
     model.to(device)
     optimizer = make_optimizer(config, model)
     scheduler = make_scheduler(config, optimizer)

@@ -158,8 +158,9 @@ def test_create_sizes_models_for_digits():
 
 
 def test_create_input_size_override():
-    _, spec = models.create("resnet50", input_size=224)
+    model, spec = models.create("resnet18", input_size=224)  # ImageNet-style stem above 64 pixels
     assert spec.input_shape == [3, 224, 224] and spec.arch_kwargs["small_input"] is False
+    assert model.stem[0].kernel_size == (7, 7)
     model, spec = models.create("lenet", input_size=32)
     assert spec.input_shape == [1, 32, 32]
     assert model.eval()(torch.zeros(1, 1, 32, 32)).shape == (1, 10)

@@ -120,3 +120,12 @@ def test_resnet_and_unet_train_steps(tmp_path, arch, metric):
     assert 0.0 <= result.final[metric] <= 1.0
     model, spec = models.load_checkpoint(result.best)
     assert spec.arch == arch and metric in spec.metrics
+
+
+@pytest.mark.gpu
+def test_training_on_cuda_saves_a_cpu_loadable_checkpoint(tmp_path):
+    result = models.train(tiny(tmp_path / "cuda", device="cuda"))
+    payload = torch.load(result.last, weights_only=True)
+    assert all(t.device.type == "cpu" for t in payload["state_dict"].values())
+    model, _ = models.load_checkpoint(result.last)
+    assert int(model.features[1].num_batches_tracked) == 2
