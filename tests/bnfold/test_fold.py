@@ -330,3 +330,21 @@ def test_not_a_module_and_torchscript_are_refused() -> None:
     scripted = torch.jit.script(nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1)))
     with pytest.raises(bnfold.BnfoldError, match="TorchScript"):
         fold(scripted)
+
+
+def test_sync_batchnorm_in_eval_folds(rand_bn, rel_err) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.ReLU(),
+                          nn.ConvTranspose2d(4, 2, 2, stride=2), nn.SyncBatchNorm(2))
+    _, report = _check(model, torch.randn(2, 3, 6, 6), rand_bn, rel_err)
+    assert report.folded == [("0", "1"), ("3", "4")]
+
+
+@pytest.mark.gpu
+def test_cuda_model_stays_on_cuda(rand_bn, rel_err) -> None:
+    model = rand_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.ConvTranspose2d(8, 4, 2, stride=2, groups=2), nn.BatchNorm2d(4))).eval().cuda()
+    folded, report = fold(model)
+    assert report.ok and all(p.device.type == "cuda" for p in folded.parameters())
+    x = torch.randn(2, 3, 16, 16, device="cuda")
+    with torch.no_grad():
+        assert rel_err(model(x).cpu(), folded(x).cpu()) <= 1e-5

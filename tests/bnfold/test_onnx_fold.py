@@ -206,3 +206,42 @@ def test_unreadable_files(tmp_path: Path) -> None:
     bad.write_bytes(b"\x00\xffnot a protobuf at all" * 10)
     with pytest.raises(BnfoldError, match="not a readable ONNX file|holds no ONNX graph"):
         fold_onnx(bad)
+
+
+def test_statistics_behind_identity_nodes() -> None:
+    # The legacy exporter deduplicates equal initializers and feeds the copies through Identity.
+    model = _conv_graph()
+    nodes = list(model.graph.node)
+    model.graph.node.insert(0, helper.make_node("Identity", ["bn.scale"], ["bn.var.copy"], name="dedup"))
+    nodes[1].input[4] = "bn.var.copy"
+    del model.graph.node[:]
+    model.graph.node.extend([helper.make_node("Identity", ["bn.scale"], ["bn.var.copy"], name="dedup"), *nodes])
+    folded, report = fold_onnx(model)
+    assert report.folded == [("conv", "bn")]
+    assert "dedup" not in {n.name for n in folded.graph.node}  # the dead Identity went with the BN
+    _assert_parity(model, folded, np.random.default_rng(10).standard_normal((1, 3, 5, 5)).astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_initializer_dtype_is_kept(dtype) -> None:
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((6, 5)).astype(dtype)
+    stats = {k: v for k, v in zip(("scale", "B", "mean", "var"),
+                                  (rng.uniform(0.5, 1.5, 6), rng.uniform(-1, 1, 6), rng.uniform(-1, 1, 6),
+                                   rng.uniform(0.2, 2, 6)))}
+    inits = [numpy_helper.from_array(w, "W")] + [numpy_helper.from_array(v.astype(dtype), f"bn.{k}")
+                                                 for k, v in stats.items()]
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "W"], ["h"], name="gemm", transB=1),
+                               _bn_node("h", "y")], "g",
+                              [helper.make_tensor_value_info("x", elem, [2, 5])],
+                              [helper.make_tensor_value_info("y", elem, [2, 6])], inits)
+    folded, _ = fold_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    gemm = folded.graph.node[0]
+    new = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+    s = {k: numpy_helper.to_array(t).astype(np.float64) for k, t in
+         ((i.name.split(".")[1], i) for i in inits[1:])}
+    scale = s["scale"] / np.sqrt(s["var"] + float(np.float32(1e-3)))  # ONNX stores epsilon as float32
+    assert new[gemm.input[1]].dtype == dtype and new[gemm.input[2]].dtype == dtype
+    expected = (w.astype(np.float64) * scale[:, None]).astype(dtype)
+    np.testing.assert_array_equal(new[gemm.input[1]], expected)  # float64 math, one rounding
