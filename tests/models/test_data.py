@@ -159,3 +159,31 @@ def test_imagefolder_missing_path_is_a_clear_error(tmp_path):
 def test_unet_refuses_other_datasets():
     with pytest.raises(BnfoldError, match="digits"):
         models.create("unet", "cifar10")
+
+
+def _write_idx(root: Path, folder: str, n_train: int = 20, n_test: int = 10) -> None:
+    """A tiny dataset in MNIST's own idx format, read by torchvision's real loader."""
+    import struct
+
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+
+
+@pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
+def test_torchvision_loaders_read_files_under_the_data_root(tmp_path, name, folder):
+    _write_idx(tmp_path, folder)
+    for arch, shape in (("lenet", (1, 28, 28)), ("resnet20", (3, 32, 32))):
+        _, spec = models.create(arch, name)
+        train, test = load_datasets(spec, tmp_path)
+        assert (len(train), len(test)) == (20, 10)
+        x, y = train[3]
+        assert tuple(x.shape) == shape and int(y) == 3
+        samples = models.sample_inputs(spec, n=4, data_root=str(tmp_path))
+        assert samples.shape == (4, *shape)
+        assert torch.allclose(samples[2], test[2][0])
