@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "loadtest", _cmd_loadtest, "drive a running server and report latency and throughput")
     p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--model", required=True, help="model name on the server")
+    p.add_argument("--model", default=None, help="model name on the server (required unless --reference)")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--requests", type=int, default=2000, help="total requests over all connections")
     mode = p.add_mutually_exclusive_group()

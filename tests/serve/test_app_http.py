@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import socket
 import threading
 from pathlib import Path
 
@@ -105,7 +107,7 @@ def test_tritonclient_sync_binary_and_json(server: str, repo: Path) -> None:
     x = digits_like(12, (2, 3, 32, 32))
     inp = triton_http.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
-    result = client.infer("rgb", [inp])    # no outputs named: every output, binary
+    result = client.infer("rgb", [inp], request_compression_algorithm="gzip")  # every output, binary
     np.testing.assert_allclose(result.as_numpy("logits"), direct(repo / "rgb/1/model.onnx", x), rtol=1e-6, atol=1e-6)
     client.close()
 
@@ -150,6 +152,37 @@ def test_plain_http_json_binary_and_versions(server: str, repo: Path) -> None:
         np.testing.assert_allclose(r2, expected, rtol=1e-6, atol=1e-6)
         r = client.post("/v2/models/tiny/versions/1/infer", json=json_request(x))
         assert r.status_code == 404 and "unknown version '1'" in r.json()["error"]
+
+
+def _raw_exchange(server: str, head: bytes, body: bytes = b"", expect_continue: bool = False) -> bytes:
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head)
+        if expect_continue:
+            interim = sock.recv(65536)
+            assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
+        sock.sendall(body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head_part, rest = data.split(b"\r\n\r\n", 1)
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head_part).group(1))
+        while len(rest) < length:
+            rest += sock.recv(65536)
+        return head_part + b"\r\n\r\n" + rest
+
+
+def test_expect_100_continue_and_head_are_answered(server: str) -> None:
+    """curl sends `Expect: 100-continue` for larger uploads; a HEAD answer has no body. Neither may hang."""
+    content, headers = binary_request(digits_like(50))
+    head = (f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(content)}\r\n"
+            f"Inference-Header-Content-Length: {headers['Inference-Header-Content-Length']}\r\n"
+            f"Expect: 100-continue\r\n\r\n").encode()
+    answer = _raw_exchange(server, head, content, expect_continue=True)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    with socket.create_connection(tuple(server.removeprefix("http://").split(":")), timeout=10) as sock:
+        sock.sendall(b"HEAD /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 405")
 
 
 # ------------------------------------------------------------------------------------ bad input
