@@ -11,11 +11,11 @@ from models.factory import create
 from models.preprocess import preprocess_image
 from models.registry import UnknownModelError, build, list_models, register
 from models.spec import SPEC_METADATA_KEY, ModelSpec, Preprocess
-from models.train import TrainConfig, TrainResult, train, train_summary
+from models.train import TrainConfig, TrainingError, TrainResult, train, train_summary
 
 __all__ = [
     "SPEC_METADATA_KEY", "CheckpointError", "DatasetError", "ModelSpec", "Preprocess", "TrainConfig",
-    "TrainResult", "UnknownModelError", "build", "create", "digit_image", "is_checkpoint", "list_models",
+    "TrainResult", "TrainingError", "UnknownModelError", "build", "create", "digit_image", "is_checkpoint", "list_models",
     "load_checkpoint", "load_datasets", "preprocess_image", "register", "sample_inputs", "save_checkpoint",
     "train", "train_summary",
 ]

@@ -53,6 +53,8 @@ def create(arch: str, dataset: str = "digits", *, input_size: int | None = None,
     size = int(input_size or default_input_size(arch, dataset))
     if size <= 0:
         raise BnfoldError(f"input_size must be positive, got {input_size!r}")
+    if task == "segmentation" and size % 4:
+        raise BnfoldError(f"{arch} pools twice and upsamples back: input_size must be a multiple of 4, got {size}")
     # LeNet keeps grey input on grey data; ResNets take RGB everywhere (grey replicated), unet grey.
     grey = task == "segmentation" or (arch == "lenet" and info.grey)
     mode, channels = ("L", 1) if grey else ("RGB", 3)

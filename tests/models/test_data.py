@@ -156,9 +156,11 @@ def test_imagefolder_missing_path_is_a_clear_error(tmp_path):
         models.create("resnet20", f"imagefolder:{tmp_path / 'one'}")
 
 
-def test_unet_refuses_other_datasets():
+def test_unet_refuses_other_datasets_and_odd_sizes():
     with pytest.raises(BnfoldError, match="digits"):
         models.create("unet", "cifar10")
+    with pytest.raises(BnfoldError, match="multiple of 4"):
+        models.create("unet", input_size=30)
 
 
 def _write_idx(root: Path, folder: str, n_train: int = 20, n_test: int = 10) -> None:
