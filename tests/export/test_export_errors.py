@@ -145,14 +145,19 @@ def test_a_failed_export_leaves_the_previous_folder_and_repository_as_they_were(
     out.mkdir()
     (out / "previous.txt").write_text("previous export")
     repo = tmp_path / "repo"
-    with pytest.raises(bnfold.ParityError):
-        export.export_checkpoint(checkpoint, out, fp16=True, force=True, triton_repo=repo,
-                                 progress=False)
+    code, _, err = _run(capsys, checkpoint, "--fp16", "--force", "--out", out, "--triton-repo", repo)
+    assert code == 2 and "max relative error" in err and "Traceback" not in err
     assert [p.name for p in out.iterdir()] == ["previous.txt"]
     # No staging folders left behind, and the repository was never created.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "overflow.pt"]
-    code, _, err = _run(capsys, checkpoint, "--fp16", "--force", "--out", out, "--format", "onnx")
-    assert code == 2 and "max relative error" in err and "Traceback" not in err
+
+
+def test_parity_error_carries_the_figures(lenet, tmp_path) -> None:
+    checkpoint = _overflowing_checkpoint(lenet, tmp_path / "overflow.pt")
+    model, spec = models.load_checkpoint(checkpoint)
+    with pytest.raises(bnfold.ParityError, match="TorchScript export of lenet .float16."):
+        export.export_torchscript(model, spec, tmp_path / "model.ts", fp16=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["overflow.pt"]
 
 
 def test_triton_repository_needs_onnx_and_refuses_an_existing_model(lenet_checkpoint, tmp_path) -> None:
