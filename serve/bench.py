@@ -59,7 +59,7 @@ NOTES: dict[str, str] = {
     "compile": "torch.compile (inductor) of the unfolded module",
     "ort": "onnxruntime, numpy in and numpy out (host to host)",
     "ort-iobinding": "onnxruntime CUDA, input and output bound on the device (IO binding)",
-    "ort-cudagraph": "onnxruntime CUDA with enable_cuda_graph, IO binding",
+    "ort-cudagraph": "onnxruntime CUDA with enable_cuda_graph, IO binding, batch dimension pinned",
     "http": "bnfold serve on loopback, one connection, binary tensors (serve.loadtest)",
     "http-8conn": "bnfold serve on loopback, eight connections (serve.loadtest)",
 }
@@ -138,8 +138,11 @@ class BenchResult:
 
 
 @dataclass
-class _Case:
-    """A ready-to-call backend: `fn()` runs one batch and returns only when the result is done."""
+class TimedCall:
+    """A ready-to-call backend: `fn()` runs one batch and returns only when the result is done.
+
+    `measure_interleaved` appends each call's time to `samples_ns` and fills `row`'s figures.
+    """
 
     row: BenchRow
     fn: Callable[[], Any]
@@ -154,7 +157,7 @@ def _percentiles(samples_ns: Sequence[int]) -> dict[str, float]:
             "mean_ms": float(ms.mean()), "min_ms": float(ms.min())}
 
 
-def _warm_up(case: _Case, seconds: float, min_calls: int = 3) -> None:
+def _warm_up(case: TimedCall, seconds: float, min_calls: int = 3) -> None:
     deadline = time.perf_counter() + seconds
     calls = 0
     while calls < min_calls or time.perf_counter() < deadline:
@@ -162,7 +165,7 @@ def _warm_up(case: _Case, seconds: float, min_calls: int = 3) -> None:
         calls += 1
 
 
-def measure_interleaved(cases: Sequence[_Case], seconds: float, *, burst_s: float | None = None,
+def measure_interleaved(cases: Sequence[TimedCall], seconds: float, *, burst_s: float | None = None,
                         min_iterations: int = 5, progress: Any = None) -> None:
     """Time every case in rounds of short bursts (A B C A B C ...) until each has `seconds` of calls.
 
@@ -179,7 +182,6 @@ def measure_interleaved(cases: Sequence[_Case], seconds: float, *, burst_s: floa
         pending = list(cases)
         while pending:
             for case in pending:
-                before = case.measured_ns
                 fn, samples = case.fn, case.samples_ns
                 burst_end = time.perf_counter_ns() + burst_ns
                 while True:
@@ -190,8 +192,9 @@ def measure_interleaved(cases: Sequence[_Case], seconds: float, *, burst_s: floa
                     case.measured_ns += t1 - t0
                     if t1 >= burst_end:
                         break
-                if progress is not None:
-                    progress.update(min(case.measured_ns, budget_ns) / 1e9 - min(before, budget_ns) / 1e9)
+            if progress is not None:  # set, not added: float increments would overshoot the total
+                progress.n = sum(min(c.measured_ns, budget_ns) for c in cases) / 1e9
+                progress.refresh()
             pending = [c for c in pending if c.measured_ns < budget_ns or len(c.samples_ns) < min_iterations]
     finally:
         if gc_was_enabled:
@@ -241,7 +244,7 @@ def collect_environment(*, threads: int, spec: Any = None, checkpoint: str | os.
         "dtype": dtype,
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "onnxruntime": onnxruntime.__version__,
         "onnxruntime_providers": onnxruntime.get_available_providers(),
         "onnx": _version("onnx"),
@@ -372,7 +375,10 @@ def _build_compile(ctx: _Context, device: str, batch_size: int) -> Callable[[], 
     _check_cuda_torch(device)
     module = torch.compile(copy.deepcopy(ctx.model).eval().to(device))
     call = _torch_call(module, _torch_input(ctx, device, batch_size), device)
-    call()  # compiles here, so that compilation is not counted as warm-up noise
+    try:
+        call()  # compiles here, so that compilation is not counted as warm-up noise
+    except Exception as exc:  # noqa: BLE001 - no C++ compiler, unsupported op, ...: a row that says why
+        raise _Unavailable(f"torch.compile does not work here: {_describe_error(exc)}") from exc
     return call
 
 
@@ -385,16 +391,23 @@ def _build_ort(ctx: _Context, device: str, batch_size: int) -> Callable[[], Any]
     return lambda: runtime.run(x)
 
 
-def _ort_cuda_session(ctx: _Context, cuda_graph: bool) -> Any:
+def _ort_cuda_session(ctx: _Context, cuda_graph: bool, batch_size: int) -> Any:
     import onnxruntime
 
+    path = str(ctx.artifact("onnx"))
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = ctx.threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if cuda_graph:
+        # A CUDA graph needs every node on the GPU; a symbolic batch leaves Shape/Reshape
+        # arithmetic on the CPU. Pinning the batch dimension lets onnxruntime fold it away.
+        probe = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        batch_dim = probe.get_inputs()[0].shape[0]
+        if isinstance(batch_dim, str):
+            options.add_free_dimension_override_by_name(batch_dim, batch_size)
     provider = ("CUDAExecutionProvider", {"device_id": 0, "enable_cuda_graph": "1" if cuda_graph else "0"})
-    session = onnxruntime.InferenceSession(str(ctx.artifact("onnx")), options,
-                                           providers=[provider, "CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(path, options, providers=[provider, "CPUExecutionProvider"])
     if session.get_providers()[0] != "CUDAExecutionProvider":
         # No silent fallback: a CPU-run figure must never be reported as a CUDA one.
         raise _Unavailable(f"onnxruntime did not activate CUDA (providers: {session.get_providers()})")
@@ -412,7 +425,7 @@ def _build_ort_bound(ctx: _Context, device: str, batch_size: int, *, cuda_graph:
     _check_cuda_ort(device)
     import onnxruntime
 
-    session = _ort_cuda_session(ctx, cuda_graph)
+    session = _ort_cuda_session(ctx, cuda_graph, batch_size)
     x = ctx.inputs[batch_size]
     input_name = session.get_inputs()[0].name
     output_name = session.get_outputs()[0].name
@@ -597,9 +610,9 @@ def _progress(total: float, desc: str, enabled: bool) -> Any:
 
 
 def _build_cases(ctx: _Context, devices: Sequence[str], backends: Sequence[str], batch_size: int,
-                 warmup_s: float, progress: bool) -> tuple[list[_Case], list[BenchRow]]:
+                 warmup_s: float, progress: bool) -> tuple[list[TimedCall], list[BenchRow]]:
     """Build and warm up every (backend, device) at one batch size; failures become rows at once."""
-    cases: list[_Case] = []
+    cases: list[TimedCall] = []
     rows: list[BenchRow] = []
     plan = [(backend, device) for device in devices for backend in _expand_backends(backends, device)]
     from tqdm.auto import tqdm
@@ -608,7 +621,7 @@ def _build_cases(ctx: _Context, devices: Sequence[str], backends: Sequence[str],
         row = BenchRow(backend, device, batch_size, note=NOTES.get(backend, ""))
         rows.append(row)
         try:
-            case = _Case(row, _BUILDERS[backend](ctx, device, batch_size))
+            case = TimedCall(row, _BUILDERS[backend](ctx, device, batch_size))
             _warm_up(case, warmup_s)
             cases.append(case)
         except _Unavailable as exc:
@@ -675,4 +688,4 @@ def run_bench(checkpoint: str | os.PathLike, *, devices: Sequence[str] = ("cpu",
 
 
 __all__ = ["BACKENDS", "DEFAULT_BACKENDS", "DEVICES", "BenchError", "BenchResult", "BenchRow",
-           "Speedup", "collect_environment", "compute_speedups", "measure_interleaved", "run_bench"]
+           "Speedup", "TimedCall", "collect_environment", "compute_speedups", "measure_interleaved", "run_bench"]

@@ -13,8 +13,8 @@ from torch import nn
 import export
 import models
 from bnfold.cli import main
-from serve.bench import (OK, SKIPPED, BenchError, BenchRow, _Case, compute_speedups, measure_interleaved,
-                         run_bench)
+from serve.bench import (OK, SKIPPED, BenchError, BenchRow, TimedCall, compute_speedups,
+                         measure_interleaved, run_bench)
 
 ROW_FIELDS = {"backend", "device", "batch_size", "status", "reason", "p50_ms", "p90_ms", "p99_ms",
               "mean_ms", "iterations", "items_per_s"}
@@ -76,25 +76,25 @@ def test_measure_interleaved_alternates_and_fills_rows() -> None:
 
     def slow() -> None:
         order.append("slow")
-        time.sleep(0.002)
+        time.sleep(0.001)
 
     def fast() -> None:
         order.append("fast")
 
-    cases = [_Case(BenchRow("slow", "cpu", 1), slow), _Case(BenchRow("fast", "cpu", 4), fast)]
-    measure_interleaved(cases, seconds=0.05, burst_s=0.005)
+    cases = [TimedCall(BenchRow("slow", "cpu", 1), slow), TimedCall(BenchRow("fast", "cpu", 4), fast)]
+    measure_interleaved(cases, seconds=0.1, burst_s=0.002)
     switches = sum(1 for a, b in zip(order, order[1:]) if a != b)
-    # Interleaved: many alternations, not one block of each.
-    assert switches >= 6, switches
+    # Interleaved: alternating blocks, not one block of each (one switch). About 40 rounds on an
+    # idle machine; even if a loaded one stretched every 1 ms sleep to 20 ms there would be 5.
+    assert switches >= 4, switches
     slow_row, fast_row = cases[0].row, cases[1].row
     assert slow_row.iterations == order.count("slow") >= 5
     assert fast_row.iterations == order.count("fast") > slow_row.iterations
-    assert 1.9 <= slow_row.p50_ms <= slow_row.p90_ms <= slow_row.p99_ms
-    assert slow_row.min_ms <= slow_row.p50_ms
+    assert 0.95 <= slow_row.min_ms <= slow_row.p50_ms <= slow_row.p90_ms <= slow_row.p99_ms
     assert fast_row.p50_ms < slow_row.p50_ms
     assert fast_row.items_per_s == pytest.approx(4 / (fast_row.mean_ms / 1e3))
     # Each case was measured for at least its budget.
-    assert cases[0].measured_ns >= 0.05e9
+    assert all(case.measured_ns >= 0.1e9 for case in cases)
 
 
 def test_speedups_are_ratios_of_p50() -> None:
@@ -211,7 +211,7 @@ def test_compile_row_is_measured_or_explained(bench_checkpoint: Path) -> None:
     if row.status == OK:
         assert row.p50_ms > 0 and row.iterations >= 5
     else:
-        assert row.status == "failed" and row.reason
+        assert row.status == SKIPPED and row.reason.startswith("torch.compile does not work here")
 
 
 @pytest.mark.gpu
