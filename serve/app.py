@@ -23,7 +23,8 @@ from collections.abc import Mapping
 from typing import Any, Awaitable, Callable, TextIO
 
 import numpy as np
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, ProcessCollector,
+                               generate_latest)
 
 from serve import images
 from serve.docs import docs_html, openapi_document
@@ -92,6 +93,7 @@ class _Metrics:
 
     def __init__(self, models: Mapping[str, ModelRuntime]) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)   # CPU seconds, memory, open files: read only when scraped
         self.requests = Counter("bnfold_requests", "inference requests", ["model", "endpoint"],
                                 registry=self.registry)
         self.errors = Counter("bnfold_errors", "inference requests answered with an error",

@@ -337,6 +337,7 @@ def test_metrics_count_requests_errors_and_latency(server: str) -> None:
     assert delta("bnfold_errors_total", model="rgb", endpoint="infer", status="400") == 3
     assert delta("bnfold_request_latency_seconds_count", model="rgb", endpoint="infer") == 4
     assert delta("bnfold_request_latency_seconds_bucket", model="rgb", endpoint="infer", le="+Inf") == 4
+    assert "process_cpu_seconds_total" in after
 
 
 def test_openapi_and_docs_pages(server: str) -> None:

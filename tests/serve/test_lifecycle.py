@@ -96,6 +96,9 @@ def test_sigterm_lets_the_request_in_flight_finish(tiny_onnx: Path, free_port: i
         assert process.wait(timeout=30) == 0
         log = process.stderr.read()
         assert "Shutting down" in log and "stopped by SIGTERM" in log
+        access = [json.loads(line) for line in log.splitlines() if line.startswith('{"ts"')]   # JSON lines
+        assert any(e["path"] == "/v2/models/tiny/infer" and e["status"] == 200 and e["method"] == "POST"
+                   and e["model"] == "tiny" and e["ms"] > 0 for e in access), access
     finally:
         if process.poll() is None:
             process.kill()
