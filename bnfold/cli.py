@@ -184,35 +184,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=8, help="random inputs in the parity check")
 
     p = _add(sub, "train", _cmd_train, "train a model with BatchNorm into a self-describing checkpoint")
-    p.add_argument("--model", default="lenet", help="architecture name (see models.list_models)")
+    p.add_argument("--model", default="lenet", help="lenet, resnet20, resnet32, resnet56, resnet18, resnet34, resnet50 or unet")
     p.add_argument("--dataset", default="digits",
                    help="digits (bundled), mnist, fashion-mnist, cifar10, or imagefolder:PATH")
     p.add_argument("--data-root", default="data", help="folder holding torchvision datasets")
     p.add_argument("--download", action="store_true",
                    help="allow torchvision to download mnist/fashion-mnist/cifar10 into --data-root")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default depends on the optimizer)")
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw")
-    p.add_argument("--schedule", choices=["cosine", "step", "none"], default="cosine")
-    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--epochs", type=int, default=5, help="passes over the training split")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per step (per process under torchrun)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate; default 3e-3 for adamw, 0.1 for sgd")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw",
+                   help="sgd: momentum 0.9, Nesterov; no weight decay on BN and biases either way")
+    p.add_argument("--schedule", choices=["cosine", "step", "none"], default="cosine",
+                   help="learning-rate schedule per epoch; step: x0.1 at 1/2 and 3/4 of the epochs")
+    p.add_argument("--weight-decay", type=float, default=None, help="default 1e-2 for adamw, 5e-4 for sgd")
     p.add_argument("--norm", choices=["bn", "none"], default="bn", help="BatchNorm or no normalization")
-    p.add_argument("--activation", default=None, help="lenet: sigmoid or relu")
-    p.add_argument("--bn-momentum", type=float, default=0.1)
-    p.add_argument("--bn-eps", type=float, default=1e-5)
+    p.add_argument("--activation", default=None, help="lenet: relu (its default) or sigmoid (the classic)")
+    p.add_argument("--bn-momentum", type=float, default=0.1, help="BatchNorm running-statistics momentum")
+    p.add_argument("--bn-eps", type=float, default=1e-5, help="BatchNorm epsilon (kept in the spec)")
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun: convert BatchNorm to SyncBatchNorm for training (CUDA only); "
                         "the checkpoint holds plain BatchNorm")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="same seed, same weights (on the same device)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--out", required=True, help="run folder: best.pt, last.pt, metrics.jsonl, curves.png")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--input-size", type=int, default=None,
-                   help="input resolution (default: 28 for lenet on grey data, else 32)")
+                   help="input resolution; default 28 for lenet on grey data, else 32")
     p.add_argument("--steps-per-epoch", type=int, default=None, help="cap optimizer steps per epoch (smoke runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines still print)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads; default torch's choice (1 is faster for small models on a busy box)")
 
     p = _add(sub, "export", _cmd_export, "export a checkpoint to verified ONNX / TorchScript / torch.export files")
     p.add_argument("checkpoint", help="a bnfold checkpoint")
