@@ -391,27 +391,30 @@ def _build_ort(ctx: _Context, device: str, batch_size: int) -> Callable[[], Any]
     return lambda: runtime.run(x)
 
 
-def _ort_cuda_session(ctx: _Context, cuda_graph: bool, batch_size: int) -> Any:
+def _ort_cuda_session(ctx: _Context, cuda_graph: bool, batch_size: int) -> tuple[Any, np.ndarray]:
+    """A CUDA session with no CPU fallback, and the CPU session's output for the benchmark input."""
     import onnxruntime
 
     path = str(ctx.artifact("onnx"))
+    # Output shape and reference values come from a CPU run: a CUDA-graph session must only
+    # ever run bound buffers.
+    probe = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    input_meta = probe.get_inputs()[0]
+    expected = probe.run(None, {input_meta.name: ctx.inputs[batch_size]})[0]
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = ctx.threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if cuda_graph:
+    if cuda_graph and isinstance(input_meta.shape[0], str):
         # A CUDA graph needs every node on the GPU; a symbolic batch leaves Shape/Reshape
         # arithmetic on the CPU. Pinning the batch dimension lets onnxruntime fold it away.
-        probe = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        batch_dim = probe.get_inputs()[0].shape[0]
-        if isinstance(batch_dim, str):
-            options.add_free_dimension_override_by_name(batch_dim, batch_size)
+        options.add_free_dimension_override_by_name(input_meta.shape[0], batch_size)
     provider = ("CUDAExecutionProvider", {"device_id": 0, "enable_cuda_graph": "1" if cuda_graph else "0"})
     session = onnxruntime.InferenceSession(path, options, providers=[provider, "CPUExecutionProvider"])
     if session.get_providers()[0] != "CUDAExecutionProvider":
         # No silent fallback: a CPU-run figure must never be reported as a CUDA one.
         raise _Unavailable(f"onnxruntime did not activate CUDA (providers: {session.get_providers()})")
-    return session
+    return session, expected
 
 
 def _build_ort_bound(ctx: _Context, device: str, batch_size: int, *, cuda_graph: bool) -> Callable[[], Any]:
@@ -425,18 +428,28 @@ def _build_ort_bound(ctx: _Context, device: str, batch_size: int, *, cuda_graph:
     _check_cuda_ort(device)
     import onnxruntime
 
-    session = _ort_cuda_session(ctx, cuda_graph, batch_size)
+    session, expected = _ort_cuda_session(ctx, cuda_graph, batch_size)
     x = ctx.inputs[batch_size]
     input_name = session.get_inputs()[0].name
     output_name = session.get_outputs()[0].name
-    out_shape = session.run([output_name], {input_name: x})[0].shape
     x_dev = onnxruntime.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
-    y_dev = onnxruntime.OrtValue.ortvalue_from_shape_and_type(out_shape, np.float32, "cuda", 0)
+    y_dev = onnxruntime.OrtValue.ortvalue_from_shape_and_type(expected.shape, np.float32, "cuda", 0)
     binding = session.io_binding()
     binding.bind_ortvalue_input(input_name, x_dev)
     binding.bind_ortvalue_output(output_name, y_dev)
-    # Session.run synchronizes the CUDA stream before returning, unless told otherwise.
-    return lambda: session.run_with_iobinding(binding)
+
+    def call() -> Any:
+        # Session.run synchronizes the CUDA stream before returning, unless told otherwise.
+        session.run_with_iobinding(binding)
+        return y_dev  # also keeps the bound device buffers alive as long as the call
+
+    for _ in range(3):  # past the CUDA-graph capture, then check the replayed result
+        call()
+    scale = float(np.abs(expected).max()) or 1.0
+    error = float(np.abs(y_dev.numpy() - expected).max()) / scale
+    if error > 1e-3:
+        raise RuntimeError(f"CUDA output differs from onnxruntime CPU: max relative error {error:.2e}")
+    return call
 
 
 _BUILDERS: dict[str, Callable[[_Context, str, int], Callable[[], Any]]] = {
