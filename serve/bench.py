@@ -426,14 +426,23 @@ def _build_ort_bound(ctx: _Context, device: str, batch_size: int, *, cuda_graph:
     if device != "cuda":
         raise _Unavailable("IO binding and CUDA graphs are CUDA-only rows")
     _check_cuda_ort(device)
+    session, expected = _ort_cuda_session(ctx, cuda_graph, batch_size)
+    return bound_runner(session, ctx.inputs[batch_size], expected, "cuda")
+
+
+def bound_runner(session: Any, x: np.ndarray, expected: np.ndarray, device: str = "cuda") -> Callable[[], Any]:
+    """A call running `session` on buffers bound once on `device` (onnxruntime IO binding).
+
+    The input and output OrtValues are allocated and bound once: a CUDA graph replays fixed
+    device addresses. The call is run three times (past a CUDA-graph capture) and its result
+    checked against `expected` before the runner is handed out.
+    """
     import onnxruntime
 
-    session, expected = _ort_cuda_session(ctx, cuda_graph, batch_size)
-    x = ctx.inputs[batch_size]
     input_name = session.get_inputs()[0].name
     output_name = session.get_outputs()[0].name
-    x_dev = onnxruntime.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
-    y_dev = onnxruntime.OrtValue.ortvalue_from_shape_and_type(expected.shape, np.float32, "cuda", 0)
+    x_dev = onnxruntime.OrtValue.ortvalue_from_numpy(x, device, 0)
+    y_dev = onnxruntime.OrtValue.ortvalue_from_shape_and_type(expected.shape, expected.dtype, device, 0)
     binding = session.io_binding()
     binding.bind_ortvalue_input(input_name, x_dev)
     binding.bind_ortvalue_output(output_name, y_dev)
@@ -443,12 +452,12 @@ def _build_ort_bound(ctx: _Context, device: str, batch_size: int, *, cuda_graph:
         session.run_with_iobinding(binding)
         return y_dev  # also keeps the bound device buffers alive as long as the call
 
-    for _ in range(3):  # past the CUDA-graph capture, then check the replayed result
+    for _ in range(3):
         call()
     scale = float(np.abs(expected).max()) or 1.0
     error = float(np.abs(y_dev.numpy() - expected).max()) / scale
     if error > 1e-3:
-        raise RuntimeError(f"CUDA output differs from onnxruntime CPU: max relative error {error:.2e}")
+        raise RuntimeError(f"bound {device} output differs from onnxruntime CPU: max relative error {error:.2e}")
     return call
 
 
@@ -701,4 +710,4 @@ def run_bench(checkpoint: str | os.PathLike, *, devices: Sequence[str] = ("cpu",
 
 
 __all__ = ["BACKENDS", "DEFAULT_BACKENDS", "DEVICES", "BenchError", "BenchResult", "BenchRow",
-           "Speedup", "TimedCall", "collect_environment", "compute_speedups", "measure_interleaved", "run_bench"]
+           "Speedup", "TimedCall", "bound_runner", "collect_environment", "compute_speedups", "measure_interleaved", "run_bench"]

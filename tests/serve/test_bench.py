@@ -13,7 +13,7 @@ from torch import nn
 import export
 import models
 from bnfold.cli import main
-from serve.bench import (OK, SKIPPED, BenchError, BenchRow, TimedCall, compute_speedups,
+from serve.bench import (OK, SKIPPED, BenchError, BenchRow, TimedCall, bound_runner, compute_speedups,
                          measure_interleaved, run_bench)
 
 ROW_FIELDS = {"backend", "device", "batch_size", "status", "reason", "p50_ms", "p90_ms", "p99_ms",
@@ -180,6 +180,19 @@ def test_reuses_export_dir_exports_what_is_missing_and_reports_a_broken_file(
     assert not (tmp_path / "model.pt2").exists()
     broken = result.row("torchscript")
     assert broken.status == "failed" and broken.reason and broken.p50_ms is None
+
+
+def test_bound_runner_checks_its_output(bench_exports: Path) -> None:
+    """The IO-binding path of the CUDA rows, run on CPU buffers (the same onnxruntime API)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(bench_exports / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    expected = session.run(None, {"input": x})[0]
+    call = bound_runner(session, x, expected, device="cpu")
+    np.testing.assert_allclose(call().numpy(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="differs"):
+        bound_runner(session, x, expected + 1.0, device="cpu")
 
 
 @pytest.mark.parametrize("kwargs, needle", [
