@@ -269,8 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_csv, default=["cpu", "cuda"], help="comma-separated: cpu, cuda")
     p.add_argument("--backends", type=_csv,
                    default=["eager", "folded", "torchscript", "program", "ort", "http"],
-                   help="comma-separated: eager, folded, torchscript, program, compile, ort, http")
-    p.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 32])
+                   help="comma-separated: eager, folded, torchscript, program, compile, ort, http; on cuda, "
+                        "ort adds IO-binding and CUDA-graph rows, and http adds an 8-connection row")
+    p.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 32],
+                   help="comma-separated batch sizes: 1 is the latency headline, larger ones give "
+                        "throughput (HTTP rows run at 1 only)")
     p.add_argument("--threads", type=int, default=None, help="threads for every backend (default: the CPUs this process may use)")
     p.add_argument("--seconds", type=float, default=2.0, help="measuring time per backend and batch size")
     p.add_argument("--export-dir", default=None,
@@ -279,16 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for report.json, report.md and charts")
 
     p = _add(sub, "pipeline", _cmd_pipeline, "train -> fold -> export -> verify -> bench, on the bundled digits by default")
-    p.add_argument("--model", default="lenet")
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--data-root", default="data")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--model", default="lenet", help="architecture name (see models.list_models)")
+    p.add_argument("--dataset", default="digits",
+                   help="digits (bundled, no download), or a dataset already under --data-root")
+    p.add_argument("--data-root", default="data", help="folder holding torchvision datasets")
+    p.add_argument("--epochs", type=int, default=5, help="training epochs")
     p.add_argument("--bench-seconds", type=float, default=1.0, help="measuring time per backend in the bench")
     p.add_argument("--device", type=_csv, default=["cpu", "cuda"], help="bench devices (absent ones are reported as skipped)")
     p.add_argument("--threads", type=int, default=1,
                    help="threads for every benchmarked backend; 0 = the CPUs this process may use")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--force", action="store_true", help="reuse an existing output folder")
+    p.add_argument("--out", default="runs/demo",
+                   help="run folder: train/, export/, bench/ and REPORT.md")
+    p.add_argument("--force", action="store_true",
+                   help="reuse an existing output folder (its train/, export/ and bench/ are overwritten)")
     return parser
 
 
