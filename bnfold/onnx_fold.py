@@ -356,24 +356,30 @@ def _fold_one(g: _Graph, bn: onnx.NodeProto) -> tuple[str, list[onnx.NodeProto]]
     g.only_consumer(x, bn)
     if producer.domain not in ("", "ai.onnx"):
         raise _Skip(f"its producer {producer.op_type} is in domain {producer.domain!r}")
+    name = producer.name or producer.output[0]
     if producer.op_type in ("Conv", "ConvTranspose"):
         _fold_conv(g, producer, stats, eps)
     elif producer.op_type == "Gemm":
         _fold_gemm(g, producer, stats, eps)
     elif producer.op_type == "MatMul":
-        add = _fold_matmul(g, producer, None, stats, eps, bn)
-        return producer.name or producer.output[0], [add]
-    elif producer.op_type == "Add" and any(
-            (p := g.producer.get(i)) is not None and p.op_type == "MatMul" for i in producer.input):
-        matmul = next(g.producer[i] for i in producer.input if i in g.producer and g.producer[i].op_type == "MatMul")
+        # The BN becomes an Add of its shift; the MatMul's output keeps its name.
+        return name, [_fold_matmul(g, producer, None, stats, eps, bn)]
+    elif producer.op_type == "Add" and (matmul := _matmul_feeding(g, producer)) is not None:
         g.only_consumer(matmul.output[0], producer)
         _fold_matmul(g, matmul, producer, stats, eps, bn)
-        producer.output[0] = bn.output[0]
-        return matmul.name or matmul.output[0], []
+        name = matmul.name or matmul.output[0]
     else:
         raise _Skip(f"its producer is {producer.op_type} {producer.name!r}, not Conv, ConvTranspose, Gemm or MatMul")
-    producer.output[0] = bn.output[0]
-    return producer.name or producer.output[0], []
+    producer.output[0] = bn.output[0]  # the producer now writes the BN's output directly
+    return name, []
+
+
+def _matmul_feeding(g: _Graph, add: onnx.NodeProto) -> onnx.NodeProto | None:
+    for name in add.input:
+        node = g.producer.get(name)
+        if node is not None and node.op_type == "MatMul":
+            return node
+    return None
 
 
 def _used_names(model: onnx.ModelProto) -> set[str]:
