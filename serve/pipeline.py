@@ -17,14 +17,19 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bnfold.errors import BnfoldError
 from serve.bench import DEFAULT_BACKENDS, BenchResult, run_bench
 from serve.bench_report import ReportFiles, render_markdown, summary_lines, write_report
 
-# The folded module must match the original to this max relative error on real samples (fp32).
-FOLD_RTOL = 1e-4
+if TYPE_CHECKING:  # the stages import their packages when they run
+    from bnfold import FoldReport, Parity
+    from export import ExportSummary
+    from models import ModelSpec, TrainResult
+
+# The folded module must match the original to this max relative error (as `bnfold fold --rtol`).
+FOLD_RTOL = 1e-5
 
 
 @dataclass
@@ -33,13 +38,13 @@ class PipelineResult:
 
     out: Path
     checkpoint: Path
-    spec: Any
+    spec: ModelSpec
     metrics: dict[str, float]
-    fold_report: Any
-    fold_parity: Any
+    fold_report: FoldReport
+    fold_parity: Parity
     batchnorm_before: int
     batchnorm_after: int
-    export_summary: Any
+    export_summary: ExportSummary
     bench: BenchResult
     bench_files: ReportFiles
     report: Path
@@ -71,7 +76,7 @@ def _prepare_out(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _train(model: str, dataset: str, data_root: str, epochs: int, out: Path, progress: bool) -> Any:
+def _train(model: str, dataset: str, data_root: str, epochs: int, out: Path, progress: bool) -> TrainResult:
     import models
 
     config = models.TrainConfig(model=model, dataset=dataset, data_root=data_root, epochs=epochs,
@@ -79,7 +84,7 @@ def _train(model: str, dataset: str, data_root: str, epochs: int, out: Path, pro
     return models.train(config)
 
 
-def _fold(checkpoint: Path, data_root: str) -> tuple[Any, Any, int, int]:
+def _fold(checkpoint: Path, data_root: str) -> tuple[FoldReport, Parity, int, int]:
     """Fold the trained module and compare it with the original on real eval samples."""
     import bnfold
     import models
@@ -95,60 +100,32 @@ def _fold(checkpoint: Path, data_root: str) -> tuple[Any, Any, int, int]:
     return report, parity, bnfold.count_batchnorm(model), bnfold.count_batchnorm(folded)
 
 
-def _export(checkpoint: Path, out: Path, data_root: str, progress: bool) -> Any:
+def _export(checkpoint: Path, out: Path, data_root: str, progress: bool) -> ExportSummary:
     import export
 
     # The export folder belongs to this run: overwrite it when the run folder is reused.
     return export.export_checkpoint(checkpoint, out, data_root=data_root, force=True, progress=progress)
 
 
-def _as_dict(value: Any) -> Any:
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if hasattr(value, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return asdict(value)
-    return value
-
-
-def _fmt(value: Any) -> str:
+def _fmt(value: float | int | None) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.4f}"
     return "–" if value is None else str(value)
 
 
-def parity_table(export_summary: Any, fold_parity: Any) -> str:
+def parity_table(export_summary: ExportSummary, fold_parity: Parity) -> str:
     """One row per checked artifact: the folded module and every exported file against PyTorch."""
-    lines = ["| artifact | max abs error | max rel error | cosine | top-1 agreement | samples |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| artifact | max abs error | max rel error | cosine | top-1 agreement | samples | tolerance |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
 
-    def add(name: str, parity: Any) -> None:
-        p = _as_dict(parity) or {}
-        lines.append(f"| {name} | {_fmt(p.get('max_abs_error'))} | {_fmt(p.get('max_rel_error'))} | "
-                     f"{_fmt(p.get('cosine'))} | {_fmt(p.get('top1_agreement'))} | {_fmt(p.get('samples'))} |")
+    def add(name: str, p: Parity, tolerance: float) -> None:
+        lines.append(f"| {name} | {_fmt(p.max_abs_error)} | {_fmt(p.max_rel_error)} | {_fmt(p.cosine)} | "
+                     f"{_fmt(p.top1_agreement)} | {p.samples} | {tolerance:.0e} |")
 
-    add("folded module (bnfold.fold)", fold_parity)
-    for name, artifact in _artifacts(export_summary):
-        parity = artifact.get("parity")
-        if parity is not None:
-            add(name, parity)
+    add("folded module (bnfold.fold)", fold_parity, FOLD_RTOL)
+    for artifact in export_summary.artifacts:
+        add(artifact.path.name, artifact.parity, artifact.tolerance)
     return "\n".join(lines)
-
-
-def _artifacts(export_summary: Any) -> list[tuple[str, dict[str, Any]]]:
-    """(file name, artifact dict) pairs from an ExportSummary, whatever container it uses."""
-    summary = _as_dict(export_summary)
-    items = summary.get("artifacts", []) if isinstance(summary, dict) else []
-    if isinstance(items, dict):
-        items = [dict(v, format=k) if isinstance(v, dict) else {"format": k} for k, v in items.items()]
-    out = []
-    for item in items:
-        item = _as_dict(item)
-        if isinstance(item, dict):
-            name = item.get("path") or item.get("file") or item.get("format") or "artifact"
-            out.append((Path(str(name)).name, item))
-    return out
 
 
 def render_report(result: PipelineResult, *, command: str, train_dir: Path) -> str:
@@ -176,6 +153,9 @@ def render_report(result: PipelineResult, *, command: str, train_dir: Path) -> s
     parts += [
         "## Fold report", "```\n" + str(result.fold_report).rstrip() + "\n```",
         "## Parity against the trained PyTorch model", parity_table(result.export_summary, result.fold_parity),
+        f"The folded module was compared on {result.fold_parity.samples} eval-split inputs (random "
+        f"inputs when the dataset files are absent); the exported files on "
+        f"{result.export_summary.parity_inputs}. Max rel error = max|difference| / max|reference|.",
         bench_md,
     ]
     return "\n\n".join(parts) + "\n"
@@ -228,12 +208,10 @@ def run_pipeline(*, model: str = "lenet", dataset: str = "digits", data_root: st
     done = stage("export")
     summary = _export(checkpoint, out_dir / "export", data_root, progress)
     done()
-    for name, artifact in _artifacts(summary):
-        parity = _as_dict(artifact.get("parity")) or {}
-        figures = (f": max rel error {parity['max_rel_error']:.2e}, top-1 agreement "
-                   f"{parity.get('top1_agreement', float('nan')):.4f} over {parity.get('samples')} samples"
-                   if isinstance(parity.get("max_rel_error"), float) else "")
-        log(f"exported {name}{figures}")
+    for artifact in summary.artifacts:
+        p = artifact.parity
+        log(f"exported {artifact.path.name}: max rel error {p.max_rel_error:.2e}, top-1 agreement "
+            f"{_fmt(p.top1_agreement)} over {p.samples} samples")
 
     done = stage("bench")
     bench = run_bench(checkpoint, devices=devices, backends=backends, batch_sizes=batch_sizes,
