@@ -55,7 +55,17 @@ def check_running_stats(bn: Any) -> None:
         raise FoldSkipped("BatchNorm is lazy and not initialized yet (run one forward pass first)")
 
 
+def _check_hooks(module: nn.Module) -> None:
+    # A pre-hook may recompute the weight on every call (torch.nn.utils.weight_norm does),
+    # which would silently undo the fold; any hook may depend on the unfolded values.
+    hooks = [k for k in ("_forward_pre_hooks", "_forward_hooks") if getattr(module, k, None)]
+    if hooks:
+        raise FoldSkipped(f"{type(module).__name__} has forward hooks ({', '.join(hooks)}), e.g. from "
+                          "torch.nn.utils.weight_norm, which could recompute or depend on the unfolded weights")
+
+
 def _check_layer(layer: nn.Module) -> None:
+    _check_hooks(layer)
     if isinstance(layer.weight, UninitializedParameter):
         raise FoldSkipped(f"{type(layer).__name__} is lazy and not initialized yet (run one forward pass first)")
 
@@ -98,6 +108,8 @@ def fold_layer_bn(layer: nn.Module, bn: Any) -> nn.Module:
     `weight`, `bias` (a functional `F.batch_norm` call's tensors).
     """
     check_running_stats(bn)
+    if isinstance(bn, nn.Module):
+        _check_hooks(bn)
     _check_layer(layer)
     channels = _out_channels(layer)
     if bn.running_mean.numel() != channels:
@@ -127,6 +139,8 @@ def fold_bn_layer(bn: Any, layer: nn.Module) -> nn.Module:
     circular padding mode, which pad with values that went through the BN too).
     """
     check_running_stats(bn)
+    if isinstance(bn, nn.Module):
+        _check_hooks(bn)
     _check_layer(layer)
     if isinstance(layer, _ConvTransposeNd):
         raise FoldSkipped("BatchNorm before a ConvTranspose is not folded: the shift would reach "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -348,3 +349,13 @@ def test_cuda_model_stays_on_cuda(rand_bn, rel_err) -> None:
     x = torch.randn(2, 3, 16, 16, device="cuda")
     with torch.no_grad():
         assert rel_err(model(x).cpu(), folded(x).cpu()) <= 1e-5
+
+
+def test_guard_layer_with_hooks(rand_bn, rel_err) -> None:
+    # weight_norm's pre-hook recomputes conv.weight from weight_g / weight_v on every call.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        conv = torch.nn.utils.weight_norm(nn.Conv2d(3, 4, 3))
+    _, report = _check(nn.Sequential(conv, nn.BatchNorm2d(4)), torch.randn(1, 3, 5, 5), rand_bn, rel_err,
+                       left=1, tol=1e-6)
+    assert "forward hooks" in report.skipped[0][1] and "weight_norm" in report.skipped[0][1]
