@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bnfold.errors import BnfoldError
-from models.train import TrainConfig, train
+from models.train import TrainConfig, TrainingError, train
 
 TARGET = 0.95
 
@@ -31,14 +31,15 @@ class BnEffectRun:
     accuracy: list[float]              # test accuracy after each epoch
     seconds: float
     epochs_to_target: int | None = None  # first epoch at or above TARGET; None if never
+    diverged: str | None = None          # the NaN-loss message when training blew up
 
     @property
     def final(self) -> float:
-        return self.accuracy[-1]
+        return self.accuracy[-1] if self.accuracy else 0.0
 
     @property
     def best(self) -> float:
-        return max(self.accuracy)
+        return max(self.accuracy, default=0.0)
 
 
 @dataclass
@@ -58,8 +59,11 @@ class BnEffectResult:
         ]
         for run in self.runs:
             reach = str(run.epochs_to_target) if run.epochs_to_target else f"not within {self.epochs}"
+            final = f"{run.final:.1%}"
+            if run.diverged:
+                final = f"diverged ({run.diverged.split(';')[0]})"
             lines.append(f"| {'yes' if run.norm == 'bn' else 'no'} | {run.lr:g} | {reach} | "
-                         f"{run.final:.1%} | {run.best:.1%} |")
+                         f"{final} | {run.best:.1%} |")
         lines += ["", f"Reproduce: `{self.settings.get('command', 'python -m models.experiments bn-effect')}`"]
         return "\n".join(lines) + "\n"
 
@@ -81,14 +85,21 @@ def bn_effect(out_dir: str | Path, *, epochs: int = 10, lrs: Sequence[float] = (
         for norm in ("bn", "none"):
             for lr in lrs:
                 started = time.perf_counter()
-                run = train(TrainConfig(model="lenet", dataset="digits", epochs=epochs, lr=lr, optimizer=optimizer,
-                                        schedule="none", norm=norm, activation="sigmoid", seed=seed,
-                                        batch_size=batch_size, device="cpu", progress=progress, threads=1,
-                                        steps_per_epoch=steps_per_epoch,
-                                        out=str(base / f"{norm}-lr{lr:g}")))
-                accuracy = [r["test_accuracy"] for r in run.history]
-                reach = next((r["epoch"] for r in run.history if r["test_accuracy"] >= TARGET), None)
-                result.runs.append(BnEffectRun(norm, lr, accuracy, round(time.perf_counter() - started, 1), reach))
+                run_dir = base / f"{norm}-lr{lr:g}"
+                diverged = None
+                try:
+                    history = train(TrainConfig(
+                        model="lenet", dataset="digits", epochs=epochs, lr=lr, optimizer=optimizer, schedule="none",
+                        norm=norm, activation="sigmoid", seed=seed, batch_size=batch_size, device="cpu",
+                        progress=progress, threads=1, steps_per_epoch=steps_per_epoch, out=str(run_dir))).history
+                except TrainingError as exc:  # a blow-up is a result here, not a failure
+                    diverged = str(exc)
+                    metrics = run_dir / "metrics.jsonl"
+                    history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+                accuracy = [r["test_accuracy"] for r in history]
+                reach = next((r["epoch"] for r in history if r["test_accuracy"] >= TARGET), None)
+                result.runs.append(BnEffectRun(norm, lr, accuracy, round(time.perf_counter() - started, 1), reach,
+                                               diverged))
     (out / "bn_effect.md").write_text(result.to_markdown())
     (out / "bn_effect.json").write_text(json.dumps(
         {**asdict(result), "runs": [asdict(r) for r in result.runs]}, indent=2) + "\n")

@@ -20,3 +20,10 @@ def test_bn_effect_writes_table_png_and_json(tmp_path):
 def test_bn_effect_cli_rejects_bad_epochs(tmp_path, capsys):
     assert experiments.main(["bn-effect", "--out", str(tmp_path), "--epochs", "0", "--no-progress"]) == 2
     assert "epochs" in capsys.readouterr().err
+
+
+def test_bn_effect_records_a_blow_up_instead_of_failing(tmp_path):
+    result = experiments.bn_effect(tmp_path, epochs=1, lrs=(1e38,), steps_per_epoch=5, progress=False)
+    by_norm = {r.norm: r for r in result.runs}
+    assert by_norm["none"].diverged and "loss became" in by_norm["none"].diverged
+    assert "diverged" in (tmp_path / "bn_effect.md").read_text()
