@@ -10,7 +10,7 @@ import datetime as _dt
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,9 @@ def _export_one(fmt: str, model: torch.nn.Module, spec: ModelSpec, path: Path, *
 
 def _export_json(summary: ExportSummary, spec: ModelSpec, options: dict[str, Any]) -> dict[str, Any]:
     data = summary.to_dict()
+    for artifact in data["artifacts"]:
+        # Every artifact came from the same fold; it is recorded once, at the top.
+        artifact.pop("fold_report", None)
     data.update({
         "format": "bnfold-export",
         "format_version": 1,
@@ -91,12 +94,18 @@ def _version(module: str) -> str:
         return "unknown"
 
 
-def _progress(items: Sequence[str], enabled: bool):
+def _progress(items: Sequence[str], enabled: bool) -> Iterator[str]:
+    """Yield the formats, showing which one is being exported (the ONNX one takes seconds)."""
     if not enabled:
-        return items
+        yield from items
+        return
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc="export", unit="file", leave=False)
+    with tqdm(total=len(items), desc="export", unit="file", leave=False) as bar:
+        for item in items:
+            bar.set_description(f"export {FILE_NAMES[item]}")
+            yield item
+            bar.update(1)
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,

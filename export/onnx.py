@@ -154,13 +154,18 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(deepest).__name__}: {text[0] if text else ''}"
 
 
-def _exporter_failure(exc: Exception, spec: ModelSpec, exporter: str) -> ExportError:
+def _exporter_failure(exc: Exception, spec: ModelSpec, exporter: str,
+                      dynamic_batch: bool = False) -> ExportError:
+    """One clear error for whatever an exporter raised, naming the operator when there is one."""
     op = unsupported_op(exc)
     if op is not None:
+        hint = " or try the other ONNX exporter (--legacy-onnx toggles it)" if "onnx" in exporter else ""
         return UnsupportedOpError(op, f"{exporter} cannot export operator {op!r} of the {spec.arch} "
-                                      "model; replace it, or try the other exporter "
-                                      "(--legacy-onnx toggles it)")
-    return ExportError(f"{exporter} failed on the {spec.arch} model: {_first_line(exc)}")
+                                      f"model; replace that operator{hint}")
+    hint = ""
+    if dynamic_batch and re.search(r"(?i)constraint|specializ|guard", str(exc)):
+        hint = " (the model seems to fix its batch size: try --static-batch)"
+    return ExportError(f"{exporter} failed on the {spec.arch} model: {_first_line(exc)}{hint}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +236,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *, f
             proto = _run_exporter(prepared.module, example_input(spec, dynamic_batch), out,
                                   opset=opset, dynamic_batch=dynamic_batch, legacy=legacy)
         except Exception as exc:  # the exporters raise many types; all become one clear error
-            raise _exporter_failure(exc, spec, exporter) from exc
+            raise _exporter_failure(exc, spec, exporter, dynamic_batch) from exc
     proto = _remove_batchnorm(proto, notes)
     _check_io(proto, out)
     set_metadata(proto, {SPEC_METADATA_KEY: spec.to_json(), VERSION_METADATA_KEY: bnfold_version(),
@@ -243,7 +248,12 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *, f
     batches, source = parity_batches(spec, samples, dynamic_batch=dynamic_batch)
     with staged_file(path) as tmp:
         onnx.save_model(proto, os.fspath(tmp))
-        parity = bnfold.compare(prepared.reference, _onnx_session(tmp), batches)
+        try:
+            session = _onnx_session(tmp)
+        except Exception as exc:  # onnxruntime raises its own types (e.g. an unsupported opset)
+            raise ExportError(f"onnxruntime cannot load the exported {spec.arch} model: "
+                              f"{_first_line(exc)}") from exc
+        parity = bnfold.compare(prepared.reference, session, batches)
         tol = tolerance(fp16)
         parity.check(tol, f"ONNX export of {spec.arch} ({prepared.dtype}, onnxruntime CPU)")
         size = tmp.stat().st_size

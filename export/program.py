@@ -40,7 +40,7 @@ def export_program(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *
             program = torch.export.export(prepared.module, (example_input(spec, dynamic_batch),),
                                           dynamic_shapes=dynamic_shapes)
         except Exception as exc:
-            raise _exporter_failure(exc, spec, "torch.export.export") from exc
+            raise _exporter_failure(exc, spec, "torch.export.export", dynamic_batch) from exc
     batches, source = parity_batches(spec, samples, dynamic_batch=dynamic_batch)
     with staged_file(path) as tmp:
         with quiet(not verbose):

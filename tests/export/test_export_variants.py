@@ -128,3 +128,18 @@ def test_given_samples_are_used_and_checked(lenet, tmp_path) -> None:
     with pytest.raises(export.ExportError, match=r"\[5, 3, 28, 28\]"):
         export.export_program(model, spec, tmp_path / "bad.pt2", samples=torch.zeros(5, 3, 28, 28))
     assert not (tmp_path / "bad.pt2").exists()
+
+
+@pytest.mark.gpu
+def test_a_model_on_cuda_exports_to_cpu_files_and_stays_on_cuda(lenet, tmp_path, rel_error) -> None:
+    import copy
+
+    model, spec = lenet
+    cuda_model = copy.deepcopy(model).cuda()
+    report = export.export_onnx(cuda_model, spec, tmp_path / "model.onnx")
+    assert report.parity.max_rel_error <= 1e-5
+    assert all(p.device.type == "cuda" for p in cuda_model.parameters())
+    x = _x(spec, 2)
+    out = _session(tmp_path / "model.onnx").run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        assert rel_error(model(x), torch.from_numpy(out)) <= 1e-5
