@@ -99,3 +99,20 @@ def test_cuda_session_matches_cpu(tiny_onnx: Path) -> None:
         np.testing.assert_allclose(graph.run(x), _direct(tiny_onnx, x), rtol=1e-3, atol=1e-4)
     with pytest.raises(ServeError, match="captured CUDA graph"):
         graph.run(np.zeros((2, 1, 28, 28), np.float32))
+
+
+def test_repository_written_by_export_is_served(tmp_path: Path, make_tiny_onnx) -> None:
+    """The folder `export.write_triton_repo` writes (what `bnfold export --triton-repo` makes) loads as is."""
+    from export import write_triton_repo
+    from models.spec import ModelSpec
+    import onnx
+
+    a, b = make_tiny_onnx(tmp_path / "a.onnx", seed=4), make_tiny_onnx(tmp_path / "b.onnx", seed=5)
+    spec = ModelSpec.from_json(next(p.value for p in onnx.load(str(a)).metadata_props if p.key == "bnfold.spec"))
+    write_triton_repo(a, spec, tmp_path / "repo", name="first")
+    write_triton_repo(b, spec, tmp_path / "repo", name="second")
+    models = load_repository(tmp_path / "repo", threads=1)
+    assert sorted(models) == ["first", "second"]
+    x = np.random.default_rng(6).standard_normal((1, 1, 28, 28)).astype(np.float32)
+    np.testing.assert_allclose(models["second"].run(x), _direct(b, x), rtol=1e-6, atol=1e-6)
+    assert models["first"].spec == spec
