@@ -118,8 +118,10 @@ class ExportSummary:
         if self.fold_report is not None:
             lines += [str(self.fold_report), ""]
         lines += [f"parity against the checkpoint's eval-mode model ({self.parity_inputs}):",
-                  format_parity_table(self.artifacts), "",
-                  f"wrote {self.out_dir} ({', '.join(a.path.name for a in self.artifacts)}, export.json)"]
+                  format_parity_table(self.artifacts), ""]
+        lines += [f"note ({a.path.name}): {note}" for a in self.artifacts for note in a.notes]
+        written = ", ".join(a.path.name for a in self.artifacts)
+        lines.append(f"wrote {self.out_dir} ({written}, export.json)")
         if self.triton_model_dir is not None:
             lines.append(f"wrote Triton model {self.triton_model_dir}")
         return "\n".join(lines)
