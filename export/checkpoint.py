@@ -130,6 +130,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     _check_target(out_dir, force, "output folder")
     if triton_repo is not None and "onnx" not in fmts:
         raise ExportError("a Triton repository needs the onnx format: add onnx to the formats")
+    if out_dir.exists() and checkpoint.resolve().is_relative_to(out_dir.resolve()):
+        # --force replaces the folder as a whole: it would delete the checkpoint it exports.
+        raise OutputExistsError(f"output folder {str(out_dir)!r} holds the checkpoint "
+                                f"{str(checkpoint)!r}; choose a subfolder such as {str(out_dir / 'export')!r}")
     model, spec = _load(checkpoint)
     triton_target = None
     if triton_repo is not None:

@@ -76,6 +76,12 @@ def test_existing_output_folder_needs_force(lenet_checkpoint, tmp_path, capsys) 
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+def test_force_never_replaces_the_folder_holding_the_checkpoint(lenet_checkpoint, tmp_path, capsys) -> None:
+    code, _, err = _run(capsys, lenet_checkpoint, "--out", lenet_checkpoint.parent, "--force")
+    assert code == 2 and "holds the checkpoint" in err
+    assert lenet_checkpoint.is_file()
+
+
 def test_a_file_that_is_not_a_bnfold_checkpoint_is_refused(tmp_path, capsys) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint")
