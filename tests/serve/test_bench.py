@@ -215,6 +215,14 @@ def test_cli_error_exits_2_without_traceback(bench_checkpoint: Path, tmp_path: P
     assert not (tmp_path / "report.json").exists()
 
 
+def test_cli_missing_checkpoint_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.pt"
+    code = main(["bench", str(missing), "--device", "cpu", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and str(missing) in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_compile_row_is_measured_or_explained(bench_checkpoint: Path) -> None:
     result = run_bench(bench_checkpoint, devices=("cpu",), backends=("eager", "compile"), batch_sizes=(1,),
