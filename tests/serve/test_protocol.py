@@ -83,3 +83,25 @@ def test_encoder_binary_and_json_answers(runtime) -> None:
 def test_header_length_is_checked(value: bytes, size: int, message: str) -> None:
     with pytest.raises(ServeError, match=message):
         parse_header_length(value, size)
+
+
+_X = np.arange(784, dtype=np.float32).reshape(1, 1, 28, 28) / 7 - 50
+
+
+@pytest.mark.parametrize("body", [
+    json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": _X.ravel().tolist()}]}),
+    json.dumps({"inputs": [{"data": _X.ravel().tolist(), "name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32"}]},
+               indent=2),
+    '{"inputs":[{"name":"input","shape":[1,1,28,28],"datatype":"FP32","data":[' + ",".join(["1e-3"] * 783 + ["-2E+2"]) + "]}]}",
+    # nested lists, NaN, "data" appearing elsewhere
+    json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": _X.tolist()}]}),
+    json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                            "data": [float("nan")] + _X.ravel().tolist()[1:]}]}),
+    json.dumps({"id": "data", "inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                                          "data": _X.ravel().tolist()}]}),
+    json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                            "parameters": {"data": [1]}, "data": _X.ravel().tolist()}]}),
+])
+def test_json_bodies_decode_like_json_loads(runtime, body: str) -> None:
+    expected = np.asarray(json.loads(body)["inputs"][0]["data"], dtype=np.float32).reshape(1, 1, 28, 28)
+    np.testing.assert_array_equal(parse_infer(runtime, body.encode(), None).array, expected)
