@@ -222,17 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: onnx, torchscript, program")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-fold", action="store_true", help="export without folding BatchNorm first")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset: 18-23 with the default exporter, 9-20 with --legacy-onnx; "
+                        "None means the exporter's own default")
     p.add_argument("--legacy-onnx", action="store_true", help="use the TorchScript-based ONNX exporter")
     p.add_argument("--static-batch", action="store_true", help="fix the batch dimension instead of a dynamic axis")
-    p.add_argument("--fp16", action="store_true", help="fold in float64, then store weights in float16")
+    p.add_argument("--fp16", action="store_true",
+                   help="fold in float64, then store weights in float16; inputs and outputs stay "
+                        "float32 and the parity tolerance is 1e-2 max relative error (1e-5 otherwise)")
     p.add_argument("--triton-repo", default=None, help="also write a Triton model repository here")
     p.add_argument("--data-root", default="data", help="where the checkpoint's dataset lives, for parity samples")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
     p.add_argument("--triton-device", choices=["cpu", "cuda"], default="cpu",
                    help="instance_group kind in the Triton config.pbtxt (KIND_CPU or KIND_GPU)")
     p.add_argument("--triton-name", default=None,
-                   help="model name in the Triton repository (default: the architecture)")
+                   help="model name in the Triton repository; None means the architecture's name")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="show the exporters' own output and warnings")
 
