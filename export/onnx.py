@@ -173,7 +173,7 @@ def _exporter_failure(exc: Exception, spec: ModelSpec, exporter: str,
 
 
 def _run_exporter(module: nn.Module, example: torch.Tensor, out: str, *, opset: int | None,
-                  dynamic_batch: bool, legacy: bool) -> onnx.ModelProto:
+                  dynamic_batch: bool, legacy: bool, verbose: bool = False) -> onnx.ModelProto:
     if legacy:
         buffer = io.BytesIO()
         dynamic_axes = {INPUT_NAME: {0: "batch"}, out: {0: "batch"}} if dynamic_batch else None
@@ -184,7 +184,9 @@ def _run_exporter(module: nn.Module, example: torch.Tensor, out: str, *, opset: 
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
     program = torch.onnx.export(module, (example,), None, dynamo=True, input_names=[INPUT_NAME],
                                 output_names=[out], opset_version=opset,
-                                dynamic_shapes=dynamic_shapes, verbose=False, optimize=True)
+                                dynamic_shapes=dynamic_shapes, optimize=True,
+                                # None: the exporter's progress lines; False: silence.
+                                verbose=None if verbose else False)
     return program.model_proto
 
 
@@ -234,7 +236,8 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *, f
     with quiet(not verbose):
         try:
             proto = _run_exporter(prepared.module, example_input(spec, dynamic_batch), out,
-                                  opset=opset, dynamic_batch=dynamic_batch, legacy=legacy)
+                                  opset=opset, dynamic_batch=dynamic_batch, legacy=legacy,
+                                  verbose=verbose)
         except Exception as exc:  # the exporters raise many types; all become one clear error
             raise _exporter_failure(exc, spec, exporter, dynamic_batch) from exc
     proto = _remove_batchnorm(proto, notes)
