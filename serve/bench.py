@@ -241,6 +241,8 @@ def collect_environment(*, threads: int, spec: Any = None, checkpoint: str | os.
         "gpu": gpu,
         "cuda": torch.version.cuda if gpu else None,
         "threads": threads,
+        # Other processes competing for the cores: the first thing to check when figures look odd.
+        "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "dtype": dtype,
         "platform": platform.platform(),
         "python": platform.python_version(),

@@ -48,7 +48,8 @@ def environment_table(env: dict[str, Any]) -> str:
     """The 'what ran' table every report starts with."""
     keys = [("date (UTC)", "date"), ("model", "model"), ("input shape (C,H,W)", "input_shape"),
             ("dtype", "dtype"), ("CPU", "cpu"), ("CPUs available / total", None), ("GPU", "gpu"),
-            ("CUDA", "cuda"), ("threads (torch and onnxruntime)", "threads"), ("torch", "torch"),
+            ("CUDA", "cuda"), ("threads (torch and onnxruntime)", "threads"),
+            ("load average 1/5/15 min, at the end", "load_average"), ("torch", "torch"),
             ("onnxruntime", "onnxruntime"), ("onnxruntime providers", "onnxruntime_providers"),
             ("onnx", "onnx"), ("python", "python"), ("measured per backend and batch size", None),
             ("method", "method")]
