@@ -185,3 +185,19 @@ def test_triton_writer_refuses_bad_names_devices_and_missing_files(lenet, tmp_pa
     with pytest.raises(export.ExportError, match="'bad name'"):
         export.write_triton_repo(tmp_path / "missing.onnx", spec, tmp_path / "repo", name="bad name")
     assert not any(p.name != "repo" for p in tmp_path.iterdir())
+
+
+def test_format_names_are_normalized_and_an_onnx_file_without_a_spec_is_named(tmp_path) -> None:
+    from export._common import check_formats
+
+    assert check_formats(" ONNX,onnx ,program") == ["onnx", "program"]
+    assert check_formats(["torchscript"]) == ["torchscript"]
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), str(tmp_path / "plain.onnx"))
+    with pytest.raises(export.ExportError, match="'bnfold.spec'"):
+        export.read_spec(tmp_path / "plain.onnx")
