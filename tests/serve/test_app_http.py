@@ -35,10 +35,22 @@ def repo(tmp_path_factory: pytest.TempPathFactory, make_tiny_onnx) -> Path:
     return root
 
 
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request: pytest.FixtureRequest) -> str:
+    """The whole module runs on CPU, and again on CUDA where there is a GPU."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def server(repo: Path) -> str:
-    with running_server(repo, threads=1, extra_args=["--max-body-mb", str(MAX_BODY_MB)]) as url:
+def server(repo: Path, device: str) -> str:
+    with running_server(repo, device=device, threads=1, extra_args=["--max-body-mb", str(MAX_BODY_MB)]) as url:
         yield url
+
+
+def close(got: np.ndarray, expected: np.ndarray, device: str) -> None:
+    """Equal to a CPU onnxruntime run: to float32 rounding on CPU, to cuDNN's on CUDA."""
+    tolerance = {"rtol": 1e-6, "atol": 1e-6} if device == "cpu" else {"rtol": 1e-3, "atol": 1e-4}
+    np.testing.assert_allclose(got, expected, **tolerance)
 
 
 def direct(path: Path, x: np.ndarray) -> np.ndarray:
@@ -91,7 +103,7 @@ def test_health_and_metadata(server: str) -> None:
         assert client.get("/v2/models/tiny/versions/2").json()["name"] == "tiny"
 
 
-def test_tritonclient_sync_binary_and_json(server: str, repo: Path) -> None:
+def test_tritonclient_sync_binary_and_json(server: str, repo: Path, device: str) -> None:
     client = triton_http.InferenceServerClient(url=server.removeprefix("http://"))
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny")
     assert client.get_model_metadata("rgb")["outputs"][0]["shape"] == [-1, 5]
@@ -101,18 +113,17 @@ def test_tritonclient_sync_binary_and_json(server: str, repo: Path) -> None:
         inp.set_data_from_numpy(x, binary_data=binary)
         out = triton_http.InferRequestedOutput("logits", binary_data=binary)
         result = client.infer("tiny", [inp], outputs=[out], request_id="r1")
-        np.testing.assert_allclose(result.as_numpy("logits"), direct(repo / "tiny/2/model.onnx", x),
-                                   rtol=1e-6, atol=1e-6)
+        close(result.as_numpy("logits"), direct(repo / "tiny/2/model.onnx", x), device)
         assert result.get_response()["id"] == "r1"
     x = digits_like(12, (2, 3, 32, 32))
     inp = triton_http.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
     result = client.infer("rgb", [inp], request_compression_algorithm="gzip")  # every output, binary
-    np.testing.assert_allclose(result.as_numpy("logits"), direct(repo / "rgb/1/model.onnx", x), rtol=1e-6, atol=1e-6)
+    close(result.as_numpy("logits"), direct(repo / "rgb/1/model.onnx", x), device)
     client.close()
 
 
-def test_tritonclient_aio(server: str, repo: Path) -> None:
+def test_tritonclient_aio(server: str, repo: Path, device: str) -> None:
     x = digits_like(20, (4, 1, 28, 28))
 
     async def run() -> np.ndarray:
@@ -129,10 +140,10 @@ def test_tritonclient_aio(server: str, repo: Path) -> None:
     got = asyncio.run(run())
     expected = direct(repo / "tiny/2/model.onnx", x)
     for answer in got:
-        np.testing.assert_allclose(answer, expected, rtol=1e-6, atol=1e-6)
+        close(answer, expected, device)
 
 
-def test_plain_http_json_binary_and_versions(server: str, repo: Path) -> None:
+def test_plain_http_json_binary_and_versions(server: str, repo: Path, device: str) -> None:
     x = digits_like(30, (3, 1, 28, 28))
     expected = direct(repo / "tiny/2/model.onnx", x)
     with httpx.Client(base_url=server) as client:
@@ -143,13 +154,13 @@ def test_plain_http_json_binary_and_versions(server: str, repo: Path) -> None:
         assert r.status_code == 200, r.text
         out = r.json()["outputs"][0]
         assert out["shape"] == [3, 10] and out["datatype"] == "FP32"
-        np.testing.assert_allclose(np.asarray(out["data"], np.float32).reshape(3, 10), expected, rtol=1e-6, atol=1e-6)
+        close(np.asarray(out["data"], np.float32).reshape(3, 10), expected, device)
         content, headers = binary_request(x)
         r = client.post("/v2/models/tiny/infer", content=content, headers=headers)
         assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
         np.testing.assert_array_equal(decode_binary(r), r2 := decode_binary(client.post(
             "/v2/models/tiny/infer", content=content, headers=headers)))
-        np.testing.assert_allclose(r2, expected, rtol=1e-6, atol=1e-6)
+        close(r2, expected, device)
         r = client.post("/v2/models/tiny/versions/1/infer", json=json_request(x))
         assert r.status_code == 404 and "unknown version '1'" in r.json()["error"]
 
@@ -264,7 +275,7 @@ def test_bad_input_is_a_4xx_and_the_server_keeps_serving(server: str, method: st
 # ------------------------------------------------------------------------------------ concurrency
 
 
-def test_eight_clients_two_hundred_requests_each(server: str, repo: Path) -> None:
+def test_eight_clients_two_hundred_requests_each(server: str, repo: Path, device: str) -> None:
     """Every answer equals the single-request answer for that client's own input: nothing mixes."""
     inputs = [digits_like(100 + c) for c in range(8)]
     expected = [direct(repo / "tiny/2/model.onnx", x) for x in inputs]
@@ -274,7 +285,7 @@ def test_eight_clients_two_hundred_requests_each(server: str, repo: Path) -> Non
         content, headers = binary_request(inputs[c])
         with httpx.Client(base_url=server) as client:
             single = decode_binary(client.post("/v2/models/tiny/infer", content=content, headers=headers))
-            np.testing.assert_allclose(single, expected[c], rtol=1e-6, atol=1e-6)
+            close(single, expected[c], device)
             for i in range(200):
                 r = client.post("/v2/models/tiny/infer", content=content, headers=headers)
                 if r.status_code != 200 or not np.array_equal(decode_binary(r), single):
