@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from bnfold.errors import BnfoldError
-from models import preprocess_image
+from models.preprocess import preprocess_image
 from models.spec import ModelSpec
 from serve.runtime import ServeError
 

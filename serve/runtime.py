@@ -251,6 +251,21 @@ def _session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
+def _load_cuda_libraries() -> None:
+    """Make the CUDA and cuDNN libraries that pip installed (with torch) visible to onnxruntime.
+
+    onnxruntime-gpu looks for them only on the dynamic loader's path; importing torch loads the
+    copies from the nvidia-* wheels, and onnxruntime 1.21+ can also preload them itself. Neither
+    is fatal: when both fail, the provider check after the session is built says what is missing.
+    """
+    try:
+        import torch  # noqa: F401  (imported for its side effect: loading libcudart/libcudnn)
+    except ImportError:
+        preload = getattr(ort, "preload_dlls", None)
+        if preload is not None:
+            preload()
+
+
 def _cuda_providers(cuda_graph: bool) -> list[Any]:
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" not in available:
@@ -258,6 +273,7 @@ def _cuda_providers(cuda_graph: bool) -> list[Any]:
             f"device 'cuda' asked for, but this onnxruntime {ort.__version__} build has no "
             f"CUDAExecutionProvider (it offers {available}); install the GPU build: "
             f"pip uninstall -y onnxruntime && pip install onnxruntime-gpu (or 'bnfold[gpu]')")
+    _load_cuda_libraries()
     options: dict[str, str] = {"device_id": "0"}
     if cuda_graph:
         options["enable_cuda_graph"] = "1"

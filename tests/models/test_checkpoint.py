@@ -134,7 +134,12 @@ def test_truncated_and_garbage_bytes(tmp_path, lenet_checkpoint):
     truncated.write_bytes(data[: len(data) // 2])
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00not a torch file at all" * 10)
-    for bad in (truncated, garbage):
+    # torch.load fails on these with IndexError and KeyError rather than its usual errors.
+    one_byte = tmp_path / "one_byte.pt"
+    one_byte.write_bytes(b"\x80")
+    text = tmp_path / "text.pt"
+    text.write_bytes(b"hello world\n" * 5)
+    for bad in (truncated, garbage, one_byte, text):
         with pytest.raises(models.CheckpointError, match="corrupt|not a bnfold"):
             models.load_checkpoint(bad)
         assert not models.is_checkpoint(bad)
@@ -144,3 +149,25 @@ def test_extra_cannot_overwrite_own_entries(tmp_path):
     model, spec = models.create("lenet")
     with pytest.raises(models.CheckpointError, match="state_dict"):
         models.save_checkpoint(tmp_path / "x.pt", model, spec, extra={"state_dict": {}})
+
+
+def test_randomly_damaged_bytes_are_a_checkpoint_error(tmp_path, lenet_checkpoint):
+    # torch.load reports damaged archives with many exception types (IndexError among them);
+    # every one must reach the user as a CheckpointError, and is_checkpoint must say False.
+    import random
+
+    path, _, _ = lenet_checkpoint
+    raw = path.read_bytes()
+    rng = random.Random(0)
+    for i in range(30):
+        data = bytearray(raw)
+        for _ in range(20):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        damaged = tmp_path / f"damaged{i}.pt"
+        damaged.write_bytes(bytes(data[: rng.randrange(1, len(data))] if i % 2 else data))
+        try:
+            models.load_checkpoint(damaged)
+        except models.CheckpointError:
+            assert not models.is_checkpoint(damaged)
+        else:
+            assert models.is_checkpoint(damaged)  # the damage missed everything that matters
