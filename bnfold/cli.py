@@ -142,10 +142,22 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 # Parsers
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show an option's default only where it says something (not for None or on/off flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        if isinstance(action.default, (list, tuple)) and action.help:
+            # Written the way it is typed: --device cpu,cuda
+            return f"{action.help} (default: {','.join(map(str, action.default))})"
+        return super()._get_help_string(action)
+
+
 def _add(sub: argparse._SubParsersAction, name: str, handler: Callable[[argparse.Namespace], int],
          help: str, description: str | None = None) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help, description=description or help,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=_HelpFormatter)
     parser.set_defaults(handler=handler)
     return parser
 
@@ -243,14 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "serve", _cmd_serve, "serve ONNX models over the Open Inference Protocol v2 (HTTP)")
     p.add_argument("model", help="a model.onnx file, or a model repository folder (as --triton-repo writes)")
     p.add_argument("--name", default=None, help="model name for a single file (default: from its spec or file name)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where onnxruntime runs; cuda refuses to start unless CUDAExecutionProvider is active")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--threads", type=int, default=None,
                    help="onnxruntime intra-op threads (default: the CPUs this process may use)")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted (413 beyond)")
     p.add_argument("--cuda-graph", action="store_true", help="capture a CUDA graph for the fixed batch-1 shape")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="server log level")
     p.add_argument("--no-access-log", action="store_true", help="do not write the JSON-lines access log to stderr")
 
     p = _add(sub, "loadtest", _cmd_loadtest, "drive a running server and report latency and throughput")
