@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from models.preprocess import preprocess_image
     from models.registry import UnknownModelError, build, list_models, register
     from models.spec import SPEC_METADATA_KEY, ModelSpec, Preprocess
-    from models.train import TrainConfig, TrainingError, TrainResult, train, train_summary
+    from models.training import TrainConfig, TrainingError, TrainResult, train, train_summary
 
 _LAZY = {
     "CheckpointError": "models.checkpoint", "is_checkpoint": "models.checkpoint",
@@ -32,8 +32,8 @@ _LAZY = {
     "UnknownModelError": "models.registry", "build": "models.registry", "list_models": "models.registry",
     "register": "models.registry",
     "SPEC_METADATA_KEY": "models.spec", "ModelSpec": "models.spec", "Preprocess": "models.spec",
-    "TrainConfig": "models.train", "TrainingError": "models.train", "TrainResult": "models.train",
-    "train": "models.train", "train_summary": "models.train",
+    "TrainConfig": "models.training", "TrainingError": "models.training", "TrainResult": "models.training",
+    "train": "models.training", "train_summary": "models.training",
 }
 
 __all__ = sorted(_LAZY)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bnfold.errors import BnfoldError
-from models.train import TrainConfig, TrainingError, train
+from models.training import TrainConfig, TrainingError, train
 
 TARGET = 0.95
 

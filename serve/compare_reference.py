@@ -44,7 +44,7 @@ def reference_server(onnx_path: str | os.PathLike, port: int | None = None, star
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             deadline = time.monotonic() + startup_timeout
-            while not _probe(port):
+            while not _ready("127.0.0.1", port, path="/openapi.json"):
                 if process.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
                     raise ServeError(f"reference service did not start: {log.read()[-1500:].decode(errors='replace')}")
@@ -58,18 +58,6 @@ def reference_server(onnx_path: str | os.PathLike, port: int | None = None, star
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 process.kill()
-
-
-def _probe(port: int) -> bool:
-    import http.client
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-        conn.request("GET", "/openapi.json")
-        ok = conn.getresponse().status == 200
-        conn.close()
-        return ok
-    except OSError:
-        return False
 
 
 def cpu_seconds(pid: int) -> float:

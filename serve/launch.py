@@ -78,10 +78,11 @@ def serve(model: str | os.PathLike, *, name: str | None = None, device: str = "c
     return 0
 
 
-def _ready(host: str, port: int, timeout: float = 1.0) -> bool:
+def _ready(host: str, port: int, timeout: float = 1.0, path: str = "/v2/health/ready") -> bool:
+    """True when GET `path` answers 200 (any server, so the reference service can be probed too)."""
     try:
         conn = http.client.HTTPConnection(host, port, timeout=timeout)
-        conn.request("GET", "/v2/health/ready")
+        conn.request("GET", path)
         ok = conn.getresponse().status == 200
         conn.close()
         return ok

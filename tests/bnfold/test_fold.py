@@ -14,8 +14,8 @@ from bnfold import FoldReport, count_batchnorm, fold
 from bnfold.modules import DEFAULT_FOLDERS, FoldSkipped, fold_layer_bn
 
 
-def _check(model: nn.Module, x: torch.Tensor, rand_bn, rel_err, *, left: int = 0, tol: float = 1e-5):
-    model = rand_bn(model).eval()
+def _check(model: nn.Module, x: torch.Tensor, randomize_bn, rel_err, *, left: int = 0, tol: float = 1e-5):
+    model = randomize_bn(model).eval()
     with torch.no_grad():
         ref = model(x)
     folded, report = fold(model)
@@ -28,53 +28,53 @@ def _check(model: nn.Module, x: torch.Tensor, rand_bn, rel_err, *, left: int = 0
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("bias", [True, False])
-def test_conv_bn_every_dimension(dims: int, bias: bool, rand_bn, rel_err) -> None:
+def test_conv_bn_every_dimension(dims: int, bias: bool, randomize_bn, rel_err) -> None:
     conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
     bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
     model = nn.Sequential(conv(4, 6, 3, stride=2, padding=1, bias=bias), bn(6), nn.ReLU(),
                           conv(6, 6, 3, groups=6, dilation=2, padding=2, padding_mode="reflect"), bn(6))
     x = torch.randn(2, 4, *([7] * dims))
-    folded, report = _check(model, x, rand_bn, rel_err)
+    folded, report = _check(model, x, randomize_bn, rel_err)
     assert report.folded == [("0", "1"), ("3", "4")]
     assert folded[0].bias is not None
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
-def test_conv_transpose_grouped_with_output_padding(dims: int, rand_bn, rel_err) -> None:
+def test_conv_transpose_grouped_with_output_padding(dims: int, randomize_bn, rel_err) -> None:
     tconv = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[dims - 1]
     bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
     model = nn.Sequential(tconv(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2, bias=False), bn(6))
-    _check(model, torch.randn(2, 4, *([4] * dims)), rand_bn, rel_err)
+    _check(model, torch.randn(2, 4, *([4] * dims)), randomize_bn, rel_err)
 
 
-def test_linear_bn_and_affine_false(rand_bn, rel_err) -> None:
+def test_linear_bn_and_affine_false(randomize_bn, rel_err) -> None:
     model = nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8, affine=False), nn.ReLU(),
                           nn.Linear(8, 4, bias=False), nn.BatchNorm1d(4))
-    _, report = _check(model, torch.randn(5, 10), rand_bn, rel_err)
+    _, report = _check(model, torch.randn(5, 10), randomize_bn, rel_err)
     assert len(report.folded) == 2 and report.ok
 
 
-def test_bn_before_linear_through_dropout(rand_bn, rel_err) -> None:
+def test_bn_before_linear_through_dropout(randomize_bn, rel_err) -> None:
     model = nn.Sequential(nn.ReLU(), nn.BatchNorm1d(10), nn.Dropout(0.5), nn.Identity(), nn.Linear(10, 3))
-    _, report = _check(model, torch.randn(6, 10), rand_bn, rel_err)
+    _, report = _check(model, torch.randn(6, 10), randomize_bn, rel_err)
     assert report.folded == [("4", "1")]
 
 
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
-def test_bn_before_conv_with_value_padding(mode: str, rand_bn, rel_err) -> None:
+def test_bn_before_conv_with_value_padding(mode: str, randomize_bn, rel_err) -> None:
     model = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, padding=1, padding_mode=mode))
-    _, report = _check(model, torch.randn(2, 4, 6, 6), rand_bn, rel_err)
+    _, report = _check(model, torch.randn(2, 4, 6, 6), randomize_bn, rel_err)
     assert report.folded == [("2", "1")]
 
 
-def test_bn_before_unpadded_grouped_conv(rand_bn, rel_err) -> None:
+def test_bn_before_unpadded_grouped_conv(randomize_bn, rel_err) -> None:
     model = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4), nn.Dropout2d(), nn.Conv2d(4, 6, 3, groups=2))
-    _check(model, torch.randn(2, 4, 6, 6), rand_bn, rel_err)
+    _check(model, torch.randn(2, 4, 6, 6), randomize_bn, rel_err)
 
 
-def test_bn_before_zero_padded_conv_is_left_and_reported(rand_bn, rel_err) -> None:
+def test_bn_before_zero_padded_conv_is_left_and_reported(randomize_bn, rel_err) -> None:
     model = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, padding=1))
-    _, report = _check(model, torch.randn(2, 4, 6, 6), rand_bn, rel_err, left=1, tol=1e-6)
+    _, report = _check(model, torch.randn(2, 4, 6, 6), randomize_bn, rel_err, left=1, tol=1e-6)
     assert report.folded == []
     [(name, reason)] = report.skipped
     assert name == "1" and "zero-padded" in reason
@@ -118,9 +118,9 @@ class _TwoConsumers(nn.Module):
         return self.bn(y) + y  # the conv's output is needed unnormalized too
 
 
-def test_guard_second_consumer(rand_bn, rel_err) -> None:
+def test_guard_second_consumer(randomize_bn, rel_err) -> None:
     # torch.ao.quantization.fuse_modules folds this and returns wrong outputs.
-    _, report = _check(_TwoConsumers(), torch.randn(2, 3, 5, 5), rand_bn, rel_err, left=1, tol=1e-6)
+    _, report = _check(_TwoConsumers(), torch.randn(2, 3, 5, 5), randomize_bn, rel_err, left=1, tol=1e-6)
     [(name, reason)] = report.skipped
     assert name == "bn" and "2 users" in reason and "add" in reason
 
@@ -135,9 +135,9 @@ def test_guard_no_running_stats(rel_err) -> None:
         assert torch.equal(model(x), folded(x))
 
 
-def test_guard_shape_mismatch(rand_bn) -> None:
+def test_guard_shape_mismatch(randomize_bn) -> None:
     # Never runnable as is, but fold must refuse rather than crash or fold garbage.
-    model = rand_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(6)))
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(6)))
     folded, report = fold(model)
     assert count_batchnorm(folded) == 1
     assert "shapes disagree" in report.skipped[0][1] and "4 channels" in report.skipped[0][1]
@@ -156,13 +156,13 @@ class _Shared(nn.Module):
         return self.bn2(self.conv(self.bn1(self.conv(x))))
 
 
-def test_guard_layer_called_twice(rand_bn, rel_err) -> None:
-    _, report = _check(_Shared(), torch.randn(1, 3, 5, 5), rand_bn, rel_err, left=2, tol=1e-6)
+def test_guard_layer_called_twice(randomize_bn, rel_err) -> None:
+    _, report = _check(_Shared(), torch.randn(1, 3, 5, 5), randomize_bn, rel_err, left=2, tol=1e-6)
     assert {n for n, _ in report.skipped} == {"bn1", "bn2"}
     assert all("called 2 times" in r or "zero-padded" in r for _, r in report.skipped)
 
 
-def test_guard_bn_called_twice(rand_bn, rel_err) -> None:
+def test_guard_bn_called_twice(randomize_bn, rel_err) -> None:
     class M(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -170,15 +170,15 @@ def test_guard_bn_called_twice(rand_bn, rel_err) -> None:
 
         def forward(self, x):
             return self.bn(self.a(x)) + self.bn(self.b(x))
-    _, report = _check(M(), torch.randn(1, 3, 4, 4), rand_bn, rel_err, left=1, tol=1e-6)
+    _, report = _check(M(), torch.randn(1, 3, 4, 4), randomize_bn, rel_err, left=1, tol=1e-6)
     assert "called 2 times" in report.skipped[0][1]
 
 
-def test_guard_tied_weights(rand_bn, rel_err) -> None:
+def test_guard_tied_weights(randomize_bn, rel_err) -> None:
     a, b = nn.Linear(4, 4), nn.Linear(4, 4)
     b.weight = a.weight
     model = nn.Sequential(a, nn.BatchNorm1d(4), b)
-    _, report = _check(model, torch.randn(3, 4), rand_bn, rel_err, left=1, tol=1e-6)
+    _, report = _check(model, torch.randn(3, 4), randomize_bn, rel_err, left=1, tol=1e-6)
     assert "shared" in report.skipped[0][1]
 
 
@@ -199,10 +199,10 @@ class _DataDependent(nn.Module):
         return self.bn(self.conv(y))
 
 
-def test_fx_fallback_on_data_dependent_control_flow(rand_bn, rel_err) -> None:
+def test_fx_fallback_on_data_dependent_control_flow(randomize_bn, rel_err) -> None:
     model = _DataDependent()
     x = torch.randn(2, 3, 8, 8)
-    folded, report = _check(model, x, rand_bn, rel_err, left=2, tol=1e-5)
+    folded, report = _check(model, x, randomize_bn, rel_err, left=2, tol=1e-5)
     assert type(folded) is _DataDependent
     assert ("features.0", "features.1") in report.folded
     skipped = dict(report.skipped)
@@ -226,14 +226,14 @@ class _Branchy(nn.Module):
         return x * 2 if x.sum() > 0 else x
 
 
-def test_sequential_walk_when_a_child_is_untraceable(rand_bn, rel_err) -> None:
-    folded, report = _check(_Untraceable(), torch.randn(2, 3, 6, 6), rand_bn, rel_err, left=1)
+def test_sequential_walk_when_a_child_is_untraceable(randomize_bn, rel_err) -> None:
+    folded, report = _check(_Untraceable(), torch.randn(2, 3, 6, 6), randomize_bn, rel_err, left=1)
     assert ("body.0", "body.1") in report.folded and ("body.5", "body.3") in report.folded
     assert [n for n, _ in report.skipped] == ["body.7"]
 
 
-def test_input_untouched_result_eval_and_inplace(rand_bn) -> None:
-    model = rand_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).train()
+def test_input_untouched_result_eval_and_inplace(randomize_bn) -> None:
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).train()
     before = copy.deepcopy(model.state_dict())
     folded, _ = fold(model)
     assert model.training and count_batchnorm(model) == 1
@@ -243,8 +243,8 @@ def test_input_untouched_result_eval_and_inplace(rand_bn) -> None:
     assert same is model and count_batchnorm(model) == 0 and not model.training
 
 
-def test_dtype_requires_grad_and_channels_last_preserved(rand_bn, rel_err) -> None:
-    model = rand_bn(nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8))).double().eval()
+def test_dtype_requires_grad_and_channels_last_preserved(randomize_bn, rel_err) -> None:
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8))).double().eval()
     model = model.to(memory_format=torch.channels_last)
     model[0].weight.requires_grad_(False)
     folded, _ = fold(model)
@@ -258,7 +258,7 @@ def test_dtype_requires_grad_and_channels_last_preserved(rand_bn, rel_err) -> No
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_folds_as_well_as_the_model_computes(dtype: torch.dtype, rand_bn) -> None:
+def test_low_precision_folds_as_well_as_the_model_computes(dtype: torch.dtype, randomize_bn) -> None:
     """Folding in float64 and rounding once: compared with a float64 reference the folded
     low-precision model is close to the unfolded one's own error and clearly better than
     folding in the storage dtype (what torch.fx's fuse does)."""
@@ -269,7 +269,7 @@ def test_low_precision_folds_as_well_as_the_model_computes(dtype: torch.dtype, r
         model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                               nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                               nn.Conv2d(16, 8, 3), nn.BatchNorm2d(8))
-        model = rand_bn(model, seed=seed).eval()
+        model = randomize_bn(model, seed=seed).eval()
         x = torch.randn(8, 3, 12, 12)
         with torch.no_grad():
             ref = copy.deepcopy(model).double()(x.double())
@@ -285,25 +285,25 @@ def test_low_precision_folds_as_well_as_the_model_computes(dtype: torch.dtype, r
     assert mean(ratios_naive) < 1.0, ratios_naive
 
 
-def test_extending_and_overriding_the_table(rand_bn, rel_err) -> None:
+def test_extending_and_overriding_the_table(randomize_bn, rel_err) -> None:
     class MyConv(nn.Conv2d):
         pass
 
     model = nn.Sequential(MyConv(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
     x = torch.randn(1, 3, 5, 5)
-    _, report = _check(copy.deepcopy(model), x, rand_bn, rel_err, left=1)
+    _, report = _check(copy.deepcopy(model), x, randomize_bn, rel_err, left=1)
     assert "its input comes from conv2d, not a layer module" in report.skipped[0][1]  # traced through
     folders = {(MyConv, nn.BatchNorm2d): fold_layer_bn, (nn.Conv2d, nn.BatchNorm2d): None}
-    folded, report = fold(rand_bn(model).eval(), folders=folders)
+    folded, report = fold(randomize_bn(model).eval(), folders=folders)
     assert report.folded == [("0", "1")] and [n for n, _ in report.skipped] == ["3"]
     assert (nn.Conv2d, nn.BatchNorm2d) in DEFAULT_FOLDERS  # the global table is untouched
     with pytest.raises(bnfold.BnfoldError, match="pairs"):
         fold(model, folders={nn.Conv2d: fold_layer_bn})
 
 
-def test_report_table_and_dict(rand_bn) -> None:
+def test_report_table_and_dict(randomize_bn) -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4, track_running_stats=False))
-    _, report = fold(rand_bn(model))
+    _, report = fold(randomize_bn(model))
     text = str(report)
     assert text.splitlines()[0] == "BatchNorm fold: 1 folded, 1 skipped"
     assert "folded" in text and "skipped" in text and "track_running_stats=False" in text
@@ -333,16 +333,16 @@ def test_not_a_module_and_torchscript_are_refused() -> None:
         fold(scripted)
 
 
-def test_sync_batchnorm_in_eval_folds(rand_bn, rel_err) -> None:
+def test_sync_batchnorm_in_eval_folds(randomize_bn, rel_err) -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.ReLU(),
                           nn.ConvTranspose2d(4, 2, 2, stride=2), nn.SyncBatchNorm(2))
-    _, report = _check(model, torch.randn(2, 3, 6, 6), rand_bn, rel_err)
+    _, report = _check(model, torch.randn(2, 3, 6, 6), randomize_bn, rel_err)
     assert report.folded == [("0", "1"), ("3", "4")]
 
 
 @pytest.mark.gpu
-def test_cuda_model_stays_on_cuda(rand_bn, rel_err) -> None:
-    model = rand_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+def test_cuda_model_stays_on_cuda(randomize_bn, rel_err) -> None:
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                                   nn.ConvTranspose2d(8, 4, 2, stride=2, groups=2), nn.BatchNorm2d(4))).eval().cuda()
     folded, report = fold(model)
     assert report.ok and all(p.device.type == "cuda" for p in folded.parameters())
@@ -351,11 +351,11 @@ def test_cuda_model_stays_on_cuda(rand_bn, rel_err) -> None:
         assert rel_err(model(x).cpu(), folded(x).cpu()) <= 1e-5
 
 
-def test_guard_layer_with_hooks(rand_bn, rel_err) -> None:
+def test_guard_layer_with_hooks(randomize_bn, rel_err) -> None:
     # weight_norm's pre-hook recomputes conv.weight from weight_g / weight_v on every call.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         conv = torch.nn.utils.weight_norm(nn.Conv2d(3, 4, 3))
-    _, report = _check(nn.Sequential(conv, nn.BatchNorm2d(4)), torch.randn(1, 3, 5, 5), rand_bn, rel_err,
+    _, report = _check(nn.Sequential(conv, nn.BatchNorm2d(4)), torch.randn(1, 3, 5, 5), randomize_bn, rel_err,
                        left=1, tol=1e-6)
     assert "forward hooks" in report.skipped[0][1] and "weight_norm" in report.skipped[0][1]

@@ -15,9 +15,9 @@ from bnfold.cli import main
 
 
 @pytest.fixture
-def saved_module(tmp_path: Path, rand_bn) -> Path:
+def saved_module(tmp_path: Path, randomize_bn) -> Path:
     torch.manual_seed(0)
-    model = rand_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4), nn.BatchNorm1d(4))).eval()
     path = tmp_path / "model.pt"
     torch.save(model, path)
@@ -38,10 +38,10 @@ def test_fold_saved_module(saved_module: Path, tmp_path: Path, capsys) -> None:
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
 
 
-def test_fold_bnfold_checkpoint_takes_the_shape_from_its_spec(tmp_path: Path, capsys, rand_bn) -> None:
+def test_fold_bnfold_checkpoint_takes_the_shape_from_its_spec(tmp_path: Path, capsys, randomize_bn) -> None:
     models = pytest.importorskip("models")
     model, spec = models.create("lenet", "digits")
-    ckpt = models.save_checkpoint(tmp_path / "ckpt.pt", rand_bn(model), spec)
+    ckpt = models.save_checkpoint(tmp_path / "ckpt.pt", randomize_bn(model), spec)
     assert main(["fold", str(ckpt), "--out", str(tmp_path / "folded.pt")]) == 0
     printed = capsys.readouterr().out
     assert f"input shape 1,{','.join(map(str, spec.input_shape))}" in printed
@@ -83,9 +83,9 @@ def test_fold_errors(saved_module: Path, tmp_path: Path, capsys) -> None:
     assert not out.exists()
 
 
-def _export_lenet_head(path: Path, rand_bn, dynamic_spatial: bool = False) -> None:
+def _export_lenet_head(path: Path, randomize_bn, dynamic_spatial: bool = False) -> None:
     torch.manual_seed(1)
-    model = rand_bn(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+    model = randomize_bn(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                                   nn.Flatten(), nn.Linear(4, 6), nn.BatchNorm1d(6))).eval()
     axes = {"input": {0: "batch", 2: "h", 3: "w"} if dynamic_spatial else {0: "batch"}}
     with warnings.catch_warnings():
@@ -94,16 +94,16 @@ def _export_lenet_head(path: Path, rand_bn, dynamic_spatial: bool = False) -> No
                           output_names=["logits"], dynamic_axes=axes)
 
 
-def test_fold_onnx(tmp_path: Path, capsys, rand_bn) -> None:
+def test_fold_onnx(tmp_path: Path, capsys, randomize_bn) -> None:
     src, dst = tmp_path / "in.onnx", tmp_path / "out" / "folded.onnx"
-    _export_lenet_head(src, rand_bn)
+    _export_lenet_head(src, randomize_bn)
     assert main(["fold-onnx", str(src), str(dst)]) == 0
     printed = capsys.readouterr().out
     assert "BatchNorm left: 0 of 1" in printed and "Gemm" in printed and "parity over 8 samples" in printed
     assert not any(n.op_type == "BatchNormalization" for n in onnx.load(str(dst)).graph.node)
 
 
-def test_fold_onnx_errors(tmp_path: Path, capsys, rand_bn) -> None:
+def test_fold_onnx_errors(tmp_path: Path, capsys, randomize_bn) -> None:
     dst = tmp_path / "never.onnx"
     assert "no ONNX file" in _error(["fold-onnx", str(tmp_path / "missing.onnx"), str(dst)], capsys)
     corrupt = tmp_path / "corrupt.onnx"
@@ -111,7 +111,7 @@ def test_fold_onnx_errors(tmp_path: Path, capsys, rand_bn) -> None:
     assert "ONNX" in _error(["fold-onnx", str(corrupt), str(dst)], capsys)
 
     src = tmp_path / "dyn.onnx"
-    _export_lenet_head(src, rand_bn, dynamic_spatial=True)
+    _export_lenet_head(src, randomize_bn, dynamic_spatial=True)
     err = _error(["fold-onnx", str(src), str(dst)], capsys)
     assert "symbolic axis 2 (h)" in err and "--input-shape" in err
     assert main(["fold-onnx", str(src), str(dst), "--input-shape", "1,1,10,10"]) == 0

@@ -42,9 +42,9 @@ class _LeNetBN(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def lenet(rand_bn) -> nn.Module:
+def lenet(randomize_bn) -> nn.Module:
     torch.manual_seed(0)
-    return rand_bn(_LeNetBN()).eval()
+    return randomize_bn(_LeNetBN()).eval()
 
 
 def _export(model: nn.Module, path: Path, **kwargs) -> onnx.ModelProto:

@@ -13,9 +13,9 @@ from bnfold import compare, count_batchnorm, fold
     "mobilenet_v2",
     pytest.param("resnet50", marks=pytest.mark.slow),
 ])
-def test_torchvision_folds_to_zero_batchnorm(name: str, rand_bn) -> None:
+def test_torchvision_folds_to_zero_batchnorm(name: str, randomize_bn) -> None:
     torch.manual_seed(0)
-    model = rand_bn(getattr(torchvision.models, name)(weights=None, num_classes=100)).eval()
+    model = randomize_bn(getattr(torchvision.models, name)(weights=None, num_classes=100)).eval()
     before = count_batchnorm(model)
     folded, report = fold(model)
     assert before > 0 and count_batchnorm(folded) == 0, str(report)

@@ -15,31 +15,10 @@ from torch import nn
 import models
 
 
-def randomize_batchnorm(model: nn.Module, seed: int = 0, *, gamma_scale: float = 0.5,
-                        var_low: float = 0.5) -> nn.Module:
-    """Give every BatchNorm random running stats and affine parameters; returns the model in eval."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                n = module.num_features
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
-                module.running_var.copy_(torch.rand(n, generator=generator) + var_low)
-                if module.affine:
-                    module.weight.copy_(1 + gamma_scale * torch.randn(n, generator=generator))
-                    module.bias.copy_(0.3 * torch.randn(n, generator=generator))
-    return model.eval()
-
-
-@pytest.fixture(scope="session")
-def randomize() -> Callable[..., nn.Module]:
-    return randomize_batchnorm
-
-
 @pytest.fixture(scope="module")
-def lenet() -> tuple[nn.Module, models.ModelSpec]:
+def lenet(randomize_bn) -> tuple[nn.Module, models.ModelSpec]:
     model, spec = models.create("lenet", "digits")
-    return randomize_batchnorm(model, seed=1), spec
+    return randomize_bn(model, seed=1).eval(), spec
 
 
 @pytest.fixture(scope="module")

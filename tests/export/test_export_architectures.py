@@ -49,10 +49,10 @@ class Exported:
 
 @pytest.fixture(scope="module", params=ARCHS)
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-             randomize) -> Exported:
+             randomize_bn) -> Exported:
     arch, kwargs = request.param
     model, spec = models.create(arch, "digits", **kwargs)
-    model = randomize(model, seed=7)
+    model = randomize_bn(model, seed=7).eval()
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
     bn_before = bnfold.count_batchnorm(model)
     folder = tmp_path_factory.mktemp(f"export-{arch}")

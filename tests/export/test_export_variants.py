@@ -9,7 +9,6 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import bnfold
 import export
 from export.onnx import count_ops, model_opset
 

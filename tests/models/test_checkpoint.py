@@ -1,7 +1,6 @@
 """Checkpoints: round trip through one file, and clear refusal of anything else."""
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
@@ -12,18 +11,18 @@ from models.checkpoint import FORMAT
 
 
 @pytest.fixture
-def lenet_checkpoint(tmp_path, random_bn):
+def lenet_checkpoint(tmp_path, randomize_bn):
     model, spec = models.create("lenet", "digits")
-    random_bn(model)
+    randomize_bn(model)
     spec.epoch, spec.metrics = 3, {"test_accuracy": 0.5}
     path = models.save_checkpoint(tmp_path / "ck.pt", model, spec, extra={"note": "hello"})
     return path, model.eval(), spec
 
 
 @pytest.mark.parametrize("arch", ["lenet", "resnet20", "unet"])
-def test_round_trip_rebuilds_the_same_model(tmp_path, random_bn, arch):
+def test_round_trip_rebuilds_the_same_model(tmp_path, randomize_bn, arch):
     model, spec = models.create(arch, "digits")
-    random_bn(model, seed=3)
+    randomize_bn(model, seed=3)
     model.eval()
     path = models.save_checkpoint(tmp_path / f"{arch}.pt", model, spec)
     loaded, loaded_spec = models.load_checkpoint(path)

@@ -15,9 +15,9 @@ from models.distributed import DistContext, from_sync_batchnorm, to_sync_batchno
 
 
 @pytest.mark.parametrize("arch", ["lenet", "resnet20", "unet"])
-def test_sync_batchnorm_conversion_round_trip_keeps_stats_and_params(random_bn, arch):
+def test_sync_batchnorm_conversion_round_trip_keeps_stats_and_params(randomize_bn, arch):
     model, spec = models.create(arch)
-    random_bn(model, seed=11)
+    randomize_bn(model, seed=11)
     original = {name: type(m) for name, m in model.named_modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import bnfold
 import models
@@ -12,9 +11,9 @@ import models
     ("lenet", {}), ("lenet", {"activation": "sigmoid", "pool": "max"}), ("resnet20", {}),
     ("resnet18", {}), ("unet", {}),
 ])
-def test_architectures_fold_completely(random_bn, arch, kwargs):
+def test_architectures_fold_completely(randomize_bn, arch, kwargs):
     model, spec = models.create(arch, "digits", **kwargs)
-    random_bn(model, seed=2)
+    randomize_bn(model, seed=2)
     model.eval()
     folded, report = bnfold.fold(model)
     assert bnfold.count_batchnorm(model) > 0  # the original is untouched

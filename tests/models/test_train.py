@@ -9,7 +9,7 @@ from torch import nn
 
 import models
 from bnfold.errors import BnfoldError
-from models.train import TrainingError, resolve_device
+from models.training import TrainingError, resolve_device
 
 
 def tiny(out, **overrides) -> models.TrainConfig:

@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import onnx
 import pytest
 import torch

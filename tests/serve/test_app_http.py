@@ -19,7 +19,6 @@ import pytest
 import tritonclient.http as triton_http
 import tritonclient.http.aio as triton_aio
 
-from models.spec import ModelSpec, Preprocess
 from serve.launch import running_server
 
 MAX_BODY_MB = 0.05   # 52 KB: room for a JSON LeNet request, small enough to test the 413

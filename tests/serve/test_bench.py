@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import export
 import models
@@ -22,23 +21,10 @@ ENV_FIELDS = {"cpu", "gpu", "torch", "onnxruntime", "onnx", "threads", "date", "
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
-    """Fresh BatchNorm is an identity; give it statistics and affine parameters worth folding."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            if m.affine:
-                m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
-
-
 @pytest.fixture(scope="module")
-def bench_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bench_checkpoint(tmp_path_factory: pytest.TempPathFactory, randomize_bn) -> Path:
     model, spec = models.create("lenet", "digits")
-    _randomize_bn(model)
+    randomize_bn(model)
     return models.save_checkpoint(tmp_path_factory.mktemp("bench-ckpt") / "lenet.pt", model.eval(), spec)
 
 
