@@ -61,6 +61,10 @@ def main(argv: list[str]) -> int:
         return 0
     if verb == "demo":
         command = [str(BIN / "bnfold"), "pipeline", *rest]
+        if not any(arg == "--out" or arg.startswith("--out=") for arg in rest):
+            # The demo's own folder (runs/demo) is rewritten on every run; a folder the user
+            # names is never overwritten without their --force.
+            command.append("--force")
     else:
         command = [str(PYTHON), "-m", "pytest", *rest]
     return subprocess.run(command, cwd=ROOT).returncode
