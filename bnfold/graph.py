@@ -201,35 +201,27 @@ class _Folder:
     def _walk_sequential(self, seq: nn.Sequential, prefix: str) -> None:
         names = list(seq._modules)
         for i, name in enumerate(names):
-            bn = seq._modules[name]
-            if not is_batchnorm(bn):
+            if not is_batchnorm(seq._modules[name]):
                 continue
-            path = _join(prefix, name)
             reasons = []
-            j = i - 1
-            while j >= 0 and type(seq._modules[names[j]]) in PASSTHROUGH:
-                j -= 1
-            if j >= 0:
-                key = (type(seq._modules[names[j]]), type(bn))
-                if key in self.table:
-                    try:
-                        self._apply(seq, prefix, names[j], name, key, names[j], name)
-                        continue
-                    except FoldSkipped as exc:
-                        reasons.append(str(exc))
-            j = i + 1
-            while j < len(names) and type(seq._modules[names[j]]) in PASSTHROUGH:
-                j += 1
-            if j < len(names):
-                key = (type(bn), type(seq._modules[names[j]]))
-                if key in self.table:
-                    try:
-                        self._apply(seq, prefix, name, names[j], key, names[j], name)
-                        continue
-                    except FoldSkipped as exc:
-                        reasons.append(str(exc))
-            self.skipped(path, "; ".join(reasons) or
-                         "no foldable layer right before or after it in its nn.Sequential")
+            for step in (-1, 1):  # the layer before the BN, then the layer after it
+                j = i + step
+                while 0 <= j < len(names) and type(seq._modules[names[j]]) in PASSTHROUGH:
+                    j += step
+                if not 0 <= j < len(names):
+                    continue
+                first, second = (names[j], name) if step < 0 else (name, names[j])  # data-flow order
+                key = (type(seq._modules[first]), type(seq._modules[second]))
+                if key not in self.table:
+                    continue
+                try:
+                    self._apply(seq, prefix, first, second, key, names[j], name)
+                    break
+                except FoldSkipped as exc:
+                    reasons.append(str(exc))
+            else:
+                self.skipped(_join(prefix, name), "; ".join(reasons) or
+                             "no foldable layer right before or after it in its nn.Sequential")
 
     # -- FX graph --------------------------------------------------------------------------
 
@@ -287,6 +279,14 @@ class _Folder:
                 return None
             node = node.args[0]
 
+    def _producer_problem(self, producer: fx.Node, last: fx.Node, scope: nn.Module, calls: Counter,
+                          prefix: str) -> str | None:
+        """Why the BN fed by `last` cannot be folded into `producer`, or None when it can."""
+        why = self._chain_has_one_user(producer, last, scope, prefix)
+        if why is None and calls[producer.target] > 1:
+            why = f"{_join(prefix, producer.target)} is called {calls[producer.target]} times in forward"
+        return why
+
     def _try_after(self, module: nn.Module, node: fx.Node, bn: nn.Module, calls: Counter, prefix: str,
                    reasons: list[str]) -> bool:
         producer = self._skip_passthrough_back(module, node.args[0] if node.args else None)
@@ -298,9 +298,7 @@ class _Folder:
         if key not in self.table:
             reasons.append(f"no folder for {type(layer).__name__} -> {type(bn).__name__} (after {_join(prefix, producer.target)})")
             return False
-        why = self._chain_has_one_user(producer, node.args[0], module, prefix)
-        if why is None and calls[producer.target] > 1:
-            why = f"{_join(prefix, producer.target)} is called {calls[producer.target]} times in forward"
+        why = self._producer_problem(producer, node.args[0], module, calls, prefix)
         if why:
             reasons.append(f"not folded into {_join(prefix, producer.target)}: {why}")
             return False
@@ -374,10 +372,7 @@ class _Folder:
         try:
             if fn is None:
                 raise FoldSkipped(f"no folder for {type(layer).__name__} followed by a BatchNorm")
-            why = self._chain_has_one_user(producer, args["input"], module, prefix)
-            if why is None and calls[producer.target] > 1:
-                why = f"{_join(prefix, producer.target)} is called {calls[producer.target]} times in forward"
-            why = why or self._shared(layer)
+            why = self._producer_problem(producer, args["input"], module, calls, prefix) or self._shared(layer)
             if why:
                 raise FoldSkipped(why)
             new_layer = fn(layer, stats)
