@@ -115,7 +115,10 @@ class _Metrics:
 
 
 class InferenceApp:
-    """ASGI application serving `models` (name -> ModelRuntime)."""
+    """ASGI application serving `models` (name -> ModelRuntime).
+
+    The names in `models` are the ones in URLs; parsers, encoders and metrics are kept under them.
+    """
 
     def __init__(self, models: Mapping[str, ModelRuntime], *, max_body_bytes: int = 16 << 20,
                  access_log: AccessLog | None = None) -> None:
@@ -136,8 +139,9 @@ class InferenceApp:
         self._model_config = {name: json.dumps(self._config(m)).encode() for name, m in self.models.items()}
         self._index = json.dumps([{"name": n, "version": m.version, "state": "READY"}
                                   for n, m in self.models.items()]).encode()
-        self._openapi = json.dumps(openapi_document(self.models)).encode()
-        self._docs = docs_html(openapi_document(self.models)).encode()
+        document = openapi_document(self.models)
+        self._openapi = json.dumps(document).encode()
+        self._docs = docs_html(document).encode()
 
     # ------------------------------------------------------------------ metadata documents
     @staticmethod
@@ -277,18 +281,18 @@ class InferenceApp:
             raise ServeError(f"no route for {method} {path}; see /docs for the endpoints", status=404)
         if action == "infer":
             self._require(method, "POST", path)
-            return await self._infer(model, scope, receive)
+            return await self._infer(name, model, scope, receive)
         self._require(method, "GET", path)
         if action == "ready":
             return 200, _JSON, b""
         if action == "config":
             return 200, _JSON, self._model_config[name]
         if action == "stats":
-            return 200, _JSON, self._stats(model)
+            return 200, _JSON, self._stats(name, model)
         return 200, _JSON, self._model_meta[name]
 
-    def _stats(self, model: ModelRuntime) -> bytes:
-        requests, latency = self.metrics.bound[(model.name, "infer")]
+    def _stats(self, name: str, model: ModelRuntime) -> bytes:
+        requests, _ = self.metrics.bound[(name, "infer")]
         return json.dumps({"model_stats": [{"name": model.name, "version": model.version,
                                             "inference_count": int(requests._value.get())}]}).encode()
 
@@ -336,15 +340,15 @@ class InferenceApp:
             return model.run_all(x)
         return await asyncio.get_running_loop().run_in_executor(None, model.run_all, x)
 
-    async def _infer(self, model: ModelRuntime, scope: Scope, receive: Receive) -> tuple[int, list, bytes]:
+    async def _infer(self, name: str, model: ModelRuntime, scope: Scope, receive: Receive) -> tuple[int, list, bytes]:
         body = await self._read_body(scope, receive)
         encoding = self._header(scope, b"content-encoding")
         if encoding is not None:
             body = _decompress(body, encoding)
         header_length = parse_header_length(self._header(scope, b"inference-header-content-length"), len(body))
-        request = self.parsers[model.name].parse(body, header_length)
+        request = self.parsers[name].parse(body, header_length)
         results = await self._run(model, request.array)
-        payload, json_length = self.encoders[model.name].encode(request, results)
+        payload, json_length = self.encoders[name].encode(request, results)
         if json_length is None:
             return 200, _JSON, payload
         return 200, [(b"content-type", _OCTET),
@@ -393,9 +397,9 @@ def create_app(models: Mapping[str, ModelRuntime] | str | os.PathLike, *, device
     Loading happens here, before the server binds its port, so that a start-up failure (missing
     file, CUDA absent) is a clear `ServeError` and not a half-started server.
     """
+    if max_body_mb <= 0:  # checked before loading: a typo should not cost a model load and warm-up
+        raise ServeError(f"--max-body-mb must be positive, got {max_body_mb}", status=500)
     if not isinstance(models, Mapping):
         models = load_repository(models, device, threads=threads, cuda_graph=cuda_graph, name=name)
-    if max_body_mb <= 0:
-        raise ServeError(f"--max-body-mb must be positive, got {max_body_mb}", status=500)
     log_writer = access_log if isinstance(access_log, AccessLog) else AccessLog(enabled=bool(access_log))
     return InferenceApp(models, max_body_bytes=int(max_body_mb * (1 << 20)), access_log=log_writer)

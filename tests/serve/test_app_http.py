@@ -381,3 +381,23 @@ def test_predictions_on_a_synthetic_model_answer_top_k(server: str) -> None:
         r = client.post("/predictions/rgb?top_k=50", files={"data": ("x.png", buffer.getvalue(), "image/png")})
         assert r.status_code == 200 and len(r.json()["predictions"]) == 5     # capped at the class count
         assert abs(sum(p["probability"] for p in r.json()["predictions"]) - 1) < 1e-6
+
+
+def test_a_model_is_served_under_its_key_in_the_mapping(tiny_onnx: Path) -> None:
+    """In-process: a model handed to the app under another name answers there (parser, encoder, stats)."""
+    from serve.app import AccessLog, InferenceApp
+    from serve.runtime import open_session
+
+    app = InferenceApp({"alias": open_session(tiny_onnx, threads=1)}, access_log=AccessLog(enabled=False))
+    x = digits_like(60)
+    content, headers = binary_request(x)
+
+    async def run() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
+            return (await client.post("/v2/models/alias/infer", content=content, headers=headers),
+                    await client.get("/v2/models/alias/stats"))
+
+    infer, stats = asyncio.run(run())
+    assert infer.status_code == 200, infer.text
+    close(decode_binary(infer), direct(tiny_onnx, x), "cpu")
+    assert stats.status_code == 200 and stats.json()["model_stats"][0]["inference_count"] == 1
