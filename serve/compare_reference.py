@@ -58,6 +58,7 @@ def reference_server(onnx_path: str | os.PathLike, port: int | None = None, star
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()
 
 
 def cpu_seconds(pid: int) -> float:

@@ -80,14 +80,14 @@ def serve(model: str | os.PathLike, *, name: str | None = None, device: str = "c
 
 def _ready(host: str, port: int, timeout: float = 1.0, path: str = "/v2/health/ready") -> bool:
     """True when GET `path` answers 200 (any server, so the reference service can be probed too)."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
         conn.request("GET", path)
-        ok = conn.getresponse().status == 200
-        conn.close()
-        return ok
+        return conn.getresponse().status == 200
     except OSError:
         return False
+    finally:
+        conn.close()
 
 
 @contextlib.contextmanager

@@ -76,7 +76,10 @@ def fetch_model_metadata(url: str, model: str) -> dict[str, Any]:
         conn.close()
     if response.status != 200:
         raise ServeError(f"{url} answered {response.status} for model {model!r}: {body[:300].decode(errors='replace')}")
-    return json.loads(body)
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise ServeError(f"{url} answered model {model!r}'s metadata with something other than JSON: {exc}")
 
 
 def encode_request(host: str, path: str, body: bytes, extra_headers: dict[str, str]) -> bytes:
