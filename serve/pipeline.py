@@ -196,8 +196,8 @@ def run_pipeline(*, model: str = "lenet", dataset: str = "digits", data_root: st
     spec = trained.spec
     metrics = dict(getattr(spec, "metrics", {}) or {})
     key, value = headline_metric(metrics)
-    log(f"trained {model} on {dataset} for {epochs} epochs: " + (f"{key} = {value:.4f}" if key else "no metric")
-        + f" -> {checkpoint}")
+    headline = f"{key} = {value:.4f}" if key else "no metric"
+    log(f"trained {model} on {dataset} for {epochs} epochs: {headline} -> {checkpoint}")
 
     done = stage("fold")
     fold_report, fold_parity, bn_before, bn_after = _fold(checkpoint, data_root)
@@ -224,8 +224,8 @@ def run_pipeline(*, model: str = "lenet", dataset: str = "digits", data_root: st
                             bn_after, summary, bench, files, out_dir / "REPORT.md", timings)
     result.report.write_text(render_report(result, command=command, train_dir=out_dir / "train"))
     log("== summary")
-    log(f"{spec.arch} on {spec.dataset}: " + (f"{key} = {value:.4f}" if key else "no metric")
-        + f"; BatchNorm {bn_before} -> {bn_after}; fold max rel error {fold_parity.max_rel_error:.2e}")
+    log(f"{spec.arch} on {spec.dataset}: {headline}; BatchNorm {bn_before} -> {bn_after}; "
+        f"fold max rel error {fold_parity.max_rel_error:.2e}")
     for line in summary_lines(bench):
         log(line)
     log("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))

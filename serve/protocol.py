@@ -193,7 +193,7 @@ class ResponseEncoder:
         for meta, binary, array in chosen:
             entry: dict[str, Any] = {"name": meta.name, "datatype": meta.datatype, "shape": list(array.shape)}
             if binary:
-                data = np.ascontiguousarray(array).tobytes()
+                data = array.tobytes()   # C order whatever the array's layout
                 entry["parameters"] = {"binary_data_size": len(data)}
                 blobs.append(data)
             else:

@@ -214,9 +214,12 @@ def _cuda_graph_runner(session: ort.InferenceSession, inputs: list[TensorMeta],
     onnxruntime captures the graph on the first `run_with_iobinding` and replays it while the
     bound addresses stay the same, so the input is written in place and shapes cannot change.
     """
+    def batch_one(shape: list[int]) -> list[int]:
+        return [1 if (i == 0 and d == -1) else d for i, d in enumerate(shape)]
+
     in_meta = inputs[0]
-    in_shape = [1 if (i == 0 and d == -1) else d for i, d in enumerate(in_meta.shape)]
-    out_shapes = [[1 if (i == 0 and d == -1) else d for i, d in enumerate(o.shape)] for o in outputs]
+    in_shape = batch_one(in_meta.shape)
+    out_shapes = [batch_one(o.shape) for o in outputs]
     if -1 in in_shape or any(-1 in s for s in out_shapes):
         raise ServeError(f"--cuda-graph needs fixed shapes apart from the batch; model {model!r} has "
                          f"input {in_meta.shape} and outputs {[o.shape for o in outputs]}", status=500)
