@@ -48,9 +48,7 @@ def _cmd_fold(args: argparse.Namespace) -> int:
     try:
         import models
         checkpoint = models.is_checkpoint(args.model)
-    except ImportError:  # the models package is optional for folding a plain module
-        checkpoint = False
-    except Exception:  # an unreadable file: load_module below says what is wrong with it
+    except Exception:  # no models package (optional here), or a file load_module below explains
         checkpoint = False
     if checkpoint:
         model, spec = models.load_checkpoint(args.model)

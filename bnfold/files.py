@@ -116,13 +116,21 @@ _NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.fl
              onnx.TensorProto.DOUBLE: np.float64}
 
 
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The graph's inputs that are fed at run time (an initializer may be listed as an input too)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
 def onnx_input_shape(model: onnx.ModelProto, input_shape: Sequence[int] | None = None) -> tuple[int, ...]:
     """The first graph input's shape: a symbolic first (batch) axis becomes 1; any other
     symbolic axis needs `input_shape`."""
     if input_shape is not None:
         return tuple(int(d) for d in input_shape)
-    inits = {t.name for t in model.graph.initializer}
-    first = next(i for i in model.graph.input if i.name not in inits)
+    inputs = _graph_inputs(model)
+    if not inputs:
+        raise BnfoldError("the ONNX graph has no inputs (only initializers)")
+    first = inputs[0]
     dims = []
     for axis, dim in enumerate(first.type.tensor_type.shape.dim):
         if dim.HasField("dim_value") and dim.dim_value > 0:
@@ -142,8 +150,7 @@ def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike, *, input_shap
 
     original = load_onnx(src)
     folded, report = fold_onnx(original)
-    inits = {t.name for t in original.graph.initializer}
-    graph_inputs = [i for i in original.graph.input if i.name not in inits]
+    graph_inputs = _graph_inputs(original)
     if len(graph_inputs) != 1:
         raise BnfoldError(f"{str(src)!r} has {len(graph_inputs)} inputs; the parity check supports one")
     elem = graph_inputs[0].type.tensor_type.elem_type

@@ -132,3 +132,17 @@ def test_help_warns_about_pickles() -> None:
     proc = subprocess.run([sys.executable, "-m", "bnfold", "fold", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "weights_only=False" in proc.stdout
+
+
+def test_onnx_input_shape_of_a_graph_without_inputs() -> None:
+    from onnx import TensorProto, helper
+
+    from bnfold import BnfoldError
+    from bnfold.files import onnx_input_shape
+
+    graph = helper.make_graph([helper.make_node("Identity", ["c"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor("c", TensorProto.FLOAT, [1], [1.0])])
+    with pytest.raises(BnfoldError, match="no inputs"):
+        onnx_input_shape(helper.make_model(graph))
+    assert onnx_input_shape(helper.make_model(graph), (2, 3)) == (2, 3)
