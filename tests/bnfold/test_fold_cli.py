@@ -9,9 +9,12 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper
 from torch import nn
 
+from bnfold import BnfoldError, count_batchnorm
 from bnfold.cli import main
+from bnfold.files import onnx_input_shape
 
 
 @pytest.fixture
@@ -45,7 +48,9 @@ def test_fold_bnfold_checkpoint_takes_the_shape_from_its_spec(tmp_path: Path, ca
     assert main(["fold", str(ckpt), "--out", str(tmp_path / "folded.pt")]) == 0
     printed = capsys.readouterr().out
     assert f"input shape 1,{','.join(map(str, spec.input_shape))}" in printed
-    assert torch.load(tmp_path / "folded.pt", weights_only=False) is not None
+    folded = torch.load(tmp_path / "folded.pt", weights_only=False)
+    assert isinstance(folded, nn.Module) and count_batchnorm(folded) == 0
+    assert "BatchNorm left: 0 of 4" in printed
 
 
 def _error(argv: list[str], capsys) -> str:
@@ -135,11 +140,6 @@ def test_help_warns_about_pickles() -> None:
 
 
 def test_onnx_input_shape_of_a_graph_without_inputs() -> None:
-    from onnx import TensorProto, helper
-
-    from bnfold import BnfoldError
-    from bnfold.files import onnx_input_shape
-
     graph = helper.make_graph([helper.make_node("Identity", ["c"], ["y"])], "g", [],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
                               [helper.make_tensor("c", TensorProto.FLOAT, [1], [1.0])])

@@ -152,12 +152,9 @@ def _conv_graph(extra_consumer: bool = False, stats_as_input: bool = False, trai
     extra = []
     if training:
         nodes.append(_bn_node("h", "y", training_mode=1))
-        extra_out = []
     else:
         nodes.append(_bn_node("h", "y0"))
         nodes.append(helper.make_node("Add", ["y0", "h" if extra_consumer else "y0"], ["y"]))
-        extra_out = []
-    del extra_out
     if stats_as_input:
         inits = [t for t in inits if t.name != "bn.mean"]
         extra = [helper.make_tensor_value_info("bn.mean", TensorProto.FLOAT, [4])]
@@ -212,7 +209,6 @@ def test_statistics_behind_identity_nodes() -> None:
     # The legacy exporter deduplicates equal initializers and feeds the copies through Identity.
     model = _conv_graph()
     nodes = list(model.graph.node)
-    model.graph.node.insert(0, helper.make_node("Identity", ["bn.scale"], ["bn.var.copy"], name="dedup"))
     nodes[1].input[4] = "bn.var.copy"
     del model.graph.node[:]
     model.graph.node.extend([helper.make_node("Identity", ["bn.scale"], ["bn.var.copy"], name="dedup"), *nodes])
