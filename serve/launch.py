@@ -112,7 +112,12 @@ def running_server(model_path: str | os.PathLike, *, device: str = "cpu", thread
         command += ["--name", name]
     command += list(extra_args)
     owned_log = log_path is None
-    log_file = Path(tempfile.mkstemp(prefix="bnfold-serve-", suffix=".log")[1]) if owned_log else Path(log_path)
+    if owned_log:
+        fd, temp_name = tempfile.mkstemp(prefix="bnfold-serve-", suffix=".log")
+        os.close(fd)   # reopened below by name; mkstemp's descriptor would otherwise leak
+        log_file = Path(temp_name)
+    else:
+        log_file = Path(log_path)
     with open(log_file, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                    env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})

@@ -221,10 +221,10 @@ async def _drive(host: str, port: int, requests: list[bytes], concurrency: int, 
     tally = _Tally()
     loop = asyncio.get_running_loop()
     connections: list[_Connection] = []
-    for c in range(concurrency):
-        _, protocol = await loop.create_connection(lambda c=c: _Connection(requests, c, tally), host, port)
-        connections.append(protocol)
     try:
+        for c in range(concurrency):
+            _, protocol = await loop.create_connection(lambda c=c: _Connection(requests, c, tally), host, port)
+            connections.append(protocol)
         # The first answer to each input is taken on one connection before the load starts.
         first = connections[0]
         for index in range(len(requests)):
