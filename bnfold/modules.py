@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
-from torch.nn.parameter import UninitializedParameter
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from bnfold.errors import BnfoldError
 from bnfold.math import fold_bn_after, fold_bn_before
@@ -51,7 +51,7 @@ def check_running_stats(bn: Any) -> None:
     if getattr(bn, "track_running_stats", True) is False or bn.running_mean is None or bn.running_var is None:
         raise FoldSkipped("BatchNorm has no running statistics (track_running_stats=False): "
                           "it normalizes with batch statistics even in eval mode")
-    if isinstance(bn.running_mean, UninitializedParameter) or isinstance(bn.running_mean, nn.parameter.UninitializedBuffer):
+    if isinstance(bn.running_mean, (UninitializedParameter, UninitializedBuffer)):
         raise FoldSkipped("BatchNorm is lazy and not initialized yet (run one forward pass first)")
 
 
@@ -64,10 +64,15 @@ def _check_hooks(module: nn.Module) -> None:
                           "torch.nn.utils.weight_norm, which could recompute or depend on the unfolded weights")
 
 
-def _check_layer(layer: nn.Module) -> None:
-    _check_hooks(layer)
+def _check_pair(layer: nn.Module, bn: Any) -> None:
+    """The guards every folder runs first: running statistics, an initialized layer, no hooks."""
+    check_running_stats(bn)
+    # Before the hooks: a lazy layer's initializing pre-hook is not the problem to report.
     if isinstance(layer.weight, UninitializedParameter):
         raise FoldSkipped(f"{type(layer).__name__} is lazy and not initialized yet (run one forward pass first)")
+    if isinstance(bn, nn.Module):
+        _check_hooks(bn)
+    _check_hooks(layer)
 
 
 def _out_channels(layer: nn.Module) -> int:
@@ -107,10 +112,7 @@ def fold_layer_bn(layer: nn.Module, bn: Any) -> nn.Module:
     `bn` may be a BatchNorm module or anything with `running_mean`, `running_var`, `eps`,
     `weight`, `bias` (a functional `F.batch_norm` call's tensors).
     """
-    check_running_stats(bn)
-    if isinstance(bn, nn.Module):
-        _check_hooks(bn)
-    _check_layer(layer)
+    _check_pair(layer, bn)
     channels = _out_channels(layer)
     if bn.running_mean.numel() != channels:
         raise FoldSkipped(f"shapes disagree: {type(layer).__name__} produces {channels} channels, "
@@ -138,10 +140,7 @@ def fold_bn_layer(bn: Any, layer: nn.Module) -> nn.Module:
     Exact for Linear, and for a Conv without zero padding (padding 0, or a reflect / replicate /
     circular padding mode, which pad with values that went through the BN too).
     """
-    check_running_stats(bn)
-    if isinstance(bn, nn.Module):
-        _check_hooks(bn)
-    _check_layer(layer)
+    _check_pair(layer, bn)
     if isinstance(layer, _ConvTransposeNd):
         raise FoldSkipped("BatchNorm before a ConvTranspose is not folded: the shift would reach "
                           "border outputs a different number of times, so no bias can express it")

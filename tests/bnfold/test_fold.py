@@ -359,3 +359,11 @@ def test_guard_layer_with_hooks(randomize_bn, rel_err) -> None:
     _, report = _check(nn.Sequential(conv, nn.BatchNorm2d(4)), torch.randn(1, 3, 5, 5), randomize_bn, rel_err,
                        left=1, tol=1e-6)
     assert "forward hooks" in report.skipped[0][1] and "weight_norm" in report.skipped[0][1]
+
+
+def test_lazy_modules_are_refused_as_lazy() -> None:
+    # A lazy module carries an initializing pre-hook: the reason must name the laziness.
+    with pytest.raises(FoldSkipped, match="lazy and not initialized"):
+        fold_layer_bn(nn.LazyConv2d(4, 1), nn.BatchNorm2d(4))
+    with pytest.raises(FoldSkipped, match="lazy and not initialized"):
+        fold_layer_bn(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d())
