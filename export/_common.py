@@ -1,4 +1,5 @@
-"""What every writer shares: preparing the module, parity inputs, staged writes, a quiet exporter.
+"""What every writer shares: preparing the module, parity inputs, exporter errors, staged writes,
+a quiet exporter.
 
 Each writer (`export.onnx`, `export.torchscript`, `export.program`) follows the same steps:
 fold a copy of the model (the caller's module is never touched), export it into a temporary
@@ -11,6 +12,7 @@ import contextlib
 import copy
 import io
 import os
+import re
 import sys
 import tempfile
 import uuid
@@ -26,7 +28,7 @@ from torch import nn
 import bnfold
 from models.spec import ModelSpec
 
-from export.errors import ExportError, UnknownFormatError
+from export.errors import ExportError, UnknownFormatError, UnsupportedOpError
 
 FORMATS: tuple[str, ...] = ("onnx", "torchscript", "program")
 FILE_NAMES: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.ts", "program": "model.pt2"}
@@ -49,7 +51,7 @@ RANDOM_SAMPLES = 16
 def check_formats(formats: str | list[str] | tuple[str, ...]) -> list[str]:
     """Normalize a list (or comma-separated string) of format names; unknown names are refused."""
     if isinstance(formats, str):
-        formats = [part for part in formats.split(",")]
+        formats = formats.split(",")
     names: list[str] = []
     for raw in formats:
         name = raw.strip().lower()
@@ -170,6 +172,62 @@ def float32_runner(module: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[
 
 def tolerance(fp16: bool) -> float:
     return FP16_RTOL if fp16 else FP32_RTOL
+
+
+# ---------------------------------------------------------------------------------------------
+# Exporter errors
+
+
+# Patterns that find the operator name in the exporters' messages (dynamo, then legacy).
+_OP_PATTERNS = (
+    re.compile(r"No ONNX function found for <OpOverload\(op='([\w.]+)'"),
+    re.compile(r"target=torch\.ops\.([\w]+\.[\w]+)\.\w+\]"),
+    re.compile(r"operator '([\w:.]+)'"),
+    re.compile(r"unrecognized namespace ([\w:.]+)"),
+    re.compile(r"Unsupported(?: ONNX)? op(?:erator)?:? '?([\w:.]+)'?"),
+)
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        chain.append(current)
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def unsupported_op(exc: BaseException) -> str | None:
+    """The operator an exporter failure is about, as `namespace::name`, when one is named."""
+    for error in _exception_chain(exc):
+        text = str(error)
+        for pattern in _OP_PATTERNS:
+            match = pattern.search(text)
+            if match:
+                op = match.group(1).rstrip(".:")
+                return op if "::" in op else op.replace(".", "::", 1)
+    return None
+
+
+def first_line(exc: BaseException) -> str:
+    deepest = _exception_chain(exc)[-1]
+    text = str(deepest).strip().splitlines()
+    return f"{type(deepest).__name__}: {text[0] if text else ''}"
+
+
+def exporter_failure(exc: Exception, spec: ModelSpec, exporter: str,
+                     dynamic_batch: bool = False) -> ExportError:
+    """One clear error for whatever an exporter raised, naming the operator when there is one."""
+    op = unsupported_op(exc)
+    if op is not None:
+        hint = " or try the other ONNX exporter (--legacy-onnx toggles it)" if "onnx" in exporter else ""
+        return UnsupportedOpError(op, f"{exporter} cannot export operator {op!r} of the {spec.arch} "
+                                      f"model; replace that operator{hint}")
+    hint = ""
+    if dynamic_batch and re.search(r"(?i)constraint|specializ|guard", str(exc)):
+        hint = " (the model seems to fix its batch size: try --static-batch)"
+    return ExportError(f"{exporter} failed on the {spec.arch} model: {first_line(exc)}{hint}")
 
 
 # ---------------------------------------------------------------------------------------------

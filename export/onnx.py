@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import time
 from importlib import metadata
 from pathlib import Path
@@ -15,9 +14,9 @@ from torch import nn
 import bnfold
 from models.spec import SPEC_METADATA_KEY, ModelSpec
 
-from export._common import (example_input, output_name, parity_batches, prepare,
-                            quiet, staged_file, tolerance)
-from export.errors import ExportError, OpsetError, UnsupportedOpError
+from export._common import (example_input, exporter_failure, first_line, output_name, parity_batches,
+                            prepare, quiet, staged_file, tolerance, unsupported_op)
+from export.errors import ExportError, OpsetError
 from export.report import ArtifactReport
 
 INPUT_NAME = "input"
@@ -104,68 +103,14 @@ def read_spec(model_or_path: onnx.ModelProto | str | os.PathLike) -> ModelSpec:
     """The model spec stamped into an exported ONNX file's metadata."""
     model = model_or_path
     if not isinstance(model, onnx.ModelProto):
+        if not Path(model_or_path).is_file():
+            raise ExportError(f"ONNX file {os.fspath(model_or_path)!r} does not exist")
         model = onnx.load(os.fspath(model_or_path), load_external_data=False)
     props = {p.key: p.value for p in model.metadata_props}
     if SPEC_METADATA_KEY not in props:
         raise ExportError(f"the ONNX model has no {SPEC_METADATA_KEY!r} metadata entry: "
                           "it was not written by bnfold export")
     return ModelSpec.from_json(props[SPEC_METADATA_KEY])
-
-
-# ---------------------------------------------------------------------------------------------
-# Exporter errors
-
-
-# Patterns that find the operator name in the exporters' messages (dynamo, then legacy).
-_OP_PATTERNS = (
-    re.compile(r"No ONNX function found for <OpOverload\(op='([\w.]+)'"),
-    re.compile(r"target=torch\.ops\.([\w]+\.[\w]+)\.\w+\]"),
-    re.compile(r"operator '([\w:.]+)'"),
-    re.compile(r"unrecognized namespace ([\w:.]+)"),
-    re.compile(r"Unsupported(?: ONNX)? op(?:erator)?:? '?([\w:.]+)'?"),
-)
-
-
-def _exception_chain(exc: BaseException) -> list[BaseException]:
-    chain, seen = [], set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        chain.append(current)
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return chain
-
-
-def unsupported_op(exc: BaseException) -> str | None:
-    """The operator an exporter failure is about, as `namespace::name`, when one is named."""
-    for error in _exception_chain(exc):
-        text = str(error)
-        for pattern in _OP_PATTERNS:
-            match = pattern.search(text)
-            if match:
-                op = match.group(1).rstrip(".:")
-                return op if "::" in op else op.replace(".", "::", 1)
-    return None
-
-
-def _first_line(exc: BaseException) -> str:
-    deepest = _exception_chain(exc)[-1]
-    text = str(deepest).strip().splitlines()
-    return f"{type(deepest).__name__}: {text[0] if text else ''}"
-
-
-def _exporter_failure(exc: Exception, spec: ModelSpec, exporter: str,
-                      dynamic_batch: bool = False) -> ExportError:
-    """One clear error for whatever an exporter raised, naming the operator when there is one."""
-    op = unsupported_op(exc)
-    if op is not None:
-        hint = " or try the other ONNX exporter (--legacy-onnx toggles it)" if "onnx" in exporter else ""
-        return UnsupportedOpError(op, f"{exporter} cannot export operator {op!r} of the {spec.arch} "
-                                      f"model; replace that operator{hint}")
-    hint = ""
-    if dynamic_batch and re.search(r"(?i)constraint|specializ|guard", str(exc)):
-        hint = " (the model seems to fix its batch size: try --static-batch)"
-    return ExportError(f"{exporter} failed on the {spec.arch} model: {_first_line(exc)}{hint}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +184,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *, f
                                   opset=opset, dynamic_batch=dynamic_batch, legacy=legacy,
                                   verbose=verbose)
         except Exception as exc:  # the exporters raise many types; all become one clear error
-            raise _exporter_failure(exc, spec, exporter, dynamic_batch) from exc
+            raise exporter_failure(exc, spec, exporter, dynamic_batch) from exc
     proto = _remove_batchnorm(proto, notes)
     _check_io(proto, out)
     set_metadata(proto, {SPEC_METADATA_KEY: spec.to_json(), VERSION_METADATA_KEY: bnfold_version(),
@@ -255,7 +200,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *, f
             session = _onnx_session(tmp)
         except Exception as exc:  # onnxruntime raises its own types (e.g. an unsupported opset)
             raise ExportError(f"onnxruntime cannot load the exported {spec.arch} model: "
-                              f"{_first_line(exc)}") from exc
+                              f"{first_line(exc)}") from exc
         parity = bnfold.compare(prepared.reference, session, batches)
         tol = tolerance(fp16)
         parity.check(tol, f"ONNX export of {spec.arch} ({prepared.dtype}, onnxruntime CPU)")

@@ -11,9 +11,8 @@ from torch import nn
 import bnfold
 from models.spec import ModelSpec
 
-from export._common import (example_input, float32_runner, output_name, parity_batches, prepare, quiet,
-                            staged_file, tolerance)
-from export.onnx import _exporter_failure
+from export._common import (example_input, exporter_failure, float32_runner, output_name, parity_batches,
+                            prepare, quiet, staged_file, tolerance)
 from export.report import ArtifactReport
 
 
@@ -40,7 +39,7 @@ def export_program(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *
             program = torch.export.export(prepared.module, (example_input(spec, dynamic_batch),),
                                           dynamic_shapes=dynamic_shapes)
         except Exception as exc:
-            raise _exporter_failure(exc, spec, "torch.export.export", dynamic_batch) from exc
+            raise exporter_failure(exc, spec, "torch.export.export", dynamic_batch) from exc
     batches, source = parity_batches(spec, samples, dynamic_batch=dynamic_batch)
     with staged_file(path) as tmp:
         with quiet(not verbose):

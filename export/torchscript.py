@@ -11,9 +11,8 @@ from torch import nn
 import bnfold
 from models.spec import ModelSpec
 
-from export._common import (example_input, float32_runner, output_name, parity_batches, prepare, quiet,
-                            staged_file, tolerance)
-from export.onnx import _exporter_failure
+from export._common import (example_input, exporter_failure, float32_runner, output_name, parity_batches,
+                            prepare, quiet, staged_file, tolerance)
 from export.report import ArtifactReport
 
 
@@ -41,7 +40,7 @@ def export_torchscript(model: nn.Module, spec: ModelSpec, path: str | os.PathLik
                 traced = torch.jit.trace(prepared.module, example_input(spec, True))
                 frozen = torch.jit.freeze(traced.eval())
         except Exception as exc:
-            raise _exporter_failure(exc, spec, "torch.jit.trace") from exc
+            raise exporter_failure(exc, spec, "torch.jit.trace") from exc
     batches, source = parity_batches(spec, samples, dynamic_batch=True)
     with staged_file(path) as tmp:
         with quiet(not verbose):
