@@ -201,3 +201,5 @@ def test_format_names_are_normalized_and_an_onnx_file_without_a_spec_is_named(tm
     onnx.save(helper.make_model(graph), str(tmp_path / "plain.onnx"))
     with pytest.raises(export.ExportError, match="'bnfold.spec'"):
         export.read_spec(tmp_path / "plain.onnx")
+    with pytest.raises(export.ExportError, match="does not exist"):
+        export.read_spec(tmp_path / "absent.onnx")
