@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 import models
+from models.checkpoint import CheckpointError, model_from_payload, read_checkpoint, spec_from_payload
 from models.spec import ModelSpec
 
 from export._common import FILE_NAMES, check_formats, staging_path
@@ -43,10 +44,14 @@ def _check_target(path: Path, force: bool, what: str) -> None:
 def _load(checkpoint: Path) -> tuple[torch.nn.Module, ModelSpec]:
     if not checkpoint.is_file():
         raise ExportError(f"checkpoint {str(checkpoint)!r} does not exist")
-    if not models.is_checkpoint(checkpoint):
+    # The same checks as models.is_checkpoint, reading the file once, not twice.
+    try:
+        payload = read_checkpoint(checkpoint, map_location="cpu")
+        spec_from_payload(payload, checkpoint)
+    except CheckpointError:
         raise ExportError(f"{str(checkpoint)!r} is not a bnfold checkpoint (expected a file "
-                          "written by `bnfold train` / models.save_checkpoint)")
-    return models.load_checkpoint(checkpoint, map_location="cpu")
+                          "written by `bnfold train` / models.save_checkpoint)") from None
+    return model_from_payload(payload, checkpoint)
 
 
 def _parity_samples(spec: ModelSpec, data_root: str | os.PathLike) -> tuple[torch.Tensor | None, str]:
