@@ -7,7 +7,7 @@ import numpy as np
 from torch import nn
 
 from bnfold.errors import BnfoldError
-from models.data import dataset_info, digits_arrays, imagefolder_stats
+from models.data import dataset_info, digits_arrays, imagefolder_stats, train_transform
 from models.registry import build, get_builder
 from models.spec import ModelSpec, Preprocess
 
@@ -72,7 +72,6 @@ def create(arch: str, dataset: str = "digits", *, input_size: int | None = None,
     labels = ["background", "foreground"] if task == "segmentation" else list(info.labels)
     spec = ModelSpec(arch=arch, arch_kwargs=kwargs, task=task, input_shape=[channels, size, size],
                      preprocess=preprocess, labels=labels, dataset=dataset, epoch=0, versions=versions())
-    from models.data import train_transform
     spec.train_transform = train_transform(spec)[1]
     return model, spec
 

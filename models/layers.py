@@ -20,10 +20,6 @@ def check_norm(norm: str) -> None:
         raise BnfoldError(f"unknown norm {norm!r}; choose 'bn' or 'none'")
 
 
-def bn2d(channels: int, momentum: float = 0.1, eps: float = 1e-5) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
-
-
 def check_positive(**values: int) -> None:
     for key, value in values.items():
         if int(value) <= 0:

@@ -51,7 +51,7 @@ class TrainConfig:
     schedule: str = "cosine"             # "cosine", "step" (x0.1 at 1/2 and 3/4) or "none"
     weight_decay: float | None = None    # None: 5e-4 for sgd, 1e-2 for adamw
     norm: str = "bn"                     # "bn" or "none"
-    activation: str | None = None        # lenet: "sigmoid" or "relu"
+    activation: str | None = None        # lenet: "relu" (its default), "sigmoid" or "tanh"
     bn_momentum: float = 0.1
     bn_eps: float = 1e-5
     sync_bn: bool = False
@@ -340,7 +340,7 @@ def _resume(config: TrainConfig, out: Path, model: nn.Module, spec: ModelSpec,
     if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
         scheduler.T_max = config.epochs  # --epochs may have grown since: anneal to the new end
     history = list(payload.get("history", []))
-    metric = "test_iou" if spec.task == "segmentation" else "test_accuracy"
+    metric = f"test_{_Task(spec.task).metric}"
     best = max((r[metric] for r in history), default=-math.inf)
     return _State(start_epoch=saved.epoch + 1, history=history, best_metric=best)
 
@@ -411,10 +411,11 @@ def _train(config: TrainConfig, dist: DistContext, device: torch.device) -> Trai
                                       progress=progress, max_steps=config.steps_per_epoch))
         scheduler.step()
         if dist.is_main:
-            record.update(evaluate(_plain_model(model), test_loader, task, device))
+            plain = _plain_model(model)  # a copy under SyncBatchNorm: made once for eval and save
+            record.update(evaluate(plain, test_loader, task, device))
             record["seconds"] = round(time.perf_counter() - started, 3)
             state.history.append(record)
-            _save_epoch(config, model, spec, optimizer, scheduler, state, record, task, out)
+            _save_epoch(config, plain, spec, optimizer, scheduler, state, record, task, out)
             tqdm.write(_epoch_line(record, config.epochs, task.metric))
         dist.barrier()  # nobody runs ahead while rank 0 writes
     if not dist.is_main:
@@ -423,12 +424,15 @@ def _train(config: TrainConfig, dist: DistContext, device: torch.device) -> Trai
     return TrainResult(best=best_path, last=last_path, history=state.history, spec=spec)
 
 
-def _save_epoch(config: TrainConfig, model: nn.Module, spec: ModelSpec, optimizer: torch.optim.Optimizer,
+def _save_epoch(config: TrainConfig, plain: nn.Module, spec: ModelSpec, optimizer: torch.optim.Optimizer,
                 scheduler: Any, state: _State, record: dict[str, Any], task: _Task, out: Path) -> None:
+    """Write last.pt, best.pt (when the test metric improved), metrics.jsonl and curves.png.
+
+    `plain` is the model as `_plain_model` returns it: no DDP wrapper, no SyncBatchNorm.
+    """
     spec.epoch = record["epoch"]
     spec.metrics = {k: float(v) for k, v in record.items() if k.startswith(("test_", "train_"))}
-    plain = _plain_model(model)
-    config_dict = {k: v for k, v in asdict(config).items()}
+    config_dict = asdict(config)
     save_checkpoint(out / "last.pt", plain, spec, extra={
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": capture_rng(),
         "history": state.history, "config": config_dict})

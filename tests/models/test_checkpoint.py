@@ -1,7 +1,6 @@
 """Checkpoints: round trip through one file, and clear refusal of anything else."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn
