@@ -259,6 +259,17 @@ def _bn_tensors(g: _Graph, bn: onnx.NodeProto) -> tuple[torch.Tensor, ...]:
     return _t(mean), _t(var), _t(scale), _t(bias)
 
 
+def _set_weight_and_bias(g: _Graph, layer: onnx.NodeProto, w: np.ndarray, new_w: torch.Tensor,
+                         b: np.ndarray | None, new_b: torch.Tensor) -> None:
+    """Point `layer`'s inputs 1 and 2 at new initializers holding the folded weight and bias, in
+    the dtypes of the originals (the weight's for a bias the layer did not have)."""
+    bias_base = layer.input[2] if b is not None else f"{layer.input[1]}_bias"
+    inputs = [layer.input[0], g.add_initializer(layer.input[1], _cast(new_w, w)),
+              g.add_initializer(bias_base, _cast(new_b, w if b is None else b))]
+    del layer.input[:]
+    layer.input.extend(inputs)
+
+
 def _fold_conv(g: _Graph, layer: onnx.NodeProto, stats: tuple, eps: float) -> None:
     transposed = layer.op_type == "ConvTranspose"
     w = g.const(layer.input[1], f"{layer.op_type} weight")
@@ -271,11 +282,7 @@ def _fold_conv(g: _Graph, layer: onnx.NodeProto, stats: tuple, eps: float) -> No
     mean, var, gamma, beta = stats
     new_w, new_b = fold_bn_after(_t(w), None if b is None else _t(b), mean, var, eps, gamma, beta,
                                  transposed=transposed, groups=groups)
-    inputs = list(layer.input[:1]) + [g.add_initializer(layer.input[1], _cast(new_w, w)),
-                                      g.add_initializer(layer.input[2] if b is not None else f"{layer.input[1]}_bias",
-                                                        _cast(new_b, w if b is None else b))]
-    del layer.input[:]
-    layer.input.extend(inputs)
+    _set_weight_and_bias(g, layer, w, new_w, b, new_b)
 
 
 def _fold_gemm(g: _Graph, layer: onnx.NodeProto, stats: tuple, eps: float) -> None:
@@ -302,11 +309,7 @@ def _fold_gemm(g: _Graph, layer: onnx.NodeProto, stats: tuple, eps: float) -> No
         full = np.broadcast_to(np.asarray(c, dtype=np.float64) * beta, (*c.shape[:-1], n) if c.ndim else (n,))
         new_c = _t(full) * scale + shift
     new_w = new_rows if trans_b else new_rows.T
-    inputs = [layer.input[0], g.add_initializer(layer.input[1], _cast(new_w.contiguous(), w)),
-              g.add_initializer(layer.input[2] if c is not None else f"{layer.input[1]}_bias",
-                                _cast(new_c.contiguous(), w if c is None else c))]
-    del layer.input[:]
-    layer.input.extend(inputs)
+    _set_weight_and_bias(g, layer, w, new_w.contiguous(), c, new_c.contiguous())
     for attr in layer.attribute:
         if attr.name == "beta":
             attr.f = 1.0
