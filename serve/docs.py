@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from serve.runtime import ModelRuntime
+from serve.runtime import V2_TO_NUMPY, ModelRuntime
 
 _ERROR = {"description": "the caller's mistake, explained",
           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -88,8 +88,7 @@ def openapi_document(models: Mapping[str, ModelRuntime]) -> dict[str, Any]:
     paths["/predictions/{model}"]["put"] = paths["/predictions/{model}"]["post"]   # what `curl -T` sends
     tensor = {"type": "object", "required": ["name", "shape", "datatype"],
               "properties": {"name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
-                             "datatype": {"type": "string", "enum": ["BOOL", "UINT8", "INT8", "INT16", "INT32",
-                                                                     "INT64", "FP16", "FP32", "FP64"]},
+                             "datatype": {"type": "string", "enum": sorted(V2_TO_NUMPY)},  # what requests decode to
                              "data": {"type": "array"}, "parameters": {"type": "object"}}}
     schemas = {
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},

@@ -334,6 +334,9 @@ def open_session(path: str | os.PathLike, device: str = "cpu", *, threads: int |
     if len(inputs) != 1:
         raise ServeError(f"{path}: the service handles models with exactly one input, this one has "
                          f"{[i.name for i in inputs]}", status=500)
+    if inputs[0].datatype not in V2_TO_NUMPY:
+        raise ServeError(f"{path}: input {inputs[0].name!r} is {inputs[0].datatype}, which requests cannot "
+                         f"carry as a numpy array; the service takes {sorted(V2_TO_NUMPY)}", status=500)
     spec = _read_spec(session, path)
     if name is None:
         name = spec.arch if spec is not None else path.stem

@@ -116,3 +116,19 @@ def test_repository_written_by_export_is_served(tmp_path: Path, make_tiny_onnx) 
     x = np.random.default_rng(6).standard_normal((1, 1, 28, 28)).astype(np.float32)
     np.testing.assert_allclose(models["second"].run(x), _direct(b, x), rtol=1e-6, atol=1e-6)
     assert models["first"].spec == spec
+
+
+def test_an_input_numpy_cannot_hold_is_refused_at_load(tmp_path: Path) -> None:
+    """A bfloat16 input used to load and then fail as "warm-up run failed: 'BF16'" (a KeyError)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Cast", ["input"], ["y"], to=TensorProto.FLOAT)], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.BFLOAT16, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "bf16.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    for warmup in (True, False):
+        with pytest.raises(ServeError, match="input 'input' is BF16, which requests cannot carry") as info:
+            open_session(path, warmup=warmup)
+        assert info.value.status == 500
