@@ -51,9 +51,13 @@ def load_onnx(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelP
     return model
 
 
+def _is_batchnorm(node: onnx.NodeProto) -> bool:
+    return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
+
+
 def count_onnx_batchnorm(model: onnx.ModelProto) -> int:
     """BatchNormalization nodes in the main graph."""
-    return sum(1 for n in model.graph.node if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx"))
+    return sum(1 for n in model.graph.node if _is_batchnorm(n))
 
 
 def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
@@ -424,7 +428,7 @@ def fold_onnx(model_or_path: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.
     g = _Graph(model)
     report = FoldReport()
     originally_used = _used_names(model)
-    for bn in [n for n in g.graph.node if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
+    for bn in [n for n in g.graph.node if _is_batchnorm(n)]:
         bn_name = bn.name or bn.output[0]
         try:
             layer_name, new_nodes = _fold_one(g, bn)
