@@ -48,7 +48,9 @@ def fold(model: nn.Module, *, inplace: bool = False,
 
     Returns `(folded, report)`. `folded` is in eval mode; it is `model` itself when `inplace`,
     otherwise a deep copy (and `model` is not modified). It has the input's class unless a
-    functional `F.batch_norm` was folded, which needs a `torch.fx.GraphModule`. `folders`
+    functional `F.batch_norm` was folded, which needs a `torch.fx.GraphModule`: when that is
+    `model`'s own forward, `folded` is a new GraphModule even with `inplace`, and `model` keeps
+    the layers its forward still normalizes. `folders`
     extends or overrides `bnfold.modules.DEFAULT_FOLDERS` (a value of None removes a pattern).
     Every BatchNorm left in place is listed in `report.skipped` with the reason.
     """
@@ -228,16 +230,20 @@ class _Folder:
     def _fold_graph(self, module: nn.Module, traced: fx.GraphModule, prefix: str) -> nn.Module:
         graph = traced.graph
         calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-        rewritten = False
+        # Layers folded with an F.batch_norm go into the GraphModule only: `module` still runs its
+        # own forward (with the F.batch_norm), so it must keep the unfolded layer.
+        folded_layers: dict[str, nn.Module] = {}
         for node in list(graph.nodes):
             if node.op == "call_module" and is_batchnorm(module.get_submodule(node.target)):
                 self._fold_bn_node(module, node, calls, prefix)
             elif node.op == "call_function" and node.target in _FUNCTIONAL_BN:
-                rewritten |= self._fold_functional(module, node, calls, prefix)
-        if not rewritten:
+                self._fold_functional(module, node, calls, prefix, folded_layers)
+        if not folded_layers:
             return module
         graph.eliminate_dead_code()
         result = fx.GraphModule(module, graph, class_name=type(module).__name__)
+        for target, layer in folded_layers.items():
+            _set_submodule(result, target, layer)
         self.report.notes.append(f"{prefix or 'the model'} became a torch.fx.GraphModule: folding "
                                  "F.batch_norm calls rewrote its forward")
         return result
@@ -339,7 +345,10 @@ class _Folder:
             reasons.append(f"not folded into the following {_join(prefix, user.target)}: {exc}")
             return False
 
-    def _fold_functional(self, module: nn.Module, node: fx.Node, calls: Counter, prefix: str) -> bool:
+    def _fold_functional(self, module: nn.Module, node: fx.Node, calls: Counter, prefix: str,
+                         folded_layers: dict[str, nn.Module]) -> None:
+        """Fold one F.batch_norm call into its producer: the folded layer goes into `folded_layers`
+        under its path, the call is removed from the graph; a skip is reported."""
         name = _join(prefix, f"{node.name} (F.batch_norm)")
         names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
         defaults = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
@@ -349,7 +358,7 @@ class _Folder:
         args = {**defaults, **dict(zip(names, node.args)), **node.kwargs}
         if args.get("training") is not False:
             self.skipped(name, f"training={args.get('training')!r}: it normalizes with batch statistics")
-            return False
+            return
         tensors: dict[str, torch.Tensor | None] = {}
         for key in ("running_mean", "running_var", "weight", "bias"):
             value = args.get(key)
@@ -360,13 +369,13 @@ class _Folder:
             else:
                 self.skipped(name, f"its {key} is computed in forward ({_describe(value, module, prefix)}), "
                                    "not a module buffer or parameter")
-                return False
+                return
         stats = _Stats(tensors["running_mean"], tensors["running_var"], tensors["weight"], tensors["bias"],
                        float(args["eps"]))
         producer = self._skip_passthrough_back(module, args["input"])
         if not (isinstance(producer, fx.Node) and producer.op == "call_module"):
             self.skipped(name, f"its input comes from {_describe(producer, module, prefix)}, not a layer module")
-            return False
+            return
         layer = module.get_submodule(producer.target)
         fn = next((f for (a, b), f in self.table.items() if a is type(layer) and _is_batchnorm_type(b)), None)
         try:
@@ -378,12 +387,11 @@ class _Folder:
             new_layer = fn(layer, stats)
         except FoldSkipped as exc:
             self.skipped(name, f"not folded into {_join(prefix, producer.target)}: {exc}")
-            return False
-        _set_submodule(module, producer.target, new_layer)
+            return
+        folded_layers[producer.target] = new_layer
         node.replace_all_uses_with(args["input"])
         node.graph.erase_node(node)
         self.folded(_join(prefix, producer.target), name)
-        return True
 
 
 def _is_batchnorm_type(cls: type) -> bool:

@@ -107,6 +107,19 @@ def test_functional_batch_norm(rel_err) -> None:
         assert rel_err(model(x), folded(x)) <= 1e-5
 
 
+def test_functional_batch_norm_inplace_leaves_a_working_model(rel_err) -> None:
+    # The model's own forward still calls F.batch_norm, so its conv must not be folded under it.
+    model = _Functional().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    folded, report = fold(model, inplace=True)
+    assert report.folded == [("conv", "batch_norm (F.batch_norm)")]
+    with torch.no_grad():
+        assert rel_err(ref, folded(x)) <= 1e-5
+        assert torch.equal(model(x), ref)
+
+
 class _TwoConsumers(nn.Module):
     def __init__(self) -> None:
         super().__init__()
