@@ -180,11 +180,6 @@ class ModelRuntime:
                  for i, d in enumerate(self.inputs[0].shape)]
         return np.zeros(shape, dtype=self.input_dtype)
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "path": str(self.path), "device": self.device,
-                "providers": self.providers, "threads": self.threads, "inline": self.inline,
-                "warmup_ms": round(self.warmup_ms, 4), "cuda_graph": self.cuda_graph}
-
 
 def _cpu_runner(session: ort.InferenceSession, input_name: str, output_names: list[str]):
     run = session.run
