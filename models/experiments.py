@@ -86,6 +86,9 @@ def bn_effect(out_dir: str | Path, *, epochs: int = 10, lrs: Sequence[float] = (
             for lr in lrs:
                 started = time.perf_counter()
                 run_dir = base / f"{norm}-lr{lr:g}"
+                metrics = run_dir / "metrics.jsonl"
+                # A kept --runs folder: a blow-up in epoch 1 must not read an earlier run's epochs.
+                metrics.unlink(missing_ok=True)
                 diverged = None
                 try:
                     history = train(TrainConfig(
@@ -94,7 +97,6 @@ def bn_effect(out_dir: str | Path, *, epochs: int = 10, lrs: Sequence[float] = (
                         progress=progress, threads=1, steps_per_epoch=steps_per_epoch, out=str(run_dir))).history
                 except TrainingError as exc:  # a blow-up is a result here, not a failure
                     diverged = str(exc)
-                    metrics = run_dir / "metrics.jsonl"
                     history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
                 accuracy = [r["test_accuracy"] for r in history]
                 reach = next((r["epoch"] for r in history if r["test_accuracy"] >= TARGET), None)

@@ -23,7 +23,13 @@ def test_bn_effect_cli_rejects_bad_epochs(tmp_path, capsys):
 
 
 def test_bn_effect_records_a_blow_up_instead_of_failing(tmp_path):
-    result = experiments.bn_effect(tmp_path, epochs=1, lrs=(1e38,), steps_per_epoch=5, progress=False)
+    # An earlier run's metrics in a kept --runs folder must not be read as this run's epochs.
+    stale = tmp_path / "runs" / f"none-lr{1e38:g}" / "metrics.jsonl"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"epoch": 1, "test_accuracy": 0.99}) + "\n")
+    result = experiments.bn_effect(tmp_path, epochs=1, lrs=(1e38,), steps_per_epoch=5, progress=False,
+                                   runs_dir=tmp_path / "runs")
     by_norm = {r.norm: r for r in result.runs}
     assert by_norm["none"].diverged and "loss became" in by_norm["none"].diverged
+    assert by_norm["none"].accuracy == []
     assert "diverged" in (tmp_path / "bn_effect.md").read_text()
