@@ -129,6 +129,11 @@ def example_input(spec: ModelSpec, dynamic_batch: bool) -> torch.Tensor:
     return torch.randn(batch, *spec.input_shape, generator=generator)
 
 
+def batch_dynamic_shapes(dynamic_batch: bool) -> tuple[dict[int, torch.export.Dim], ...] | None:
+    """torch.export's `dynamic_shapes` for the one input: a symbolic batch axis, or None (static)."""
+    return ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+
+
 def parity_batches(spec: ModelSpec, samples: torch.Tensor | None, *, dynamic_batch: bool,
                    seed: int = 0) -> tuple[list[torch.Tensor], str]:
     """Split the parity inputs into batches, and say where they came from.

@@ -14,8 +14,8 @@ from torch import nn
 import bnfold
 from models.spec import SPEC_METADATA_KEY, ModelSpec
 
-from export._common import (example_input, exporter_failure, first_line, output_name, parity_batches,
-                            prepare, quiet, staged_file, tolerance, unsupported_op)
+from export._common import (batch_dynamic_shapes, example_input, exporter_failure, first_line, output_name,
+                            parity_batches, prepare, quiet, staged_file, tolerance, unsupported_op)
 from export.errors import ExportError, OpsetError
 from export.report import ArtifactReport
 
@@ -126,7 +126,7 @@ def _run_exporter(module: nn.Module, example: torch.Tensor, out: str, *, opset: 
                           output_names=[out], opset_version=opset, dynamic_axes=dynamic_axes,
                           do_constant_folding=True)
         return onnx.load_from_string(buffer.getvalue())
-    dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+    dynamic_shapes = batch_dynamic_shapes(dynamic_batch)
     program = torch.onnx.export(module, (example,), None, dynamo=True, input_names=[INPUT_NAME],
                                 output_names=[out], opset_version=opset,
                                 dynamic_shapes=dynamic_shapes, optimize=True,

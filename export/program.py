@@ -11,8 +11,8 @@ from torch import nn
 import bnfold
 from models.spec import ModelSpec
 
-from export._common import (example_input, exporter_failure, float32_runner, output_name, parity_batches,
-                            prepare, quiet, staged_file, tolerance)
+from export._common import (batch_dynamic_shapes, example_input, exporter_failure, float32_runner,
+                            output_name, parity_batches, prepare, quiet, staged_file, tolerance)
 from export.report import ArtifactReport
 
 
@@ -33,7 +33,7 @@ def export_program(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *
     """
     start = time.perf_counter()
     prepared = prepare(model, fold=fold, fp16=fp16)
-    dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+    dynamic_shapes = batch_dynamic_shapes(dynamic_batch)
     with quiet(not verbose):
         try:
             program = torch.export.export(prepared.module, (example_input(spec, dynamic_batch),),
