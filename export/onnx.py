@@ -9,6 +9,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from google.protobuf.message import DecodeError
 from torch import nn
 
 import bnfold
@@ -99,13 +100,20 @@ def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
         model.metadata_props.add(key=key, value=value)
 
 
+def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    """An ONNX file's model (external weights not loaded); an ExportError naming a missing or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"ONNX file {str(path)!r} does not exist")
+    try:
+        return onnx.load(os.fspath(path), load_external_data=False)
+    except DecodeError as exc:
+        raise ExportError(f"{str(path)!r} is not an ONNX model: {exc}") from None
+
+
 def read_spec(model_or_path: onnx.ModelProto | str | os.PathLike) -> ModelSpec:
     """The model spec stamped into an exported ONNX file's metadata."""
-    model = model_or_path
-    if not isinstance(model, onnx.ModelProto):
-        if not Path(model_or_path).is_file():
-            raise ExportError(f"ONNX file {os.fspath(model_or_path)!r} does not exist")
-        model = onnx.load(os.fspath(model_or_path), load_external_data=False)
+    model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else load_onnx(model_or_path)
     props = {p.key: p.value for p in model.metadata_props}
     if SPEC_METADATA_KEY not in props:
         raise ExportError(f"the ONNX model has no {SPEC_METADATA_KEY!r} metadata entry: "

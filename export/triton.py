@@ -17,6 +17,7 @@ from models.spec import ModelSpec
 
 from export._common import staging_path
 from export.errors import ExportError
+from export.onnx import load_onnx
 
 # ONNX TensorProto element type -> Triton model-config DataType.
 _TRITON_TYPES = {
@@ -106,9 +107,7 @@ def write_triton_model(onnx_path: str | os.PathLike, spec: ModelSpec, model_dir:
                        *, name: str, device: str = "cpu", max_batch_size: int = 32) -> Path:
     """Write one Triton model folder at `model_dir` (which must not exist yet); no staging."""
     onnx_path, model_dir = Path(onnx_path), Path(model_dir)
-    if not onnx_path.is_file():
-        raise ExportError(f"ONNX file {str(onnx_path)!r} does not exist")
-    model = onnx.load(os.fspath(onnx_path), load_external_data=False)
+    model = load_onnx(onnx_path)
     labeled = spec.task == "classification" and bool(spec.labels)
     config = triton_config(model, name, device=device, max_batch_size=max_batch_size,
                            labels=labeled)

@@ -185,6 +185,10 @@ def test_triton_writer_refuses_bad_names_devices_and_missing_files(lenet, tmp_pa
     with pytest.raises(export.ExportError, match="'bad name'"):
         export.write_triton_repo(tmp_path / "missing.onnx", spec, tmp_path / "repo", name="bad name")
     assert not any(p.name != "repo" for p in tmp_path.iterdir())
+    (tmp_path / "text.onnx").write_text("not a protobuf")
+    with pytest.raises(export.ExportError, match="text.onnx.*not an ONNX model"):
+        export.write_triton_repo(tmp_path / "text.onnx", spec, tmp_path / "repo")
+    assert list((tmp_path / "repo").iterdir()) == []  # no staged model folder left behind
 
 
 def test_format_names_are_normalized_and_an_onnx_file_without_a_spec_is_named(tmp_path) -> None:
@@ -203,3 +207,6 @@ def test_format_names_are_normalized_and_an_onnx_file_without_a_spec_is_named(tm
         export.read_spec(tmp_path / "plain.onnx")
     with pytest.raises(export.ExportError, match="does not exist"):
         export.read_spec(tmp_path / "absent.onnx")
+    (tmp_path / "text.onnx").write_text("not a protobuf")
+    with pytest.raises(export.ExportError, match="text.onnx.*not an ONNX model"):
+        export.read_spec(tmp_path / "text.onnx")
