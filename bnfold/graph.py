@@ -164,6 +164,16 @@ class _Folder:
         _set_submodule(scope, bn_path, nn.Identity())
         self.folded(_join(prefix, layer_path), _join(prefix, bn_path))
 
+    def _try_apply(self, reasons: list[str], context: str, scope: nn.Module, prefix: str, first: str,
+                   second: str, key: tuple[type, type], layer_path: str, bn_path: str) -> bool:
+        """`_apply`; when a guard refuses the pair, its reason goes to `reasons` after `context`."""
+        try:
+            self._apply(scope, prefix, first, second, key, layer_path, bn_path)
+        except FoldSkipped as exc:
+            reasons.append(f"{context}{exc}")
+            return False
+        return True
+
     # -- traversal -------------------------------------------------------------------------
 
     def fold_module(self, module: nn.Module, prefix: str) -> nn.Module:
@@ -216,11 +226,8 @@ class _Folder:
                 key = (type(seq._modules[first]), type(seq._modules[second]))
                 if key not in self.table:
                     continue
-                try:
-                    self._apply(seq, prefix, first, second, key, names[j], name)
+                if self._try_apply(reasons, "", seq, prefix, first, second, key, names[j], name):
                     break
-                except FoldSkipped as exc:
-                    reasons.append(str(exc))
             else:
                 self.skipped(_join(prefix, name), "; ".join(reasons) or
                              "no foldable layer right before or after it in its nn.Sequential")
@@ -308,12 +315,8 @@ class _Folder:
         if why:
             reasons.append(f"not folded into {_join(prefix, producer.target)}: {why}")
             return False
-        try:
-            self._apply(module, prefix, producer.target, node.target, key, producer.target, node.target)
-            return True
-        except FoldSkipped as exc:
-            reasons.append(f"not folded into {_join(prefix, producer.target)}: {exc}")
-            return False
+        return self._try_apply(reasons, f"not folded into {_join(prefix, producer.target)}: ", module, prefix,
+                               producer.target, node.target, key, producer.target, node.target)
 
     def _try_before(self, module: nn.Module, node: fx.Node, bn: nn.Module, calls: Counter, prefix: str,
                     reasons: list[str]) -> bool:
@@ -338,12 +341,8 @@ class _Folder:
             reasons.append(f"not folded into the following {_join(prefix, user.target)}: it is called "
                            f"{calls[user.target]} times in forward")
             return False
-        try:
-            self._apply(module, prefix, node.target, user.target, key, user.target, node.target)
-            return True
-        except FoldSkipped as exc:
-            reasons.append(f"not folded into the following {_join(prefix, user.target)}: {exc}")
-            return False
+        return self._try_apply(reasons, f"not folded into the following {_join(prefix, user.target)}: ", module,
+                               prefix, node.target, user.target, key, user.target, node.target)
 
     def _fold_functional(self, module: nn.Module, node: fx.Node, calls: Counter, prefix: str,
                          folded_layers: dict[str, nn.Module]) -> None:
