@@ -46,7 +46,7 @@ def _cmd_fold(args: argparse.Namespace) -> int:
 
     shape = args.input_shape
     try:
-        import models
+        from bnfold import models
         checkpoint = models.is_checkpoint(args.model)
     except Exception:  # no models package (optional here), or a file load_module below explains
         checkpoint = False
@@ -68,7 +68,7 @@ def _cmd_fold_onnx(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import models
+    from bnfold import models
 
     config = models.TrainConfig(
         model=args.model, dataset=args.dataset, data_root=args.data_root, download=args.download,
@@ -85,7 +85,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from export import export_checkpoint
+    from bnfold.export import export_checkpoint
 
     summary = export_checkpoint(
         args.checkpoint, args.out, formats=args.format, fold=not args.no_fold, opset=args.opset,
@@ -98,7 +98,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from serve.launch import serve
+    from bnfold.serve.launch import serve
 
     return serve(args.model, name=args.name, device=args.device, host=args.host, port=args.port,
                  threads=args.threads, max_body_mb=args.max_body_mb, cuda_graph=args.cuda_graph,
@@ -106,7 +106,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_loadtest(args: argparse.Namespace) -> int:
-    from serve.loadtest import run_loadtest
+    from bnfold.bench.loadtest import run_loadtest
 
     result = run_loadtest(args.url, args.model, concurrency=args.concurrency, requests=args.requests,
                           binary=args.binary, reference=args.reference, input_shape=args.input_shape)
@@ -115,8 +115,8 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from serve.bench import run_bench
-    from serve.bench_report import summary_lines, write_report
+    from bnfold.bench.run import run_bench
+    from bnfold.bench.report import summary_lines, write_report
 
     result = run_bench(args.checkpoint, devices=args.device, backends=args.backends,
                        batch_sizes=args.batch_sizes, threads=args.threads, seconds=args.seconds,
@@ -128,7 +128,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    from serve.pipeline import run_pipeline
+    from bnfold.pipeline import run_pipeline
 
     run_pipeline(model=args.model, dataset=args.dataset, data_root=args.data_root, epochs=args.epochs,
                  bench_seconds=args.bench_seconds, devices=args.device, out=args.out, force=args.force,

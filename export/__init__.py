@@ -4,15 +4,15 @@ Every writer folds a copy of the model with `bnfold.fold`, exports it, loads the
 with the runtime that will serve it, compares it with the original eval-mode model, and only
 then moves the file into place; a mismatch raises `bnfold.ParityError` and writes nothing.
 """
-from export._common import FILE_NAMES, FORMATS, FP16_RTOL, FP32_RTOL
-from export.checkpoint import export_checkpoint
-from export.errors import (ExportError, OpsetError, OutputExistsError, UnknownFormatError,
+from bnfold.export._common import FILE_NAMES, FORMATS, FP16_RTOL, FP32_RTOL
+from bnfold.export.checkpoint import export_checkpoint
+from bnfold.export.errors import (ExportError, OpsetError, OutputExistsError, UnknownFormatError,
                            UnsupportedOpError)
-from export.onnx import export_onnx, read_spec
-from export.program import export_program, load_program
-from export.report import ArtifactReport, ExportSummary
-from export.torchscript import export_torchscript, load_torchscript
-from export.triton import write_triton_repo
+from bnfold.export.onnx import export_onnx, read_spec
+from bnfold.export.program import export_program, load_program
+from bnfold.export.report import ArtifactReport, ExportSummary
+from bnfold.export.torchscript import export_torchscript, load_torchscript
+from bnfold.export.triton import write_triton_repo
 
 __all__ = [
     "export_onnx", "export_torchscript", "export_program", "write_triton_repo",

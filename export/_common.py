@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 import bnfold
-from models.spec import ModelSpec
+from bnfold.models.spec import ModelSpec
 
-from export.errors import ExportError, UnknownFormatError, UnsupportedOpError
+from bnfold.export.errors import ExportError, UnknownFormatError, UnsupportedOpError
 
 FORMATS: tuple[str, ...] = ("onnx", "torchscript", "program")
 FILE_NAMES: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.ts", "program": "model.pt2"}

@@ -16,17 +16,17 @@ from typing import Any
 
 import torch
 
-import models
-from models.checkpoint import CheckpointError, model_from_payload, read_checkpoint, spec_from_payload
-from models.spec import ModelSpec
+from bnfold import models
+from bnfold.models.checkpoint import CheckpointError, model_from_payload, read_checkpoint, spec_from_payload
+from bnfold.models.spec import ModelSpec
 
-from export._common import FILE_NAMES, check_formats, staging_path
-from export.errors import ExportError, OutputExistsError
-from export.onnx import bnfold_version, check_opset, export_onnx
-from export.program import export_program
-from export.report import ArtifactReport, ExportSummary
-from export.torchscript import export_torchscript
-from export.triton import (check_model_name, default_model_name, replace_dir,
+from bnfold.export._common import FILE_NAMES, check_formats, staging_path
+from bnfold.export.errors import ExportError, OutputExistsError
+from bnfold.export.onnx import bnfold_version, check_opset, export_onnx
+from bnfold.export.program import export_program
+from bnfold.export.report import ArtifactReport, ExportSummary
+from bnfold.export.torchscript import export_torchscript
+from bnfold.export.triton import (check_model_name, default_model_name, replace_dir,
                            write_triton_model)
 
 # Dataset samples used for the parity check when the checkpoint's dataset is available.

@@ -13,12 +13,12 @@ from google.protobuf.message import DecodeError
 from torch import nn
 
 import bnfold
-from models.spec import SPEC_METADATA_KEY, ModelSpec
+from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec
 
-from export._common import (batch_dynamic_shapes, example_input, exporter_failure, first_line, output_name,
+from bnfold.export._common import (batch_dynamic_shapes, example_input, exporter_failure, first_line, output_name,
                             parity_batches, prepare, quiet, staged_file, tolerance, unsupported_op)
-from export.errors import ExportError, OpsetError
-from export.report import ArtifactReport
+from bnfold.export.errors import ExportError, OpsetError
+from bnfold.export.report import ArtifactReport
 
 INPUT_NAME = "input"
 VERSION_METADATA_KEY = "bnfold.version"

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 import bnfold
-from models.spec import ModelSpec
+from bnfold.models.spec import ModelSpec
 
-from export._common import (example_input, exporter_failure, float32_runner, output_name, parity_batches,
+from bnfold.export._common import (example_input, exporter_failure, float32_runner, output_name, parity_batches,
                             prepare, quiet, staged_file, tolerance)
-from export.report import ArtifactReport
+from bnfold.export.report import ArtifactReport
 
 
 def load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:

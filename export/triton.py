@@ -13,11 +13,11 @@ from pathlib import Path
 
 import onnx
 
-from models.spec import ModelSpec
+from bnfold.models.spec import ModelSpec
 
-from export._common import staging_path
-from export.errors import ExportError
-from export.onnx import load_onnx
+from bnfold.export._common import staging_path
+from bnfold.export.errors import ExportError
+from bnfold.export.onnx import load_onnx
 
 # ONNX TensorProto element type -> Triton model-config DataType.
 _TRITON_TYPES = {

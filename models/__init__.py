@@ -14,26 +14,26 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from models.checkpoint import CheckpointError, is_checkpoint, load_checkpoint, save_checkpoint
-    from models.data import DatasetError, digit_image, load_datasets, sample_inputs
-    from models.factory import create
-    from models.preprocess import preprocess_image
-    from models.registry import UnknownModelError, build, list_models, register
-    from models.spec import SPEC_METADATA_KEY, ModelSpec, Preprocess
-    from models.training import TrainConfig, TrainingError, TrainResult, train, train_summary
+    from bnfold.models.checkpoint import CheckpointError, is_checkpoint, load_checkpoint, save_checkpoint
+    from bnfold.models.data import DatasetError, digit_image, load_datasets, sample_inputs
+    from bnfold.models.factory import create
+    from bnfold.models.preprocess import preprocess_image
+    from bnfold.models.registry import UnknownModelError, build, list_models, register
+    from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec, Preprocess
+    from bnfold.models.training import TrainConfig, TrainingError, TrainResult, train, train_summary
 
 _LAZY = {
-    "CheckpointError": "models.checkpoint", "is_checkpoint": "models.checkpoint",
-    "load_checkpoint": "models.checkpoint", "save_checkpoint": "models.checkpoint",
-    "DatasetError": "models.data", "digit_image": "models.data", "load_datasets": "models.data",
-    "sample_inputs": "models.data",
-    "create": "models.factory",
-    "preprocess_image": "models.preprocess",
-    "UnknownModelError": "models.registry", "build": "models.registry", "list_models": "models.registry",
-    "register": "models.registry",
-    "SPEC_METADATA_KEY": "models.spec", "ModelSpec": "models.spec", "Preprocess": "models.spec",
-    "TrainConfig": "models.training", "TrainingError": "models.training", "TrainResult": "models.training",
-    "train": "models.training", "train_summary": "models.training",
+    "CheckpointError": "bnfold.models.checkpoint", "is_checkpoint": "bnfold.models.checkpoint",
+    "load_checkpoint": "bnfold.models.checkpoint", "save_checkpoint": "bnfold.models.checkpoint",
+    "DatasetError": "bnfold.models.data", "digit_image": "bnfold.models.data", "load_datasets": "bnfold.models.data",
+    "sample_inputs": "bnfold.models.data",
+    "create": "bnfold.models.factory",
+    "preprocess_image": "bnfold.models.preprocess",
+    "UnknownModelError": "bnfold.models.registry", "build": "bnfold.models.registry", "list_models": "bnfold.models.registry",
+    "register": "bnfold.models.registry",
+    "SPEC_METADATA_KEY": "bnfold.models.spec", "ModelSpec": "bnfold.models.spec", "Preprocess": "bnfold.models.spec",
+    "TrainConfig": "bnfold.models.training", "TrainingError": "bnfold.models.training", "TrainResult": "bnfold.models.training",
+    "train": "bnfold.models.training", "train_summary": "bnfold.models.training",
 }
 
 __all__ = sorted(_LAZY)

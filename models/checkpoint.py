@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from bnfold.errors import BnfoldError
-from models.registry import build
-from models.spec import ModelSpec
+from bnfold.models.registry import build
+from bnfold.models.spec import ModelSpec
 
 FORMAT = "bnfold-checkpoint"
 FORMAT_VERSION = 1

@@ -19,8 +19,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from bnfold.errors import BnfoldError
-from models.preprocess import preprocess_image
-from models.spec import ModelSpec, Preprocess
+from bnfold.models.preprocess import preprocess_image
+from bnfold.models.spec import ModelSpec, Preprocess
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0          # fixed: the test split is the same on every machine

@@ -1,4 +1,4 @@
-"""Reproducible experiments. `python -m models.experiments bn-effect --out docs/`
+"""Reproducible experiments. `python -m bnfold.models.experiments bn-effect --out docs/`
 
 bn-effect: what BatchNorm buys. LeNet-5 with the classic sigmoid activation on the bundled
 digits, with and without BN, at a low and a high learning rate (plain SGD with momentum, a
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bnfold.errors import BnfoldError
-from models.training import TrainConfig, TrainingError, train
+from bnfold.models.training import TrainConfig, TrainingError, train
 
 TARGET = 0.95
 
@@ -64,7 +64,7 @@ class BnEffectResult:
                 final = f"diverged ({run.diverged.split(';')[0]})"
             lines.append(f"| {'yes' if run.norm == 'bn' else 'no'} | {run.lr:g} | {reach} | "
                          f"{final} | {run.best:.1%} |")
-        lines += ["", f"Reproduce: `{self.settings.get('command', 'python -m models.experiments bn-effect')}`"]
+        lines += ["", f"Reproduce: `{self.settings.get('command', 'python -m bnfold.models.experiments bn-effect')}`"]
         return "\n".join(lines) + "\n"
 
 
@@ -79,7 +79,7 @@ def bn_effect(out_dir: str | Path, *, epochs: int = 10, lrs: Sequence[float] = (
     out.mkdir(parents=True, exist_ok=True)
     result = BnEffectResult(epochs=epochs, optimizer=f"{optimizer} (momentum 0.9)" if optimizer == "sgd" else optimizer,
                             settings={"seed": seed, "batch_size": batch_size, "lrs": list(lrs),
-                                      "command": command or f"python -m models.experiments bn-effect --out {out}"})
+                                      "command": command or f"python -m bnfold.models.experiments bn-effect --out {out}"})
     with tempfile.TemporaryDirectory(prefix="bn-effect-") as tmp:
         base = Path(runs_dir) if runs_dir else Path(tmp)
         for norm in ("bn", "none"):
@@ -131,7 +131,7 @@ def plot_bn_effect(result: BnEffectResult, path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.experiments", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bnfold.models.experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="experiment", required=True)
     p = sub.add_parser("bn-effect", help="LeNet-sigmoid with and without BN at a low and a high learning rate")
@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--runs", default=None, help="keep the four training runs here (default: a temporary folder)")
     p.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    command = "python -m models.experiments " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m bnfold.models.experiments " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         result = bn_effect(args.out, epochs=args.epochs, lrs=args.lrs, seed=args.seed, runs_dir=args.runs,
                            progress=not args.no_progress, command=command)

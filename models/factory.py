@@ -7,9 +7,9 @@ import numpy as np
 from torch import nn
 
 from bnfold.errors import BnfoldError
-from models.data import dataset_info, digits_arrays, imagefolder_stats, train_transform
-from models.registry import build, get_builder
-from models.spec import ModelSpec, Preprocess
+from bnfold.models.data import dataset_info, digits_arrays, imagefolder_stats, train_transform
+from bnfold.models.registry import build, get_builder
+from bnfold.models.spec import ModelSpec, Preprocess
 
 _IMAGENET_RESNETS = ("resnet18", "resnet34", "resnet50")
 SEGMENTATION_ARCHS = ("unet",)

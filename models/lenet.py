@@ -4,9 +4,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from bnfold.errors import BnfoldError
-from models.layers import activation as make_activation
-from models.layers import check_norm, check_positive
-from models.registry import register
+from bnfold.models.layers import activation as make_activation
+from bnfold.models.layers import check_norm, check_positive
+from bnfold.models.registry import register
 
 
 class LeNet(nn.Module):

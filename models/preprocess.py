@@ -5,7 +5,7 @@ import numpy as np
 from PIL import Image
 
 from bnfold.errors import BnfoldError
-from models.spec import Preprocess
+from bnfold.models.spec import Preprocess
 
 _INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,

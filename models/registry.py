@@ -54,4 +54,4 @@ def build(name: str, **kwargs: Any) -> nn.Module:
 
 def _ensure_loaded() -> None:
     # The architecture modules register themselves on import.
-    from models import lenet, resnet, unet  # noqa: F401
+    from bnfold.models import lenet, resnet, unet  # noqa: F401

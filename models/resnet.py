@@ -12,8 +12,8 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from models.layers import check_norm, check_positive
-from models.registry import register
+from bnfold.models.layers import check_norm, check_positive
+from bnfold.models.registry import register
 
 NormFactory = Callable[[int], nn.Module]
 

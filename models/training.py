@@ -22,11 +22,11 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
 from bnfold.errors import BnfoldError
-from models.checkpoint import model_from_payload, read_checkpoint, save_checkpoint, spec_from_payload
-from models.data import load_datasets
-from models.distributed import DistContext, from_sync_batchnorm, to_sync_batchnorm
-from models.factory import create
-from models.spec import ModelSpec
+from bnfold.models.checkpoint import model_from_payload, read_checkpoint, save_checkpoint, spec_from_payload
+from bnfold.models.data import load_datasets
+from bnfold.models.distributed import DistContext, from_sync_batchnorm, to_sync_batchnorm
+from bnfold.models.factory import create
+from bnfold.models.spec import ModelSpec
 
 DEFAULT_LR = {"sgd": 0.1, "adamw": 3e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 1e-2}

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.layers import check_norm, check_positive
-from models.registry import register
+from bnfold.models.layers import check_norm, check_positive
+from bnfold.models.registry import register
 
 
 class UNet(nn.Module):

@@ -1,1 +1,1 @@
-"""onnxruntime sessions, the Open Inference Protocol service, and the latency benchmark."""
+"""The service only: onnxruntime sessions and the Open Inference Protocol HTTP app (never imports torch)."""

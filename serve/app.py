@@ -26,10 +26,10 @@ import numpy as np
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, ProcessCollector,
                                generate_latest)
 
-from serve import images
-from serve.docs import docs_html, openapi_document
-from serve.protocol import RequestParser, ResponseEncoder, parse_header_length
-from serve.runtime import ModelRuntime, ServeError, load_repository
+from bnfold.serve import images
+from bnfold.serve.docs import docs_html, openapi_document
+from bnfold.serve.protocol import RequestParser, ResponseEncoder, parse_header_length
+from bnfold.serve.runtime import ModelRuntime, ServeError, load_repository
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]

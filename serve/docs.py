@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from serve.runtime import V2_TO_NUMPY, ModelRuntime
+from bnfold.serve.runtime import V2_TO_NUMPY, ModelRuntime
 
 _ERROR = {"description": "the caller's mistake, explained",
           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}

@@ -14,9 +14,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from bnfold.errors import BnfoldError
-from models.preprocess import preprocess_image
-from models.spec import ModelSpec
-from serve.runtime import ServeError
+from bnfold.models.preprocess import preprocess_image
+from bnfold.models.spec import ModelSpec
+from bnfold.serve.runtime import ServeError
 
 # Decompression bombs: a 2 KB PNG can claim 100k x 100k pixels.
 _MAX_PIXELS = 40_000_000

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from serve.runtime import ServeError
+from bnfold.serve.runtime import ServeError
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -49,14 +49,14 @@ def serve(model: str | os.PathLike, *, name: str | None = None, device: str = "c
     """
     import uvicorn
 
-    from serve.app import create_app
+    from bnfold.serve.app import create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     app = create_app(model, device=device, threads=threads, cuda_graph=cuda_graph, name=name,
                      max_body_mb=max_body_mb, access_log=access_log and log_level in ("debug", "info"))
     sock = _bind(host, port)
-    from serve.one_write import OneWriteHttpToolsProtocol
+    from bnfold.serve.one_write import OneWriteHttpToolsProtocol
 
     # httptools, with head and body of each response in one write (see serve.one_write).
     http = OneWriteHttpToolsProtocol if OneWriteHttpToolsProtocol is not None else "httptools"

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from serve.runtime import (ModelRuntime, ServeError, TensorMeta, check_datatype, check_input_name,
+from bnfold.serve.runtime import (ModelRuntime, ServeError, TensorMeta, check_datatype, check_input_name,
                            check_shape)
 
 

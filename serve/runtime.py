@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bnfold.errors import BnfoldError
-from models.spec import SPEC_METADATA_KEY, ModelSpec
+from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec
 
 # A model whose warm-up median is under this runs inside the event loop: a thread hop costs
 # about 50-100 us on a 2-core box, several times what onnxruntime needs for LeNet (~30 us).

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-import models
+from bnfold import models
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,10 @@ from torch import nn
 from tritonclient.grpc import model_config_pb2
 
 import bnfold
-import export
-import models
-from export.onnx import count_ops
-from models.spec import SPEC_METADATA_KEY, ModelSpec
+from bnfold import export
+from bnfold import models
+from bnfold.export.onnx import count_ops
+from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec
 
 ARCHS = [
     pytest.param(("lenet", {}), id="lenet"),

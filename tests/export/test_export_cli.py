@@ -9,7 +9,7 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-import export
+from bnfold import export
 from bnfold.cli import main
 
 

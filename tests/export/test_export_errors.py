@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import bnfold
-import export
-import models
+from bnfold import export
+from bnfold import models
 from bnfold.cli import main
-from export.onnx import DYNAMO_OPSETS, LEGACY_OPSETS
+from bnfold.export.onnx import DYNAMO_OPSETS, LEGACY_OPSETS
 
 
 @torch.library.custom_op("bnfold_export_test::opaque", mutates_args=())
@@ -192,7 +192,7 @@ def test_triton_writer_refuses_bad_names_devices_and_missing_files(lenet, tmp_pa
 
 
 def test_format_names_are_normalized_and_an_onnx_file_without_a_spec_is_named(tmp_path) -> None:
-    from export._common import check_formats
+    from bnfold.export._common import check_formats
 
     assert check_formats(" ONNX,onnx ,program") == ["onnx", "program"]
     assert check_formats(["torchscript"]) == ["torchscript"]

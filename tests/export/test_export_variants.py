@@ -9,8 +9,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import export
-from export.onnx import count_ops, model_opset
+from bnfold import export
+from bnfold.export.onnx import count_ops, model_opset
 
 
 def _session(path: Path) -> ort.InferenceSession:

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-import models
+from bnfold import models
 from bnfold.errors import BnfoldError
-from models.registry import register
+from bnfold.models.registry import register
 
 ALL = ["lenet", "resnet18", "resnet20", "resnet32", "resnet34", "resnet50", "resnet56", "unet"]
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-import models
-from models.checkpoint import FORMAT
+from bnfold import models
+from bnfold.models.checkpoint import FORMAT
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-import models
+from bnfold import models
 from bnfold.cli import main
 
 

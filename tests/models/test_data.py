@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-import models
+from bnfold import models
 from bnfold.errors import BnfoldError
-from models.data import EvalTransform, digits_arrays, digits_mask, load_datasets, train_transform
-from models.preprocess import preprocess_image
+from bnfold.models.data import EvalTransform, digits_arrays, digits_mask, load_datasets, train_transform
+from bnfold.models.preprocess import preprocess_image
 
 
 def test_digits_split_is_fixed_and_stratified():

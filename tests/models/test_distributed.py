@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-import models
-from models.distributed import DistContext, from_sync_batchnorm, to_sync_batchnorm
+from bnfold import models
+from bnfold.models.distributed import DistContext, from_sync_batchnorm, to_sync_batchnorm
 
 
 @pytest.mark.parametrize("arch", ["lenet", "resnet20", "unet"])

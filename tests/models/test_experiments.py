@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-import models.experiments as experiments
+import bnfold.models.experiments as experiments
 
 
 def test_bn_effect_writes_table_png_and_json(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 import bnfold
-import models
+from bnfold import models
 
 
 @pytest.mark.parametrize("arch,kwargs", [

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-import models
+from bnfold import models
 from bnfold.errors import BnfoldError
-from models.training import TrainingError, resolve_device
+from bnfold.models.training import TrainingError, resolve_device
 
 
 def tiny(out, **overrides) -> models.TrainConfig:

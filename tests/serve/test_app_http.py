@@ -19,7 +19,7 @@ import pytest
 import tritonclient.http as triton_http
 import tritonclient.http.aio as triton_aio
 
-from serve.launch import running_server
+from bnfold.serve.launch import running_server
 
 MAX_BODY_MB = 0.05   # 52 KB: room for a JSON LeNet request, small enough to test the 413
 
@@ -299,7 +299,7 @@ def test_eight_clients_two_hundred_requests_each(server: str, repo: Path, device
 
 
 def test_loadtest_against_the_server(server: str) -> None:
-    from serve.loadtest import run_loadtest
+    from bnfold.bench.loadtest import run_loadtest
 
     for binary in (True, False):
         result = run_loadtest(server, "tiny", concurrency=4, requests=200, binary=binary)
@@ -385,8 +385,8 @@ def test_predictions_on_a_synthetic_model_answer_top_k(server: str) -> None:
 
 def test_a_model_is_served_under_its_key_in_the_mapping(tiny_onnx: Path) -> None:
     """In-process: a model handed to the app under another name answers there (parser, encoder, stats)."""
-    from serve.app import AccessLog, InferenceApp
-    from serve.runtime import open_session
+    from bnfold.serve.app import AccessLog, InferenceApp
+    from bnfold.serve.runtime import open_session
 
     app = InferenceApp({"alias": open_session(tiny_onnx, threads=1)}, access_log=AccessLog(enabled=False))
     x = digits_like(60)

@@ -16,8 +16,8 @@ import onnxruntime as ort
 import pytest
 import tritonclient.http as triton_http
 
-from serve.launch import running_server
-from serve.runtime import ServeError
+from bnfold.serve.launch import running_server
+from bnfold.serve.runtime import ServeError
 
 CLI = [sys.executable, "-m", "bnfold.cli"]
 
@@ -108,8 +108,8 @@ def test_sigterm_lets_the_request_in_flight_finish(tiny_onnx: Path, free_port: i
 @pytest.mark.slow
 def test_loadtest_drives_the_reference_service(tiny_onnx: Path, free_port: int) -> None:
     """The comparison needs the same generator to drive the FastAPI yardstick's POST /predict."""
-    from serve.compare_reference import REFERENCE_DIR, reference_server
-    from serve.loadtest import run_loadtest
+    from bnfold.bench.compare_reference import REFERENCE_DIR, reference_server
+    from bnfold.bench.loadtest import run_loadtest
 
     if not (REFERENCE_DIR / "plain_fastapi_service.py").is_file():
         pytest.skip(f"the reference service is not at {REFERENCE_DIR}")
@@ -136,7 +136,7 @@ def test_cuda_server_matches_cpu(tiny_onnx: Path, extra: list[str]) -> None:
             inp.set_data_from_numpy(x, binary_data=binary)
             result = client.infer("tiny", [inp])
             np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=1e-3, atol=1e-4)
-        from serve.loadtest import run_loadtest
+        from bnfold.bench.loadtest import run_loadtest
         load = run_loadtest(url, "tiny", concurrency=8, requests=400, inputs=x)
         assert load.errors == 0
         client.close()

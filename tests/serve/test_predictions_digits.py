@@ -9,8 +9,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-import models
-from serve.launch import running_server
+from bnfold import models
+from bnfold.serve.launch import running_server
 
 
 @pytest.fixture(scope="module")

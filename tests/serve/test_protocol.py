@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from serve.protocol import RequestParser, ResponseEncoder, parse_header_length, parse_infer
-from serve.runtime import ServeError, open_session
+from bnfold.serve.protocol import RequestParser, ResponseEncoder, parse_header_length, parse_infer
+from bnfold.serve.runtime import ServeError, open_session
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from serve.runtime import (DeviceUnavailableError, ServeError, available_cpus, check_datatype, check_shape,
+from bnfold.serve.runtime import (DeviceUnavailableError, ServeError, available_cpus, check_datatype, check_shape,
                            load_repository, open_session)
 
 
@@ -103,8 +103,8 @@ def test_cuda_session_matches_cpu(tiny_onnx: Path) -> None:
 
 def test_repository_written_by_export_is_served(tmp_path: Path, make_tiny_onnx) -> None:
     """The folder `export.write_triton_repo` writes (what `bnfold export --triton-repo` makes) loads as is."""
-    from export import write_triton_repo
-    from models.spec import ModelSpec
+    from bnfold.export import write_triton_repo
+    from bnfold.models.spec import ModelSpec
     import onnx
 
     a, b = make_tiny_onnx(tmp_path / "a.onnx", seed=4), make_tiny_onnx(tmp_path / "b.onnx", seed=5)

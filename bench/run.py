@@ -1,7 +1,7 @@
 """Batch-1 latency of one checkpoint across backends and devices, measured the way BENCHMARKS.md asks.
 
 `run_bench` returns data (a `BenchResult` of `BenchRow`s) and writes nothing but the exported
-files it needs in a temporary folder; `serve.bench_report.write_report` turns the result into
+files it needs in a temporary folder; `bench.report.write_report` turns the result into
 report.json, report.md and charts.
 
 How a figure is taken:
@@ -14,7 +14,7 @@ How a figure is taken:
   `intra_op_num_threads=n`, and `bnfold serve --threads n` for the HTTP rows;
 - GPU calls end with `torch.cuda.synchronize()` (torch) or inside onnxruntime's own
   synchronizing `run` (onnxruntime), so a figure is the whole call and not a kernel launch;
-- the HTTP rows start `bnfold serve` on loopback and drive it with `serve.loadtest`: one
+- the HTTP rows start `bnfold serve` on loopback and drive it with `bench.loadtest`: one
   connection for latency, eight for throughput. They run after the in-process rounds, not
   interleaved, because the server is another process competing for the same cores.
 
@@ -60,8 +60,8 @@ NOTES: dict[str, str] = {
     "ort": "onnxruntime, numpy in and numpy out (host to host)",
     "ort-iobinding": "onnxruntime CUDA, input and output bound on the device (IO binding)",
     "ort-cudagraph": "onnxruntime CUDA with enable_cuda_graph, IO binding, batch dimension pinned",
-    "http": "bnfold serve on loopback, one connection, binary tensors (serve.loadtest)",
-    "http-8conn": "bnfold serve on loopback, eight connections (serve.loadtest)",
+    "http": "bnfold serve on loopback, one connection, binary tensors (bench.loadtest)",
+    "http-8conn": "bnfold serve on loopback, eight connections (bench.loadtest)",
 }
 
 
@@ -264,7 +264,7 @@ def collect_environment(*, threads: int, spec: Any = None, checkpoint: str | os.
 
 
 def _available_cpus() -> int:
-    from serve.runtime import available_cpus
+    from bnfold.serve.runtime import available_cpus
 
     return available_cpus()
 
@@ -354,7 +354,7 @@ def _build_folded(ctx: _Context, device: str, batch_size: int) -> Callable[[], A
 def _build_torchscript(ctx: _Context, device: str, batch_size: int) -> Callable[[], Any]:
     _check_cuda_torch(device)
     if device == "cpu":
-        from export import load_torchscript  # quiet: no deprecation warning per load
+        from bnfold.export import load_torchscript  # quiet: no deprecation warning per load
 
         module = load_torchscript(ctx.artifact("torchscript"))
     else:
@@ -386,7 +386,7 @@ def _build_compile(ctx: _Context, device: str, batch_size: int) -> Callable[[], 
 
 def _build_ort(ctx: _Context, device: str, batch_size: int) -> Callable[[], Any]:
     _check_cuda_ort(device)
-    from serve.runtime import open_session
+    from bnfold.serve.runtime import open_session
 
     runtime = open_session(ctx.artifact("onnx"), device, threads=ctx.threads)
     x = ctx.inputs[batch_size]
@@ -511,7 +511,7 @@ def _prepare_artifacts(model: nn.Module, spec: Any, kinds: set[str], work_dir: P
         if export_dir is not None and (export_dir / name).is_file():
             found[kind] = export_dir / name
             continue
-        import export as exporter
+        import bnfold.export as exporter
 
         writer = {"onnx": exporter.export_onnx, "torchscript": exporter.export_torchscript,
                   "program": exporter.export_program}[kind]
@@ -534,8 +534,8 @@ def _bench_http(ctx: _Context, device: str, seconds: float) -> list[BenchRow]:
     try:
         _check_cuda_ort(device)
         onnx_path = ctx.artifact("onnx")
-        from serve.launch import running_server
-        from serve.loadtest import run_loadtest
+        from bnfold.serve.launch import running_server
+        from bnfold.bench.loadtest import run_loadtest
 
         name = "bench"
         with running_server(onnx_path, device=device, threads=ctx.threads, name=name) as url:
@@ -667,7 +667,7 @@ def run_bench(checkpoint: str | os.PathLike, *, devices: Sequence[str] = ("cpu",
     (as `bnfold pipeline` does); missing ones are exported into a temporary folder.
     HTTP rows exist only at batch size 1.
     """
-    import models
+    from bnfold import models
 
     _validate(devices, backends, batch_sizes, threads, seconds)
     devices = list(dict.fromkeys(devices))
@@ -707,7 +707,7 @@ def run_bench(checkpoint: str | os.PathLike, *, devices: Sequence[str] = ("cpu",
     environment.update({"seconds_per_backend": seconds, "batch_sizes": batch_sizes,
                         "devices": devices, "backends": backends, "warmup_s": warmup_s,
                         "method": "interleaved bursts in one process; per-call perf_counter_ns; "
-                                  "CUDA synchronized; HTTP rows measured after, by serve.loadtest"})
+                                  "CUDA synchronized; HTTP rows measured after, by bench.loadtest"})
     return BenchResult(rows, environment, compute_speedups(rows))
 
 

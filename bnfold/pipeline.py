@@ -1,7 +1,7 @@
 """`bnfold pipeline`: the whole job in one call, train -> fold -> export -> verify -> bench -> REPORT.md.
 
 Each stage is one call into the package that owns it (`models.train`, `bnfold.fold` and
-`bnfold.compare`, `export.export_checkpoint`, `serve.bench.run_bench`), with plain values passed
+`bnfold.compare`, `export.export_checkpoint`, `bench.run.run_bench`), with plain values passed
 between them. The run folder ends up holding:
 
     OUT/train/    best.pt, last.pt, metrics.jsonl, curves.png   (models.train)
@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bnfold.errors import BnfoldError
-from serve.bench import DEFAULT_BACKENDS, BenchResult, run_bench
-from serve.bench_report import ReportFiles, render_markdown, summary_lines, write_report
+from bnfold.bench.run import DEFAULT_BACKENDS, BenchResult, run_bench
+from bnfold.bench.report import ReportFiles, render_markdown, summary_lines, write_report
 
 if TYPE_CHECKING:  # the stages import their packages when they run
     from bnfold import FoldReport, Parity
-    from export import ExportSummary
-    from models import ModelSpec, TrainResult
+    from bnfold.export import ExportSummary
+    from bnfold.models import ModelSpec, TrainResult
 
 # The folded module must match the original to this max relative error (as `bnfold fold --rtol`).
 FOLD_RTOL = 1e-5
@@ -77,7 +77,7 @@ def _prepare_out(out: Path, force: bool) -> None:
 
 
 def _train(model: str, dataset: str, data_root: str, epochs: int, out: Path, progress: bool) -> TrainResult:
-    import models
+    from bnfold import models
 
     config = models.TrainConfig(model=model, dataset=dataset, data_root=data_root, epochs=epochs,
                                 out=str(out), progress=progress)
@@ -87,7 +87,7 @@ def _train(model: str, dataset: str, data_root: str, epochs: int, out: Path, pro
 def _fold(checkpoint: Path, data_root: str) -> tuple[FoldReport, Parity, int, int]:
     """Fold the trained module and compare it with the original on real eval samples."""
     import bnfold
-    import models
+    from bnfold import models
     import torch
 
     model, spec = models.load_checkpoint(checkpoint)
@@ -101,7 +101,7 @@ def _fold(checkpoint: Path, data_root: str) -> tuple[FoldReport, Parity, int, in
 
 
 def _export(checkpoint: Path, out: Path, data_root: str, progress: bool) -> ExportSummary:
-    import export
+    from bnfold import export
 
     # The export folder belongs to this run: overwrite it when the run folder is reused.
     return export.export_checkpoint(checkpoint, out, data_root=data_root, force=True, progress=progress)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serve.bench import BenchResult
+from bnfold.bench.run import BenchResult
 
 LATENCY_CHART = "latency.png"
 THROUGHPUT_CHART = "throughput.png"

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from serve.runtime import V2_TO_NUMPY, ServeError
+from bnfold.serve.runtime import V2_TO_NUMPY, ServeError
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import models
+from bnfold import models
 from bnfold.cli import main
 
 

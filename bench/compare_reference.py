@@ -1,11 +1,11 @@
 """bnfold's server beside the plain FastAPI + pydantic service, in one run, with one load generator.
 
-    python -m serve.compare_reference --onnx runs/lenet/export/model.onnx
+    python -m bnfold.bench.compare_reference --onnx runs/lenet/export/model.onnx
 
 Both servers run on loopback, single worker, one onnxruntime intra-op thread (the reference
 hard-codes 1). Rounds alternate between the targets (bnfold binary, bnfold JSON, reference
 JSON), each round measuring sequential latency (one connection) and throughput (8 connections)
-with `serve.loadtest`; latencies are pooled over rounds and throughput is total requests over
+with `bench.loadtest`; latencies are pooled over rounds and throughput is total requests over
 total time. The reference runs with its documented command (`uvicorn plain_fastapi_service:app`,
 uvicorn's defaults); bnfold runs as `bnfold serve` with its default JSON-lines access log on.
 """
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.launch import _ready, free_port, running_server
-from serve.loadtest import LoadtestResult, run_loadtest
-from serve.runtime import ServeError, open_session
+from bnfold.serve.launch import _ready, free_port, running_server
+from bnfold.bench.loadtest import LoadtestResult, run_loadtest
+from bnfold.serve.runtime import ServeError, open_session
 
 REFERENCE_DIR = Path(os.environ.get("BNFOLD_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 
@@ -150,7 +150,7 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serve.compare_reference", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bnfold.bench.compare_reference", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--onnx", required=True, help="the model both services load (LeNet model.onnx)")
     parser.add_argument("--rounds", type=int, default=3)

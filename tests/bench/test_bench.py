@@ -1,4 +1,4 @@
-"""`bnfold bench` / `serve.bench`: interleaved timing, well-formed reports, skipped CUDA rows."""
+"""`bnfold bench` / `bench.run`: interleaved timing, well-formed reports, skipped CUDA rows."""
 from __future__ import annotations
 
 import json
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import export
-import models
+from bnfold import export
+from bnfold import models
 from bnfold.cli import main
-from serve.bench import (OK, SKIPPED, BenchError, BenchRow, TimedCall, bound_runner, compute_speedups,
+from bnfold.bench.run import (OK, SKIPPED, BenchError, BenchRow, TimedCall, bound_runner, compute_speedups,
                          measure_interleaved, run_bench)
 
 ROW_FIELDS = {"backend", "device", "batch_size", "status", "reason", "p50_ms", "p90_ms", "p99_ms",
