@@ -67,6 +67,11 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     except Exception as exc:  # noqa: BLE001 - torch.load surfaces corrupt bytes as many types (IndexError too)
         raise CheckpointError(f"{str(path)!r} is corrupt or not a torch file: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    return check_payload(payload, path)
+
+
+def check_payload(payload: Any, path: str | os.PathLike = "<checkpoint>") -> dict[str, Any]:
+    """`payload` (what torch.load returned) checked to be a bnfold checkpoint: format, version, spec, weights."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         kind = type(payload).__name__
         raise CheckpointError(f"{str(path)!r} is not a bnfold checkpoint (a {kind} without "
