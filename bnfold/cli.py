@@ -42,7 +42,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def _cmd_fold(args: argparse.Namespace) -> int:
-    from bnfold.files import fold_and_save, load_module
+    from bnfold.fold_files import fold_and_save, load_module
 
     shape = args.input_shape
     try:
@@ -60,7 +60,7 @@ def _cmd_fold(args: argparse.Namespace) -> int:
 
 
 def _cmd_fold_onnx(args: argparse.Namespace) -> int:
-    from bnfold.files import fold_onnx_file
+    from bnfold.fold_files import fold_onnx_file
 
     print(fold_onnx_file(args.input, args.output, input_shape=args.input_shape, rtol=args.rtol,
                          samples=args.samples))
@@ -75,7 +75,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
         schedule=args.schedule, weight_decay=args.weight_decay, norm=args.norm, activation=args.activation,
         bn_momentum=args.bn_momentum, bn_eps=args.bn_eps, sync_bn=args.sync_bn, seed=args.seed,
-        device=args.device, workers=args.workers, out=args.out, resume=args.resume,
+        device=args.device, workers=args.workers, out=args.out, resume=args.resume, force=args.force,
         progress=not args.no_progress, input_size=args.input_size, steps_per_epoch=args.steps_per_epoch,
         threads=args.threads)
     result = models.train(config)
@@ -85,15 +85,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from bnfold.export import export_checkpoint
+    from bnfold.export import ExportConfig, export_checkpoint
 
-    summary = export_checkpoint(
-        args.checkpoint, args.out, formats=args.format, fold=not args.no_fold, opset=args.opset,
-        static_batch=args.static_batch, fp16=args.fp16, legacy=args.legacy_onnx,
-        triton_repo=args.triton_repo, triton_device=args.triton_device,
-        triton_name=args.triton_name, data_root=args.data_root, force=args.force,
-        progress=not args.no_progress, verbose=args.verbose)
-    print(summary)
+    config = ExportConfig(
+        checkpoint=args.checkpoint, out=args.out, formats=args.format, fold=not args.no_fold,
+        opset=args.opset, static_batch=args.static_batch, fp16=args.fp16, legacy_onnx=args.legacy_onnx,
+        triton_repo=args.triton_repo, triton_device=args.triton_device, triton_name=args.triton_name,
+        data_root=args.data_root, force=args.force, progress=not args.no_progress, verbose=args.verbose)
+    print(export_checkpoint(config))
     return 0
 
 
@@ -220,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--out", required=True, help="run folder: best.pt, last.pt, metrics.jsonl, curves.png")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--force", action="store_true",
+                   help="train afresh into an --out folder that already holds a run (its best.pt, last.pt "
+                        "and metrics are replaced); without --resume or --force such a folder is refused")
     p.add_argument("--input-size", type=int, default=None,
                    help="input resolution; default 28 for lenet on grey data, else 32")
     p.add_argument("--steps-per-epoch", type=int, default=None, help="cap optimizer steps per epoch (smoke runs)")

@@ -80,7 +80,8 @@ def _train(model: str, dataset: str, data_root: str, epochs: int, out: Path, pro
     from bnfold import models
 
     config = models.TrainConfig(model=model, dataset=dataset, data_root=data_root, epochs=epochs,
-                                out=str(out), progress=progress)
+                                out=str(out), progress=progress,
+                                force=True)  # run_pipeline's own --force check already guarded `out`
     return models.train(config)
 
 
@@ -104,7 +105,8 @@ def _export(checkpoint: Path, out: Path, data_root: str, progress: bool) -> Expo
     from bnfold import export
 
     # The export folder belongs to this run: overwrite it when the run folder is reused.
-    return export.export_checkpoint(checkpoint, out, data_root=data_root, force=True, progress=progress)
+    return export.export_checkpoint(export.ExportConfig(checkpoint, out, data_root=data_root, force=True,
+                                                        progress=progress))
 
 
 def _fmt(value: float | int | None) -> str:

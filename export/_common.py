@@ -15,11 +15,13 @@ import os
 import re
 import sys
 import tempfile
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,10 +30,9 @@ from torch import nn
 import bnfold
 from bnfold.models.spec import ModelSpec
 
-from bnfold.export.errors import ExportError, UnknownFormatError, UnsupportedOpError
+from bnfold.export.errors import ExportError, UnsupportedOpError
+from bnfold.export.report import ArtifactReport
 
-FORMATS: tuple[str, ...] = ("onnx", "torchscript", "program")
-FILE_NAMES: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.ts", "program": "model.pt2"}
 
 # Parity tolerances on max relative error (max |diff| / max |reference|). Folding is done in
 # float64 and stored in float32, which leaves rounding differences around 1e-7..1e-6; float16
@@ -46,25 +47,6 @@ STATIC_BATCH = 1
 TRACE_BATCH = 2
 # How many random inputs the parity check uses when no dataset sample is given.
 RANDOM_SAMPLES = 16
-
-
-def check_formats(formats: str | list[str] | tuple[str, ...]) -> list[str]:
-    """Normalize a list (or comma-separated string) of format names; unknown names are refused."""
-    if isinstance(formats, str):
-        formats = formats.split(",")
-    names: list[str] = []
-    for raw in formats:
-        name = raw.strip().lower()
-        if not name:
-            continue
-        if name not in FORMATS:
-            raise UnknownFormatError(
-                f"unknown export format {raw!r}; choose from: {', '.join(FORMATS)}")
-        if name not in names:
-            names.append(name)
-    if not names:
-        raise UnknownFormatError(f"no export format given; choose from: {', '.join(FORMATS)}")
-    return names
 
 
 def output_name(spec: ModelSpec) -> str:
@@ -257,6 +239,58 @@ def staged_file(target: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# The writer skeleton: prepare -> export -> staged write -> reload -> compare, once for every format
+
+
+def write_verified(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *, format: str,
+                   exporter: str, what: str, export: Callable[[nn.Module, torch.Tensor], Any],
+                   save: Callable[[Any, Path], None], load: Callable[[Path], Any],
+                   fold: bool = True, fp16: bool = False, dynamic_batch: bool = True,
+                   static_batch_hint: bool = False, samples: torch.Tensor | None = None,
+                   verbose: bool = False) -> tuple[ArtifactReport, Any]:
+    """Write one verified artifact at `path`; return its report and what `export` produced.
+
+    The steps every format shares: fold a copy of `model` (`prepare`), run `export(module,
+    example)` quietly (any exception becomes one `ExportError`, naming the operator when there
+    is one), `save` it to a hidden file beside `path`, `load` that file back as something
+    `bnfold.compare` can run, compare it with the eval-mode `model` on `samples` (random inputs
+    when None), and only then move it into place. `what` names the artifact in a parity error
+    (formatted with `arch` and `dtype`); `static_batch_hint` adds "try --static-batch" to an
+    exporter failure that looks like a fixed batch size (for formats that honour it).
+    """
+    start = time.perf_counter()
+    prepared = prepare(model, fold=fold, fp16=fp16)
+    with quiet(not verbose):
+        try:
+            exported = export(prepared.module, example_input(spec, dynamic_batch))
+        except ExportError:
+            raise
+        except Exception as exc:  # the exporters raise many types; all become one clear error
+            raise exporter_failure(exc, spec, exporter, static_batch_hint and dynamic_batch) from exc
+    batches, source = parity_batches(spec, samples, dynamic_batch=dynamic_batch)
+    label = what.format(arch=spec.arch, dtype=prepared.dtype)
+    with staged_file(path) as tmp:
+        with quiet(not verbose):
+            save(exported, tmp)
+            try:
+                runner = load(tmp)
+            except Exception as exc:  # e.g. onnxruntime refusing an opset: say so in one line
+                raise ExportError(f"the written file cannot be loaded back for the {label}: "
+                                  f"{first_line(exc)}") from exc
+        with torch.no_grad():
+            parity = bnfold.compare(prepared.reference, runner, batches)
+        tol = tolerance(fp16)
+        parity.check(tol, label)
+        size = tmp.stat().st_size
+    report = ArtifactReport(format=format, path=Path(path), exporter=exporter, dtype=prepared.dtype,
+                            dynamic_batch=dynamic_batch, folded=fold, parity=parity, tolerance=tol,
+                            parity_inputs=source, size_bytes=size,
+                            seconds=time.perf_counter() - start, output_name=output_name(spec),
+                            fold_report=prepared.fold_report)
+    return report, exported
 
 
 # ---------------------------------------------------------------------------------------------

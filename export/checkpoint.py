@@ -1,4 +1,4 @@
-"""`export_checkpoint`: every requested artifact of one checkpoint, all verified, or none written.
+"""`export_checkpoint(ExportConfig)`: every requested artifact of one checkpoint, all verified, or none written.
 
 Artifacts are written into a hidden folder beside `out_dir`; only when every one of them has
 passed its parity check (and the Triton model folder is complete) are they renamed into place.
@@ -20,12 +20,12 @@ from bnfold import models
 from bnfold.models.checkpoint import CheckpointError, model_from_payload, read_checkpoint, spec_from_payload
 from bnfold.models.spec import ModelSpec
 
-from bnfold.export._common import FILE_NAMES, check_formats, staging_path
+from bnfold.export._common import staging_path
+from bnfold.export.config import TRITON_MAX_BATCH_SIZE, ExportConfig
 from bnfold.export.errors import ExportError, OutputExistsError
-from bnfold.export.onnx import bnfold_version, check_opset, export_onnx
-from bnfold.export.program import export_program
-from bnfold.export.report import ArtifactReport, ExportSummary
-from bnfold.export.torchscript import export_torchscript
+from bnfold.export.onnx import bnfold_version, check_opset
+from bnfold.export.report import ExportSummary
+from bnfold.export.writers import WRITERS, check_formats
 from bnfold.export.triton import (check_model_name, default_model_name, replace_dir,
                            write_triton_model)
 
@@ -61,20 +61,6 @@ def _parity_samples(spec: ModelSpec, data_root: str | os.PathLike) -> tuple[torc
     return samples, f"{samples.shape[0]} eval-split samples of {spec.dataset!r}"
 
 
-def _export_one(fmt: str, model: torch.nn.Module, spec: ModelSpec, path: Path, *, fold: bool,
-                opset: int | None, static_batch: bool, fp16: bool, legacy: bool,
-                samples: torch.Tensor | None, verbose: bool) -> ArtifactReport:
-    if fmt == "onnx":
-        return export_onnx(model, spec, path, fold=fold, opset=opset,
-                           dynamic_batch=not static_batch, fp16=fp16, legacy=legacy,
-                           samples=samples, verbose=verbose)
-    if fmt == "torchscript":
-        return export_torchscript(model, spec, path, fold=fold, samples=samples, fp16=fp16,
-                                  verbose=verbose)
-    return export_program(model, spec, path, fold=fold, samples=samples,
-                          dynamic_batch=not static_batch, fp16=fp16, verbose=verbose)
-
-
 def _export_json(summary: ExportSummary, spec: ModelSpec, options: dict[str, Any]) -> dict[str, Any]:
     data = summary.to_dict()
     for artifact in data["artifacts"]:
@@ -108,32 +94,25 @@ def _progress(items: Sequence[str], enabled: bool) -> Iterator[str]:
 
     with tqdm(total=len(items), desc="export", unit="file", leave=False) as bar:
         for item in items:
-            bar.set_description(f"export {FILE_NAMES[item]}")
+            bar.set_description(f"export {WRITERS[item].file_name}")
             yield item
             bar.update(1)
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
-                      formats: Sequence[str] | str = ("onnx", "torchscript", "program"),
-                      fold: bool = True, opset: int | None = None, static_batch: bool = False,
-                      fp16: bool = False, legacy: bool = False,
-                      triton_repo: str | os.PathLike | None = None, data_root: str = "data",
-                      force: bool = False, progress: bool = True,
-                      triton_device: str = "cpu", triton_name: str | None = None,
-                      verbose: bool = False) -> ExportSummary:
-    """Export a bnfold checkpoint to `out_dir` (`model.onnx`, `model.ts`, `model.pt2`,
+def export_checkpoint(config: ExportConfig) -> ExportSummary:
+    """Export a bnfold checkpoint to `config.out` (`model.onnx`, `model.ts`, `model.pt2`,
     `export.json`), each artifact verified against the checkpoint's eval-mode model.
 
     Parity inputs are `PARITY_SAMPLES` eval-split samples of the checkpoint's dataset when
-    `models.sample_inputs` finds them under `data_root`, else random inputs of the spec's shape.
-    With `triton_repo`, the ONNX file is also added to that Triton model repository as
-    `<triton_name or arch>/1/model.onnx` with its `config.pbtxt`.
+    `models.sample_inputs` finds them under `config.data_root`, else random inputs of the spec's
+    shape. With `config.triton_repo`, the ONNX file is also added to that Triton model repository
+    as `<triton_name or arch>/1/model.onnx` with its `config.pbtxt`.
     """
-    fmts = check_formats(formats)
-    check_opset(opset, legacy)
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    _check_target(out_dir, force, "output folder")
-    if triton_repo is not None and "onnx" not in fmts:
+    fmts = check_formats(config.formats)
+    check_opset(config.opset, config.legacy_onnx)
+    checkpoint, out_dir = Path(config.checkpoint), Path(config.out)
+    _check_target(out_dir, config.force, "output folder")
+    if config.triton_repo is not None and "onnx" not in fmts:
         raise ExportError("a Triton repository needs the onnx format: add onnx to the formats")
     if out_dir.exists() and checkpoint.resolve().is_relative_to(out_dir.resolve()):
         # --force replaces the folder as a whole: it would delete the checkpoint it exports.
@@ -141,26 +120,24 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
                                 f"{str(checkpoint)!r}; choose a subfolder such as {str(out_dir / 'export')!r}")
     model, spec = _load(checkpoint)
     triton_target = None
-    if triton_repo is not None:
-        triton_target = Path(triton_repo) / check_model_name(triton_name or default_model_name(spec))
-        _check_target(triton_target, force, "Triton model folder")
-    samples, source = _parity_samples(spec, data_root)
+    if config.triton_repo is not None:
+        triton_name = check_model_name(config.triton_name or default_model_name(spec))
+        triton_target = Path(config.triton_repo) / triton_name
+        _check_target(triton_target, config.force, "Triton model folder")
+    samples, source = _parity_samples(spec, config.data_root)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staged = staging_path(out_dir)
     staged_triton = staging_path(triton_target) if triton_target is not None else None
     try:
         staged.mkdir()
-        artifacts = []
-        for fmt in _progress(fmts, progress):
-            artifacts.append(_export_one(fmt, model, spec, staged / FILE_NAMES[fmt], fold=fold,
-                                         opset=opset, static_batch=static_batch, fp16=fp16,
-                                         legacy=legacy, samples=samples, verbose=verbose))
+        artifacts = [WRITERS[fmt].write(model, spec, staged / WRITERS[fmt].file_name, config, samples)
+                     for fmt in _progress(fmts, config.progress)]
         if staged_triton is not None:
             staged_triton.parent.mkdir(parents=True, exist_ok=True)
-            write_triton_model(staged / FILE_NAMES["onnx"], spec, staged_triton,
-                               name=triton_target.name, device=triton_device,
-                               max_batch_size=0 if static_batch else 32)
+            write_triton_model(staged / WRITERS["onnx"].file_name, spec, staged_triton,
+                               name=triton_target.name, device=config.triton_device,
+                               max_batch_size=0 if config.static_batch else TRITON_MAX_BATCH_SIZE)
         for a in artifacts:
             a.parity_inputs = source
             a.path = out_dir / a.path.name
@@ -169,8 +146,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
                                 fold_report=fold_report, parity_inputs=source,
                                 export_json=out_dir / "export.json",
                                 triton_model_dir=triton_target)
-        options = {"formats": fmts, "fold": fold, "opset": opset, "static_batch": static_batch,
-                   "fp16": fp16, "legacy_onnx": legacy, "triton_device": triton_device}
+        options = {"formats": fmts, "fold": config.fold, "opset": config.opset,
+                   "static_batch": config.static_batch, "fp16": config.fp16,
+                   "legacy_onnx": config.legacy_onnx, "triton_device": config.triton_device}
         (staged / "export.json").write_text(
             json.dumps(_export_json(summary, spec, options), indent=2) + "\n")
         # Everything passed: move into place (renames within the same folders).

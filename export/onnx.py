@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import os
-import time
 from importlib import metadata
 from pathlib import Path
 
@@ -15,8 +14,8 @@ from torch import nn
 import bnfold
 from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec
 
-from bnfold.export._common import (batch_dynamic_shapes, example_input, exporter_failure, first_line, output_name,
-                            parity_batches, prepare, quiet, staged_file, tolerance, unsupported_op)
+from bnfold.export._common import batch_dynamic_shapes, output_name, unsupported_op, write_verified
+from bnfold.export.config import ExportConfig
 from bnfold.export.errors import ExportError, OpsetError
 from bnfold.export.report import ArtifactReport
 
@@ -181,44 +180,39 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *, f
     `samples` (random inputs of the spec's shape when None); otherwise `bnfold.ParityError`.
     """
     check_opset(opset, legacy)
-    start = time.perf_counter()
-    prepared = prepare(model, fold=fold, fp16=fp16)
     out = output_name(spec)
-    exporter = f"torch.onnx.export(dynamo={not legacy})"
     notes: list[str] = []
-    with quiet(not verbose):
+
+    def export(module: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
+        proto = _run_exporter(module, example, out, opset=opset, dynamic_batch=dynamic_batch,
+                              legacy=legacy, verbose=verbose)
+        proto = _remove_batchnorm(proto, notes)
+        _check_io(proto, out)
+        set_metadata(proto, {SPEC_METADATA_KEY: spec.to_json(), VERSION_METADATA_KEY: bnfold_version(),
+                             "bnfold.folded": str(fold).lower(),
+                             "bnfold.weights_dtype": "float16" if fp16 else "float32"})
         try:
-            proto = _run_exporter(prepared.module, example_input(spec, dynamic_batch), out,
-                                  opset=opset, dynamic_batch=dynamic_batch, legacy=legacy,
-                                  verbose=verbose)
-        except Exception as exc:  # the exporters raise many types; all become one clear error
-            raise exporter_failure(exc, spec, exporter, dynamic_batch) from exc
-    proto = _remove_batchnorm(proto, notes)
-    _check_io(proto, out)
-    set_metadata(proto, {SPEC_METADATA_KEY: spec.to_json(), VERSION_METADATA_KEY: bnfold_version(),
-                         "bnfold.folded": str(fold).lower(), "bnfold.weights_dtype": prepared.dtype})
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ExportError(f"onnx.checker rejected the exported {spec.arch} model: {exc}") from exc
-    batches, source = parity_batches(spec, samples, dynamic_batch=dynamic_batch)
-    with staged_file(path) as tmp:
-        onnx.save_model(proto, os.fspath(tmp))
-        try:
-            session = _onnx_session(tmp)
-        except Exception as exc:  # onnxruntime raises its own types (e.g. an unsupported opset)
-            raise ExportError(f"onnxruntime cannot load the exported {spec.arch} model: "
-                              f"{first_line(exc)}") from exc
-        parity = bnfold.compare(prepared.reference, session, batches)
-        tol = tolerance(fp16)
-        parity.check(tol, f"ONNX export of {spec.arch} ({prepared.dtype}, onnxruntime CPU)")
-        size = tmp.stat().st_size
-    return ArtifactReport(format="onnx", path=Path(path), exporter=exporter, dtype=prepared.dtype,
-                          dynamic_batch=dynamic_batch, folded=fold, parity=parity, tolerance=tol,
-                          parity_inputs=source, size_bytes=size,
-                          seconds=time.perf_counter() - start, input_name=INPUT_NAME,
-                          output_name=out, opset=model_opset(proto),
-                          fold_report=prepared.fold_report, notes=notes)
+            onnx.checker.check_model(proto, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            raise ExportError(f"onnx.checker rejected the exported {spec.arch} model: {exc}") from exc
+        return proto
+
+    report, proto = write_verified(
+        model, spec, path, format="onnx", exporter=f"torch.onnx.export(dynamo={not legacy})",
+        what="ONNX export of {arch} ({dtype}, onnxruntime CPU)", export=export,
+        save=lambda proto, tmp: onnx.save_model(proto, os.fspath(tmp)), load=_onnx_session,
+        fold=fold, fp16=fp16, dynamic_batch=dynamic_batch, static_batch_hint=True,
+        samples=samples, verbose=verbose)
+    report.input_name, report.opset, report.notes = INPUT_NAME, model_opset(proto), notes
+    return report
+
+
+def export_from_config(model: nn.Module, spec: ModelSpec, path: Path, config: ExportConfig,
+                       samples: torch.Tensor | None) -> ArtifactReport:
+    """`export_onnx` with the options of an `ExportConfig` (the entry in `export.WRITERS`)."""
+    return export_onnx(model, spec, path, fold=config.fold, opset=config.opset,
+                       dynamic_batch=config.dynamic_batch, fp16=config.fp16, legacy=config.legacy_onnx,
+                       samples=samples, verbose=config.verbose)
 
 
 def _check_io(model: onnx.ModelProto, out: str) -> None:

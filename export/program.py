@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-import bnfold
 from bnfold.models.spec import ModelSpec
 
-from bnfold.export._common import (batch_dynamic_shapes, example_input, exporter_failure, float32_runner,
-                            output_name, parity_batches, prepare, quiet, staged_file, tolerance)
+from bnfold.export._common import batch_dynamic_shapes, float32_runner, write_verified
+from bnfold.export.config import ExportConfig
 from bnfold.export.report import ArtifactReport
 
 
@@ -31,30 +29,24 @@ def export_program(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *
     saved file is loaded back with `torch.export.load` and its `.module()` is compared with the
     eval-mode `model` on `samples`.
     """
-    start = time.perf_counter()
-    prepared = prepare(model, fold=fold, fp16=fp16)
-    dynamic_shapes = batch_dynamic_shapes(dynamic_batch)
-    with quiet(not verbose):
-        try:
-            program = torch.export.export(prepared.module, (example_input(spec, dynamic_batch),),
-                                          dynamic_shapes=dynamic_shapes)
-        except Exception as exc:
-            raise exporter_failure(exc, spec, "torch.export.export", dynamic_batch) from exc
-    batches, source = parity_batches(spec, samples, dynamic_batch=dynamic_batch)
-    with staged_file(path) as tmp:
-        with quiet(not verbose):
-            torch.export.save(program, os.fspath(tmp))
-            loaded = load_program(tmp).module()
-        with torch.no_grad():
-            parity = bnfold.compare(prepared.reference, float32_runner(loaded), batches)
-        tol = tolerance(fp16)
-        parity.check(tol, f"torch.export program of {spec.arch} ({prepared.dtype})")
-        size = tmp.stat().st_size
-    return ArtifactReport(format="program", path=Path(path), exporter="torch.export.export",
-                          dtype=prepared.dtype, dynamic_batch=dynamic_batch, folded=fold,
-                          parity=parity, tolerance=tol, parity_inputs=source, size_bytes=size,
-                          seconds=time.perf_counter() - start, output_name=output_name(spec),
-                          fold_report=prepared.fold_report)
+    def export(module: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+        return torch.export.export(module, (example,), dynamic_shapes=batch_dynamic_shapes(dynamic_batch))
+
+    report, _ = write_verified(
+        model, spec, path, format="program", exporter="torch.export.export",
+        what="torch.export program of {arch} ({dtype})", export=export,
+        save=lambda program, tmp: torch.export.save(program, os.fspath(tmp)),
+        load=lambda tmp: float32_runner(load_program(tmp).module()),
+        fold=fold, fp16=fp16, dynamic_batch=dynamic_batch, static_batch_hint=True,
+        samples=samples, verbose=verbose)
+    return report
+
+
+def export_from_config(model: nn.Module, spec: ModelSpec, path: Path, config: ExportConfig,
+                       samples: torch.Tensor | None) -> ArtifactReport:
+    """`export_program` with an `ExportConfig`'s options."""
+    return export_program(model, spec, path, fold=config.fold, samples=samples,
+                          dynamic_batch=config.dynamic_batch, fp16=config.fp16, verbose=config.verbose)
 
 
 __all__ = ["export_program", "load_program"]

@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-import bnfold
 from bnfold.models.spec import ModelSpec
 
-from bnfold.export._common import (example_input, exporter_failure, float32_runner, output_name, parity_batches,
-                            prepare, quiet, staged_file, tolerance)
+from bnfold.export._common import float32_runner, quiet, write_verified
+from bnfold.export.config import ExportConfig
 from bnfold.export.report import ArtifactReport
 
 
@@ -31,31 +29,24 @@ def export_torchscript(model: nn.Module, spec: ModelSpec, path: str | os.PathLik
     forward methods use plain Python; the batch axis stays dynamic because the traced ops read
     it from the input. The loaded file is compared with the eval-mode `model` on `samples`.
     """
-    start = time.perf_counter()
-    prepared = prepare(model, fold=fold, fp16=fp16)
-    exporter = "torch.jit.trace + torch.jit.freeze"
-    with quiet(not verbose):  # torch.jit warns that it is deprecated on every call
-        try:
-            with torch.no_grad():
-                traced = torch.jit.trace(prepared.module, example_input(spec, True))
-                frozen = torch.jit.freeze(traced.eval())
-        except Exception as exc:
-            raise exporter_failure(exc, spec, "torch.jit.trace") from exc
-    batches, source = parity_batches(spec, samples, dynamic_batch=True)
-    with staged_file(path) as tmp:
-        with quiet(not verbose):
-            torch.jit.save(frozen, os.fspath(tmp))
-        loaded = load_torchscript(tmp)
+    def export(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
         with torch.no_grad():
-            parity = bnfold.compare(prepared.reference, float32_runner(loaded), batches)
-        tol = tolerance(fp16)
-        parity.check(tol, f"TorchScript export of {spec.arch} ({prepared.dtype})")
-        size = tmp.stat().st_size
-    return ArtifactReport(format="torchscript", path=Path(path), exporter=exporter,
-                          dtype=prepared.dtype, dynamic_batch=True, folded=fold, parity=parity,
-                          tolerance=tol, parity_inputs=source, size_bytes=size,
-                          seconds=time.perf_counter() - start, output_name=output_name(spec),
-                          fold_report=prepared.fold_report)
+            return torch.jit.freeze(torch.jit.trace(module, example).eval())
+
+    report, _ = write_verified(
+        model, spec, path, format="torchscript", exporter="torch.jit.trace + torch.jit.freeze",
+        what="TorchScript export of {arch} ({dtype})", export=export,
+        save=lambda frozen, tmp: torch.jit.save(frozen, os.fspath(tmp)),
+        load=lambda tmp: float32_runner(load_torchscript(tmp)),
+        fold=fold, fp16=fp16, dynamic_batch=True, samples=samples, verbose=verbose)
+    return report
+
+
+def export_from_config(model: nn.Module, spec: ModelSpec, path: Path, config: ExportConfig,
+                       samples: torch.Tensor | None) -> ArtifactReport:
+    """`export_torchscript` with an `ExportConfig`'s options; the batch axis is always dynamic."""
+    return export_torchscript(model, spec, path, fold=config.fold, samples=samples, fp16=config.fp16,
+                              verbose=config.verbose)
 
 
 __all__ = ["export_torchscript", "load_torchscript"]

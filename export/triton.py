@@ -16,6 +16,7 @@ import onnx
 from bnfold.models.spec import ModelSpec
 
 from bnfold.export._common import staging_path
+from bnfold.export.config import TRITON_MAX_BATCH_SIZE
 from bnfold.export.errors import ExportError
 from bnfold.export.onnx import load_onnx
 
@@ -68,7 +69,7 @@ def _tensor_block(kind: str, tensors: list[TensorConfig], label_file: str | None
 
 
 def triton_config(model: onnx.ModelProto, name: str, *, device: str = "cpu",
-                  max_batch_size: int = 32, labels: bool = False) -> str:
+                  max_batch_size: int = TRITON_MAX_BATCH_SIZE, labels: bool = False) -> str:
     """The `config.pbtxt` text for an ONNX model (Triton's ModelConfig in protobuf text format).
 
     A model whose batch axis is fixed gets `max_batch_size: 0` and full dims, as Triton requires.
@@ -104,7 +105,7 @@ def default_model_name(spec: ModelSpec) -> str:
 
 
 def write_triton_model(onnx_path: str | os.PathLike, spec: ModelSpec, model_dir: str | os.PathLike,
-                       *, name: str, device: str = "cpu", max_batch_size: int = 32) -> Path:
+                       *, name: str, device: str = "cpu", max_batch_size: int = TRITON_MAX_BATCH_SIZE) -> Path:
     """Write one Triton model folder at `model_dir` (which must not exist yet); no staging."""
     onnx_path, model_dir = Path(onnx_path), Path(model_dir)
     model = load_onnx(onnx_path)
@@ -121,7 +122,7 @@ def write_triton_model(onnx_path: str | os.PathLike, spec: ModelSpec, model_dir:
 
 def write_triton_repo(onnx_path: str | os.PathLike, spec: ModelSpec, repo_dir: str | os.PathLike,
                       *, name: str | None = None, device: str = "cpu",
-                      max_batch_size: int = 32) -> Path:
+                      max_batch_size: int = TRITON_MAX_BATCH_SIZE) -> Path:
     """Add the ONNX model to a Triton model repository and return `repo_dir/<name>`.
 
     `name` defaults to the spec's architecture. An existing `repo_dir/<name>` is replaced as a

@@ -73,8 +73,8 @@ def test_bnfold_export_writes_verified_files_export_json_and_a_triton_model(
 
 
 def test_export_checkpoint_returns_a_summary_matching_the_files(lenet_checkpoint, tmp_path) -> None:
-    summary = export.export_checkpoint(lenet_checkpoint, tmp_path / "out", formats="torchscript,program",
-                                       progress=False)
+    summary = export.export_checkpoint(export.ExportConfig(lenet_checkpoint, tmp_path / "out",
+                                                           formats="torchscript,program", progress=False))
     assert [a.format for a in summary.artifacts] == ["torchscript", "program"]
     assert summary.export_json == tmp_path / "out" / "export.json" and summary.export_json.is_file()
     assert summary.artifact("program").path == tmp_path / "out" / "model.pt2"
@@ -82,3 +82,16 @@ def test_export_checkpoint_returns_a_summary_matching_the_files(lenet_checkpoint
     assert loaded(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
     text = str(summary)
     assert "model.ts" in text and "model.pt2" in text and "folded" in text.lower()
+
+
+def test_a_new_format_is_one_entry_in_the_writers_table(lenet_checkpoint, tmp_path, monkeypatch) -> None:
+    # A format written by the TorchScript writer under another file name: export_checkpoint, the
+    # format check and the file-name lookup all follow the table, with no other edit.
+    monkeypatch.setitem(export.WRITERS, "ts-copy", export.Writer(
+        "model.copy.ts", export.WRITERS["torchscript"].write, export.load_torchscript, "a test format"))
+    summary = export.export_checkpoint(export.ExportConfig(lenet_checkpoint, tmp_path / "out",
+                                                           formats="ts-copy", progress=False))
+    assert [a.format for a in summary.artifacts] == ["torchscript"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["export.json", "model.copy.ts"]
+    loaded = export.WRITERS["ts-copy"].read(tmp_path / "out" / "model.copy.ts")
+    assert loaded(torch.zeros(1, 1, 28, 28)).shape == (1, 10)

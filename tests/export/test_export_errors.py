@@ -63,7 +63,7 @@ def test_unknown_format_lists_the_valid_ones(lenet_checkpoint, tmp_path, capsys)
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
     with pytest.raises(export.UnknownFormatError, match="choose from"):
-        export.export_checkpoint(lenet_checkpoint, tmp_path / "out", formats=())
+        export.export_checkpoint(export.ExportConfig(lenet_checkpoint, tmp_path / "out", formats=()))
 
 
 def test_existing_output_folder_needs_force(lenet_checkpoint, tmp_path, capsys) -> None:
@@ -168,12 +168,12 @@ def test_parity_error_carries_the_figures(lenet, tmp_path) -> None:
 
 def test_triton_repository_needs_onnx_and_refuses_an_existing_model(lenet_checkpoint, tmp_path) -> None:
     with pytest.raises(export.ExportError, match="onnx"):
-        export.export_checkpoint(lenet_checkpoint, tmp_path / "out", formats=["torchscript"],
-                                 triton_repo=tmp_path / "repo")
+        export.export_checkpoint(export.ExportConfig(lenet_checkpoint, tmp_path / "out", formats=["torchscript"],
+                                                     triton_repo=tmp_path / "repo"))
     (tmp_path / "repo" / "lenet").mkdir(parents=True)
     (tmp_path / "repo" / "lenet" / "config.pbtxt").write_text("kept")
     with pytest.raises(export.OutputExistsError, match="lenet"):
-        export.export_checkpoint(lenet_checkpoint, tmp_path / "out", triton_repo=tmp_path / "repo")
+        export.export_checkpoint(export.ExportConfig(lenet_checkpoint, tmp_path / "out", triton_repo=tmp_path / "repo"))
     assert (tmp_path / "repo" / "lenet" / "config.pbtxt").read_text() == "kept"
     assert not (tmp_path / "out").exists()
 
@@ -192,7 +192,7 @@ def test_triton_writer_refuses_bad_names_devices_and_missing_files(lenet, tmp_pa
 
 
 def test_format_names_are_normalized_and_an_onnx_file_without_a_spec_is_named(tmp_path) -> None:
-    from bnfold.export._common import check_formats
+    from bnfold.export.writers import check_formats
 
     assert check_formats(" ONNX,onnx ,program") == ["onnx", "program"]
     assert check_formats(["torchscript"]) == ["torchscript"]

@@ -1,0 +1,43 @@
+"""`ExportConfig`: everything `bnfold export` takes, as one typed value (the way `TrainConfig` works).
+
+`export_checkpoint(config)` reads all of it; each writer in `export.writers.WRITERS` reads the
+fields that concern its format (`opset` and `legacy_onnx` only the ONNX one, for example).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+# The largest batch Triton may form from queued requests when the model's batch axis is dynamic
+# (`max_batch_size` in config.pbtxt, and in the config document `bnfold serve` answers).
+TRITON_MAX_BATCH_SIZE = 32
+
+DEFAULT_FORMATS: tuple[str, ...] = ("onnx", "torchscript", "program")
+
+
+@dataclass
+class ExportConfig:
+    """One export run: the checkpoint, where the files go, and how they are written."""
+
+    checkpoint: str | os.PathLike
+    out: str | os.PathLike
+    formats: list[str] | tuple[str, ...] | str = field(default_factory=lambda: list(DEFAULT_FORMATS))
+    fold: bool = True                    # False: export without folding BatchNorm first
+    opset: int | None = None             # ONNX opset; None: the exporter's own default
+    legacy_onnx: bool = False            # the TorchScript-based ONNX exporter instead of dynamo
+    static_batch: bool = False           # batch axis fixed at 1 instead of dynamic
+    fp16: bool = False                   # float16 weights behind float32 inputs and outputs
+    triton_repo: str | os.PathLike | None = None   # also add the ONNX file to this Triton repository
+    triton_device: str = "cpu"           # instance_group kind in config.pbtxt
+    triton_name: str | None = None       # None: the architecture's name
+    data_root: str = "data"              # where the checkpoint's dataset lives (parity samples)
+    force: bool = False                  # replace an existing output folder / Triton model
+    progress: bool = True
+    verbose: bool = False                # show the exporters' own output and warnings
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return not self.static_batch
+
+
+__all__ = ["ExportConfig", "DEFAULT_FORMATS", "TRITON_MAX_BATCH_SIZE"]

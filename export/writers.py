@@ -1,0 +1,69 @@
+"""`WRITERS`: the export formats, one entry each (file name, verified writer, reader).
+
+`export_checkpoint` and `bnfold bench` both read this table; a new format is one entry here
+(and its writer module). Each writer takes `(model, spec, path, config, samples)` and returns
+the `ArtifactReport` of a file it has already loaded back and compared with `model`; each
+reader loads such a file on CPU.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnfold.models.spec import ModelSpec
+
+from bnfold.export import onnx as _onnx, program as _program, torchscript as _torchscript
+from bnfold.export.config import ExportConfig
+from bnfold.export.errors import UnknownFormatError
+from bnfold.export.report import ArtifactReport
+
+
+@dataclass(frozen=True)
+class Writer:
+    """One export format."""
+
+    file_name: str
+    write: Callable[[nn.Module, ModelSpec, Path, ExportConfig, "torch.Tensor | None"], ArtifactReport]
+    read: Callable[[Path], Any]
+    description: str
+
+
+WRITERS: dict[str, Writer] = {
+    "onnx": Writer("model.onnx", _onnx.export_from_config, _onnx.load_onnx,
+                   "ONNX (dynamo or legacy exporter), checked with onnxruntime CPU"),
+    "torchscript": Writer("model.ts", _torchscript.export_from_config, _torchscript.load_torchscript,
+                          "traced and frozen TorchScript, needs only torch"),
+    "program": Writer("model.pt2", _program.export_from_config, _program.load_program,
+                      "torch.export program with a dynamic batch Dim"),
+}
+
+# Derived views, kept for callers that only need the names.
+FORMATS: tuple[str, ...] = tuple(WRITERS)
+FILE_NAMES: dict[str, str] = {name: writer.file_name for name, writer in WRITERS.items()}
+
+
+def check_formats(formats: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Normalize a list (or comma-separated string) of format names; unknown names are refused."""
+    if isinstance(formats, str):
+        formats = formats.split(",")
+    names: list[str] = []
+    for raw in formats:
+        name = raw.strip().lower()
+        if not name:
+            continue
+        if name not in WRITERS:
+            raise UnknownFormatError(
+                f"unknown export format {raw!r}; choose from: {', '.join(WRITERS)}")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise UnknownFormatError(f"no export format given; choose from: {', '.join(WRITERS)}")
+    return names
+
+
+__all__ = ["WRITERS", "Writer", "FORMATS", "FILE_NAMES", "check_formats"]
