@@ -94,7 +94,8 @@ def bn_effect(out_dir: str | Path, *, epochs: int = 10, lrs: Sequence[float] = (
                     history = train(TrainConfig(
                         model="lenet", dataset="digits", epochs=epochs, lr=lr, optimizer=optimizer, schedule="none",
                         norm=norm, activation="sigmoid", seed=seed, batch_size=batch_size, device="cpu",
-                        progress=progress, threads=1, steps_per_epoch=steps_per_epoch, out=str(run_dir))).history
+                        progress=progress, threads=1, steps_per_epoch=steps_per_epoch, out=str(run_dir),
+                        force=True)).history  # a kept --runs folder is rerun on purpose
                 except TrainingError as exc:  # a blow-up is a result here, not a failure
                     diverged = str(exc)
                     history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []

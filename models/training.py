@@ -60,6 +60,7 @@ class TrainConfig:
     workers: int = 0
     out: str = "runs/train"
     resume: bool = False
+    force: bool = False                  # train afresh into a folder that already holds a run
     progress: bool = True
     input_size: int | None = None        # None: the architecture's default for the dataset
     steps_per_epoch: int | None = None   # cap on optimizer steps per epoch (smoke tests)
@@ -345,9 +346,34 @@ def _resume(config: TrainConfig, out: Path, model: nn.Module, spec: ModelSpec,
     return _State(start_epoch=saved.epoch + 1, history=history, best_metric=best)
 
 
+# What marks a folder as holding a run: replacing these without being asked loses a trained model.
+RUN_FILES = ("best.pt", "last.pt", "metrics.jsonl")
+
+
+def _check_out(config: TrainConfig) -> None:
+    """A folder that holds a run is continued (--resume) or replaced (--force), never silently overwritten."""
+    if config.resume and config.force:
+        raise TrainingError("--resume and --force contradict each other: continue the run, or start it afresh")
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {str(out)!r} is a file; give a folder for the run")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not (config.resume or config.force):
+        raise TrainingError(f"{str(out)!r} already holds a run ({', '.join(found)}); pass --resume to continue "
+                            "it, --force to train afresh and replace it, or choose another --out")
+    if found and config.force:
+        # Afresh means afresh: a run that fails in its first epoch must not leave the old best.pt beside it.
+        for name in (*RUN_FILES, "curves.png"):
+            (out / name).unlink(missing_ok=True)
+
+
 def train(config: TrainConfig) -> TrainResult:
-    """Train `config.model` on `config.dataset`; write OUT/best.pt, last.pt, metrics.jsonl, curves.png."""
+    """Train `config.model` on `config.dataset`; write OUT/best.pt, last.pt, metrics.jsonl, curves.png.
+
+    A folder that already holds a run needs `resume` (continue from last.pt) or `force` (replace it).
+    """
     _check_config(config)
+    _check_out(config)
     if config.threads is not None:
         # Small models on a shared box lose more to thread hand-offs than they gain from a second core.
         torch.set_num_threads(config.threads)

@@ -46,3 +46,19 @@ def test_bnfold_train_help_lists_options(capsys):
     text = capsys.readouterr().out
     for option in ("--model", "--dataset", "--resume", "--sync-bn", "--bn-momentum", "--steps-per-epoch"):
         assert option in text
+
+
+def test_train_into_a_folder_holding_a_run_needs_resume_or_force(tmp_path, capsys):
+    """It used to overwrite best.pt silently: a trained model lost to a repeated command."""
+    out = tmp_path / "run"
+    argv = ["train", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "16", "--device", "cpu",
+            "--no-progress", "--threads", "1", "--out", str(out)]
+    assert main(argv) == 0
+    before = {name: (out / name).read_bytes() for name in ("best.pt", "last.pt", "metrics.jsonl")}
+    capsys.readouterr()
+    assert main([*argv, "--seed", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--force" in err and "Traceback" not in err
+    assert {name: (out / name).read_bytes() for name in before} == before  # byte-identical
+    assert main([*argv, "--seed", "7", "--force"]) == 0
+    assert (out / "best.pt").read_bytes() != before["best.pt"]
