@@ -283,14 +283,65 @@ def _torchvision_datasets(dataset: str, root: Path, download: bool) -> tuple[Any
                            f"pass --download to fetch it again") from None
 
 
-def _imagefolder_datasets(dataset: str) -> tuple[Any, Any]:
-    from torch.utils.data import Subset
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class _ReadableImage:
+    """`is_valid_file` for ImageFolder: an image extension and a file PIL can verify; records the others."""
+
+    def __init__(self) -> None:
+        self.unreadable: list[tuple[str, str]] = []
+
+    def __call__(self, path: str) -> bool:
+        if not path.lower().endswith(IMAGE_EXTENSIONS):
+            return False
+        try:
+            with Image.open(path) as image:
+                image.verify()  # reads the whole file: catches truncated and non-image bytes
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+            self.unreadable.append((path, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"))
+            return False
+        return True
+
+
+def _image_folder(root: Path) -> Any:
+    """torchvision's ImageFolder over `root`, skipping unreadable images with a warning that names them,
+    and refusing class folders left without any image in one line."""
+    import sys
+
     from torchvision.datasets import ImageFolder
 
+    check = _ReadableImage()
+    try:
+        folder = ImageFolder(str(root), is_valid_file=check, allow_empty=True)
+    except (FileNotFoundError, OSError) as exc:
+        raise DatasetError(f"image folder {str(root)!r} cannot be read: {exc}") from None
+    if check.unreadable:
+        shown = "; ".join(f"{path} ({why})" for path, why in check.unreadable[:5])
+        more = f" and {len(check.unreadable) - 5} more" if len(check.unreadable) > 5 else ""
+        print(f"bnfold: warning: skipped {len(check.unreadable)} unreadable image(s) in {root}: {shown}{more}",
+              file=sys.stderr, flush=True)
+    counts = np.bincount(np.asarray(folder.targets, dtype=np.int64), minlength=len(folder.classes))
+    empty = [name for name, n in zip(folder.classes, counts) if n == 0]
+    if empty:
+        raise DatasetError(f"image folder {str(root)!r}: class folder(s) {', '.join(empty)} hold no readable "
+                           f"image ({', '.join(IMAGE_EXTENSIONS[:3])}, ...); add images or remove the folder(s)")
+    return folder
+
+
+@functools.lru_cache(maxsize=4)
+def _imagefolder_datasets(dataset: str) -> tuple[Any, Any]:
+    """(train, eval) of an image folder; cached, so that the statistics pass and training scan the files once."""
+    from torch.utils.data import Subset
+
     train_dir, test_dir = _imagefolder_dirs(dataset)
-    train = ImageFolder(str(train_dir))
+    train = _image_folder(train_dir)
     if test_dir is not None:
-        return train, ImageFolder(str(test_dir))
+        test = _image_folder(test_dir)
+        if test.classes != train.classes:
+            raise DatasetError(f"image folder {dataset!r}: {str(test_dir)!r} has classes {test.classes}, but "
+                               f"{str(train_dir)!r} has {train.classes}; both need the same class folders")
+        return train, test
     from sklearn.model_selection import train_test_split
 
     targets = np.asarray(train.targets)

@@ -405,6 +405,7 @@ def _train(config: TrainConfig, dist: DistContext, device: torch.device) -> Trai
     train_ds, test_ds = load_datasets(spec, config.data_root, download=config.download and dist.is_main)
     if dist.is_main:
         dist.barrier()
+        tqdm.write(_data_line(spec, train_ds, test_ds))
     model.to(device)
     optimizer = make_optimizer(config, model)
     scheduler = make_scheduler(config, optimizer)
@@ -468,6 +469,13 @@ def _save_epoch(config: TrainConfig, plain: nn.Module, spec: ModelSpec, optimize
         save_checkpoint(out / "best.pt", plain, spec, extra={"history": state.history, "config": config_dict})
     write_metrics(state.history, out / "metrics.jsonl")
     plot_curves(state.history, out / "curves.png", title=f"{spec.arch} on {spec.dataset}")
+
+
+def _data_line(spec: ModelSpec, train_ds: Dataset, test_ds: Dataset) -> str:
+    """What the run learns from, said once before the first epoch: classes, split sizes, input shape."""
+    labels = spec.labels if len(spec.labels) <= 12 else [*spec.labels[:12], "..."]
+    return (f"data: {spec.dataset}, {len(spec.labels)} classes ({', '.join(labels)}); train {len(train_ds)}, "
+            f"eval {len(test_ds)} samples; input shape {'x'.join(map(str, spec.input_shape))}")
 
 
 def _epoch_line(record: dict[str, Any], epochs: int, metric: str) -> str:

@@ -62,3 +62,45 @@ def test_train_into_a_folder_holding_a_run_needs_resume_or_force(tmp_path, capsy
     assert {name: (out / name).read_bytes() for name in before} == before  # byte-identical
     assert main([*argv, "--seed", "7", "--force"]) == 0
     assert (out / "best.pt").read_bytes() != before["best.pt"]
+
+
+def _pets(root, per_class: int = 5):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(("cat", "dog")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 80, (20, 24, 3), dtype=np.uint8) + np.uint8(120 * k)
+            Image.fromarray(arr, "RGB").save(root / name / f"{i}.png")
+    return root
+
+
+def test_imagefolder_with_a_corrupt_png_trains_and_names_it(tmp_path, capsys):
+    root = _pets(tmp_path / "pets")
+    (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    good = (root / "cat" / "0.png").read_bytes()
+    (root / "cat" / "cut.png").write_bytes(good[: len(good) // 2])  # truncated mid-file
+    code = main(["train", "--model", "resnet20", "--dataset", f"imagefolder:{root}", "--epochs", "1",
+                 "--steps-per-epoch", "1", "--batch-size", "4", "--device", "cpu", "--no-progress",
+                 "--threads", "1", "--input-size", "16", "--out", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "skipped 2 unreadable image(s)" in captured.err
+    assert str(root / "dog" / "broken.png") in captured.err and str(root / "cat" / "cut.png") in captured.err
+    assert "Traceback" not in captured.err
+    assert "2 classes (cat, dog); train 8, eval 2 samples; input shape 3x16x16" in captured.out
+
+
+def test_imagefolder_with_an_empty_class_is_one_line_exit_2(tmp_path, capsys):
+    root = _pets(tmp_path / "pets")
+    (root / "bird").mkdir()
+    (root / "bird" / "notes.txt").write_text("no images here")
+    code = main(["train", "--model", "resnet20", "--dataset", f"imagefolder:{root}", "--epochs", "1",
+                 "--device", "cpu", "--no-progress", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "class folder(s) bird hold no readable image" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "best.pt").exists()
