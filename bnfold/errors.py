@@ -13,3 +13,22 @@ class BnfoldError(Exception):
 
 class ParityError(BnfoldError):
     """A rewritten or exported model disagrees with its source beyond the tolerance."""
+
+
+class FoldSkipped(BnfoldError):
+    """A guard refused to fold one BatchNorm (module, functional call or ONNX node); the message is
+    the reason shown in the report. Caught inside the fold pass, never raised to the caller."""
+
+
+def first_line(exc: BaseException, *, with_type: bool = False, limit: int = 300) -> str:
+    """The first line of an exception's message, cut at `limit` characters, for one-line errors.
+
+    With `with_type`, prefixed by the exception's class name ("ValueError: ..."); an exception
+    without a message gives its class name alone. Tracebacks and the rest of long messages
+    (exporters and onnxruntime print whole graphs) stay out of what the user reads.
+    """
+    lines = str(exc).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if with_type or not text:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text[:limit]

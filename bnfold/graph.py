@@ -8,11 +8,19 @@ flow) is not given up on: each of its children is traced on its own, and inside 
 The fallback assumes what every module tree written for `forward` assumes: a traced child's
 submodules are used through that child's `forward`, not reached into by an untraceable parent.
 
+BatchNorm-like modules (torch's, frozen, timm's BN + activation, a user's own class) are read
+through `bnfold.adapters` and traced as leaves, as are layers a fold function can take. Reads of
+a tensor's shape, rank, dtype or device are not counted as second consumers. Between a layer and
+its BN the fold looks through eval-mode identities (Dropout, Identity), average pools that
+commute with a per-channel map (convs only) and `flatten(0, 1)` (Linear only); a BN after the
+`torch.cat` of convs along channels is split between them.
+
 Linear + BatchNorm1d is folded on the features axis; on 3-D activations `(N, L, C)` a BN1d
 over `L` with `L == C` cannot be told apart without example inputs (FX sees no shapes).
 
 Module pairs are rewritten in the module tree (the layer replaced by its folded copy, the BN
-by `nn.Identity`), so the result keeps the input's class and attributes. Only a functional
+by `nn.Identity`, or by what of it still runs: timm's activation), so the result keeps the
+input's class and attributes. Only a functional
 `F.batch_norm` call needs its `forward` rewritten; a module holding one comes back as a
 `torch.fx.GraphModule`.
 """
@@ -21,15 +29,16 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules.conv import _ConvNd
 
-from bnfold.errors import BnfoldError
-from bnfold.modules import PASSTHROUGH, Folder, FoldSkipped, check_running_stats, is_batchnorm, merge_folders
+from bnfold.adapters import Adapter, BatchNormReader, BNStats
+from bnfold.errors import BnfoldError, FoldSkipped
+from bnfold.modules import PASSTHROUGH, FoldFn, check_hooks, find_fold_fn, layer_kind, merge_folders
 from bnfold.report import FoldReport
 
 __all__ = ["fold", "count_batchnorm"]
@@ -37,13 +46,16 @@ __all__ = ["fold", "count_batchnorm"]
 _FUNCTIONAL_BN = (F.batch_norm, torch.batch_norm)
 
 
-def count_batchnorm(model: nn.Module) -> int:
-    """BatchNorm modules of any kind (1d/2d/3d, Sync, Lazy) left in `model`."""
-    return sum(1 for m in model.modules() if is_batchnorm(m))
+def count_batchnorm(model: nn.Module, *, batchnorms: Mapping[type, Adapter] | None = None) -> int:
+    """BatchNorm-like modules left in `model`: torch's (1d/2d/3d, Sync, Lazy), frozen ones, timm's
+    BN + activation, and any class with running statistics (see `bnfold.adapters`)."""
+    reader = BatchNormReader(batchnorms)
+    return sum(1 for m in model.modules() if reader.is_batchnorm(m))
 
 
 def fold(model: nn.Module, *, inplace: bool = False,
-         folders: Mapping[tuple[type, type], Folder | None] | None = None) -> tuple[nn.Module, FoldReport]:
+         folders: Mapping[tuple[type, type], FoldFn | None] | None = None,
+         batchnorms: Mapping[type, Adapter] | None = None) -> tuple[nn.Module, FoldReport]:
     """Fold every eval-mode BatchNorm of `model` into its neighbouring Conv/ConvTranspose/Linear.
 
     Returns `(folded, report)`. `folded` is in eval mode; it is `model` itself when `inplace`,
@@ -52,7 +64,10 @@ def fold(model: nn.Module, *, inplace: bool = False,
     `model`'s own forward, `folded` is a new GraphModule even with `inplace`, and `model` keeps
     the layers its forward still normalizes. `folders`
     extends or overrides `bnfold.modules.DEFAULT_FOLDERS` (a value of None removes a pattern).
-    Every BatchNorm left in place is listed in `report.skipped` with the reason.
+    `batchnorms` maps a BatchNorm-like class of the caller's to an adapter `module -> BNStats`
+    (`bnfold.adapters`); torch's, torchvision's and timm's BatchNorms are built in, and other
+    classes with running statistics are folded once a float64 probe shows they compute a BatchNorm.
+    Every BatchNorm-like module left in place is listed once in `report.skipped` with the reason.
     """
     if not isinstance(model, nn.Module):
         raise BnfoldError(f"bnfold.fold expects an nn.Module, got {type(model).__name__}")
@@ -60,21 +75,10 @@ def fold(model: nn.Module, *, inplace: bool = False,
         raise BnfoldError("bnfold.fold cannot rewrite a TorchScript module; fold the eager model before scripting")
     root = model if inplace else copy.deepcopy(model)
     root.eval()
-    folder = _Folder(root, merge_folders(folders))
-    result = folder.fold_module(root, "")
-    folder.report_leftovers(result)
-    return result.eval(), folder.report
-
-
-@dataclass
-class _Stats:
-    """The tensors of a functional `F.batch_norm` call, shaped like a BN module for the folders."""
-
-    running_mean: torch.Tensor | None
-    running_var: torch.Tensor | None
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
-    eps: float
+    fold_pass = _FoldPass(root, merge_folders(folders), BatchNormReader(batchnorms))
+    result = fold_pass.fold_module(root, "")
+    fold_pass.report_leftovers(result)
+    return result.eval(), fold_pass.report
 
 
 def _describe(node: Any, scope: nn.Module, prefix: str = "") -> str:
@@ -100,22 +104,81 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 class _Tracer(fx.Tracer):
-    """FX's tracer, keeping every type of the folder table whole (a user's Conv2d subclass
-    would otherwise be traced through to a functional conv2d and could not be folded)."""
+    """FX's tracer, keeping whole every layer a fold function can take (a Conv2d subclass that
+    keeps Conv2d's forward, a "same"-padding wrapper whose padding arithmetic FX cannot trace) and
+    every BatchNorm-like module (timm's BatchNormAct2d would otherwise dissolve into an
+    F.batch_norm behind a shape assert)."""
 
-    def __init__(self, leaf_types: frozenset[type]) -> None:
+    def __init__(self, leaf_types: frozenset[type], reader: BatchNormReader) -> None:
         super().__init__()
         self.leaf_types = leaf_types
+        self.reader = reader
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return type(m) in self.leaf_types or super().is_leaf_module(m, module_qualified_name)
+        return (type(m) in self.leaf_types or layer_kind(m) is not None or self.reader.is_batchnorm(m)
+                or super().is_leaf_module(m, module_qualified_name))
 
 
-class _Folder:
-    """One fold: the table, the report, and which modules/parameters are shared."""
+# Reads of a tensor that never touch its values: a BN folded into the tensor's producer changes
+# none of them (shape, rank, dtype and device stay), so they are not second consumers.
+_META_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
+_META_METHODS = frozenset({"size", "dim"})
+_SHAPE_FROM_METHODS = frozenset({"reshape_as", "view_as", "expand_as"})  # x.reshape_as(node): node's shape
 
-    def __init__(self, root: nn.Module, table: dict[tuple[type, type], Folder]) -> None:
+
+def _reads_only_metadata(user: fx.Node, node: fx.Node) -> bool:
+    if user.op == "call_function" and user.target is getattr:
+        return user.args[0] is node and user.args[1] in _META_ATTRS
+    if user.op == "call_method" and user.target in _META_METHODS:
+        return user.args[0] is node
+    if user.op == "call_method" and user.target in _SHAPE_FROM_METHODS:
+        return user.args[0] is not node and len(user.args) == 2 and user.args[1] is node
+    return False
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if not _reads_only_metadata(u, node)]
+
+
+_AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_ADAPTIVE_AVG_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+
+
+def _commutes_with_affine(m: nn.Module) -> bool:
+    """An average pool whose window weights sum to one everywhere (no padding, no partial
+    windows, no divisor override): it commutes with a per-channel affine map."""
+    if isinstance(m, _ADAPTIVE_AVG_POOLS):
+        return True
+    if not isinstance(m, _AVG_POOLS) or m.ceil_mode or getattr(m, "divisor_override", None) is not None:
+        return False
+    padding = m.padding if isinstance(m.padding, tuple) else (m.padding,)
+    return all(p == 0 for p in padding)
+
+
+def _is_flatten01(node: fx.Node) -> bool:
+    """`x.flatten(0, 1)`: merges the two leading axes and keeps the last one (levit's LinearNorm)."""
+    if node.op == "call_method" and node.target == "flatten":
+        args = list(node.args[1:]) + [node.kwargs.get(k) for k in ("start_dim", "end_dim") if k in node.kwargs]
+    elif node.op == "call_function" and node.target is torch.flatten:
+        args = list(node.args[1:]) + [node.kwargs.get(k) for k in ("start_dim", "end_dim") if k in node.kwargs]
+    else:
+        return False
+    return args == [0, 1]
+
+
+# What sits between a layer and its BN without changing the fold: "identity" (Dropout, Identity:
+# the identity in eval mode), "pool" (an average pool that commutes with a per-channel map; channel
+# axis 1, so only for convs), "flatten" (flatten(0, 1): keeps the last axis, so only for Linear).
+_LAYOUT_OK = {"identity": (nn.Module,), "pool": (_ConvNd,), "flatten": (nn.Linear,)}
+
+
+class _FoldPass:
+    """One fold: the pattern table, the BatchNorm reader, the report, and which modules and
+    parameters are shared."""
+
+    def __init__(self, root: nn.Module, table: dict[tuple[type, type], FoldFn], reader: BatchNormReader) -> None:
         self.table = table
+        self.reader = reader
         self.leaf_types = frozenset(t for pair in table for t in pair)
         self.report = FoldReport()
         self.handled: set[str] = set()
@@ -136,8 +199,9 @@ class _Folder:
             self.handled.add(bn)
 
     def report_leftovers(self, root: nn.Module) -> None:
+        """Every BatchNorm-like module still in `root` and not reported yet gets its entry."""
         for name, module in root.named_modules():
-            if is_batchnorm(module) and name not in self.handled:
+            if name not in self.handled and self.reader.is_batchnorm(module):
                 self.skipped(name, "never called in the traced forward")
 
     def _shared(self, module: nn.Module) -> str | None:
@@ -147,31 +211,34 @@ class _Folder:
             return "its parameters are shared (tied) with another module"
         return None
 
-    def _guard_pair(self, layer: nn.Module, bn: nn.Module) -> None:
+    def _fold_pair(self, scope: nn.Module, layer_path: str, bn_path: str, stats: BNStats, fn: FoldFn, *,
+                   bn_first: bool) -> nn.Module:
+        """The folded copy of `scope`'s layer at `layer_path`, after the guards on both modules."""
+        layer, bn = scope.get_submodule(layer_path), scope.get_submodule(bn_path)
         for what, module in (("layer", layer), ("BatchNorm", bn)):
             why = self._shared(module)
             if why:
                 raise FoldSkipped(f"the {what} cannot be changed alone: {why}")
+        check_hooks(bn)
+        return fn(stats, layer) if bn_first else fn(layer, stats)
 
-    def _apply(self, scope: nn.Module, prefix: str, first: str, second: str, key: tuple[type, type],
-               layer_path: str, bn_path: str) -> None:
-        """Fold the pair of submodules `first`, `second` of `scope` (data-flow order)."""
-        a, b = scope.get_submodule(first), scope.get_submodule(second)
-        layer, bn = (b, a) if is_batchnorm(a) else (a, b)
-        self._guard_pair(layer, bn)
-        new_layer = self.table[key](a, b)
-        _set_submodule(scope, layer_path, new_layer)
-        _set_submodule(scope, bn_path, nn.Identity())
-        self.folded(_join(prefix, layer_path), _join(prefix, bn_path))
+    def _rewrite(self, scope: nn.Module, prefix: str, bn_path: str, stats: BNStats,
+                 new_layers: dict[str, nn.Module]) -> None:
+        """Put the folded layers in place and the BN's remainder (its activation, or nothing) in its."""
+        for path, layer in new_layers.items():
+            _set_submodule(scope, path, layer)
+        _set_submodule(scope, bn_path, stats.tail if stats.tail is not None else nn.Identity())
+        self.folded(", ".join(_join(prefix, p) for p in new_layers), _join(prefix, bn_path))
 
-    def _try_apply(self, reasons: list[str], context: str, scope: nn.Module, prefix: str, first: str,
-                   second: str, key: tuple[type, type], layer_path: str, bn_path: str) -> bool:
-        """`_apply`; when a guard refuses the pair, its reason goes to `reasons` after `context`."""
+    def _try_pair(self, reasons: list[str], context: str, scope: nn.Module, prefix: str, layer_path: str,
+                  bn_path: str, stats: BNStats, fn: FoldFn, *, bn_first: bool) -> bool:
+        """Fold and rewrite one pair; when a guard refuses it, its reason goes to `reasons` after `context`."""
         try:
-            self._apply(scope, prefix, first, second, key, layer_path, bn_path)
+            new = self._fold_pair(scope, layer_path, bn_path, stats, fn, bn_first=bn_first)
         except FoldSkipped as exc:
             reasons.append(f"{context}{exc}")
             return False
+        self._rewrite(scope, prefix, bn_path, stats, {layer_path: new})
         return True
 
     # -- traversal -------------------------------------------------------------------------
@@ -179,7 +246,7 @@ class _Folder:
     def fold_module(self, module: nn.Module, prefix: str) -> nn.Module:
         """Fold inside `module` (named `prefix` in the root); returns it or its GraphModule."""
         try:
-            tracer = _Tracer(self.leaf_types)
+            tracer = _Tracer(self.leaf_types, self.reader)
             graph = tracer.trace(module)
             traced = fx.GraphModule(tracer.root, graph, class_name=type(module).__name__)
         except Exception as exc:  # FX raises many types: TraceError, TypeError, NotImplementedError...
@@ -197,9 +264,9 @@ class _Folder:
             self._walk_sequential(module, prefix)
         for name, child in list(module.named_children()):
             path = _join(prefix, name)
-            if is_batchnorm(child):
+            if self.reader.is_batchnorm(child):
                 try:
-                    check_running_stats(child)
+                    self.reader.read(child)
                 except FoldSkipped as exc:
                     self.skipped(path, str(exc))
                     continue
@@ -213,20 +280,25 @@ class _Folder:
     def _walk_sequential(self, seq: nn.Sequential, prefix: str) -> None:
         names = list(seq._modules)
         for i, name in enumerate(names):
-            if not is_batchnorm(seq._modules[name]):
+            bn = seq._modules[name]
+            if not self.reader.is_batchnorm(bn):
                 continue
-            reasons = []
+            try:
+                stats = self.reader.read(bn)
+            except FoldSkipped as exc:
+                self.skipped(_join(prefix, name), str(exc))
+                continue
+            reasons: list[str] = []
             for step in (-1, 1):  # the layer before the BN, then the layer after it
                 j = i + step
                 while 0 <= j < len(names) and type(seq._modules[names[j]]) in PASSTHROUGH:
                     j += step
                 if not 0 <= j < len(names):
                     continue
-                first, second = (names[j], name) if step < 0 else (name, names[j])  # data-flow order
-                key = (type(seq._modules[first]), type(seq._modules[second]))
-                if key not in self.table:
+                fn = find_fold_fn(self.table, seq._modules[names[j]], bn, stats, bn_first=step > 0)
+                if fn is None:
                     continue
-                if self._try_apply(reasons, "", seq, prefix, first, second, key, names[j], name):
+                if self._try_pair(reasons, "", seq, prefix, names[j], name, stats, fn, bn_first=step > 0):
                     break
             else:
                 self.skipped(_join(prefix, name), "; ".join(reasons) or
@@ -241,7 +313,7 @@ class _Folder:
         # own forward (with the F.batch_norm), so it must keep the unfolded layer.
         folded_layers: dict[str, nn.Module] = {}
         for node in list(graph.nodes):
-            if node.op == "call_module" and is_batchnorm(module.get_submodule(node.target)):
+            if node.op == "call_module" and self.reader.is_batchnorm(module.get_submodule(node.target)):
                 self._fold_bn_node(module, node, calls, prefix)
             elif node.op == "call_function" and node.target in _FUNCTIONAL_BN:
                 self._fold_functional(module, node, calls, prefix, folded_layers)
@@ -255,39 +327,62 @@ class _Folder:
                                  "F.batch_norm calls rewrote its forward")
         return result
 
-    def _skip_passthrough_back(self, module: nn.Module, node: Any) -> Any:
-        while (isinstance(node, fx.Node) and node.op == "call_module"
-               and type(module.get_submodule(node.target)) in PASSTHROUGH and node.args):
+    def _passthrough(self, module: nn.Module, node: Any) -> str | None:
+        """The kind of `node` when the fold can look through it (see `_LAYOUT_OK`), else None."""
+        if not isinstance(node, fx.Node):
+            return None
+        if node.op == "call_module":
+            m = module.get_submodule(node.target)
+            if type(m) in PASSTHROUGH:
+                return "identity"
+            return "pool" if _commutes_with_affine(m) else None
+        return "flatten" if _is_flatten01(node) else None
+
+    def _back(self, module: nn.Module, node: Any) -> tuple[Any, list[str]]:
+        """The first node before `node` that is not a passthrough, and the kinds passed."""
+        kinds: list[str] = []
+        while (kind := self._passthrough(module, node)) is not None and node.args:
+            kinds.append(kind)
             node = node.args[0]
-        return node
+        return node, kinds
+
+    @staticmethod
+    def _layout_problem(layer: nn.Module, kinds: list[str], path: str) -> str | None:
+        for kind in kinds:
+            if not isinstance(layer, _LAYOUT_OK[kind]):
+                what = {"pool": "an average pool", "flatten": "flatten(0, 1)"}[kind]
+                return (f"{what} between {path} ({type(layer).__name__}) and the BatchNorm moves the "
+                        "channel axis the BatchNorm normalizes away from the layer's channels")
+        return None
 
     def _fold_bn_node(self, module: nn.Module, node: fx.Node, calls: Counter, prefix: str) -> None:
         bn_path = node.target
         name = _join(prefix, bn_path)
-        bn = module.get_submodule(bn_path)
         if calls[bn_path] > 1:
             self.skipped(name, f"called {calls[bn_path]} times in forward; folding it into one producer "
                                "would change the other calls")
             return
         try:
-            check_running_stats(bn)
+            stats = self.reader.read(module.get_submodule(bn_path))
         except FoldSkipped as exc:
             self.skipped(name, str(exc))
             return
         reasons: list[str] = []
-        if self._try_after(module, node, bn, calls, prefix, reasons):
+        if self._try_after(module, node, stats, calls, prefix, reasons):
             return
-        if self._try_before(module, node, bn, calls, prefix, reasons):
+        if self._try_before(module, node, stats, calls, prefix, reasons):
             return
         self.skipped(name, "; ".join(reasons))
 
     def _chain_has_one_user(self, start: fx.Node, last: fx.Node, scope: nn.Module, prefix: str) -> str | None:
-        """None when every node from `start` to `last` (the BN's input) feeds only the next one."""
+        """None when every node from `start` to `last` (the BN's input) feeds only the next one
+        (reads of its shape, rank, dtype or device aside)."""
         node = last
         while True:
-            if len(node.users) != 1:
-                others = [_describe(u, scope, prefix) for u in node.users]
-                return f"the output of {_describe(node, scope, prefix)} has {len(node.users)} users ({', '.join(others)})"
+            users = _value_users(node)
+            if len(users) != 1:
+                others = [_describe(u, scope, prefix) for u in users]
+                return f"the output of {_describe(node, scope, prefix)} has {len(users)} users ({', '.join(others)})"
             if node is start:
                 return None
             node = node.args[0]
@@ -300,61 +395,123 @@ class _Folder:
             why = f"{_join(prefix, producer.target)} is called {calls[producer.target]} times in forward"
         return why
 
-    def _try_after(self, module: nn.Module, node: fx.Node, bn: nn.Module, calls: Counter, prefix: str,
+    def _try_after(self, module: nn.Module, node: fx.Node, stats: BNStats, calls: Counter, prefix: str,
                    reasons: list[str]) -> bool:
-        producer = self._skip_passthrough_back(module, node.args[0] if node.args else None)
+        bn = module.get_submodule(node.target)
+        start = node.args[0] if node.args else None
+        producer, kinds = self._back(module, start)
+        if (isinstance(producer, fx.Node) and producer.op == "call_function" and producer.target is torch.cat
+                and not kinds):
+            return self._try_cat(module, node, producer, stats, calls, prefix, reasons)
         if not (isinstance(producer, fx.Node) and producer.op == "call_module"):
             reasons.append(f"its input comes from {_describe(producer, module, prefix)}, not a layer module")
             return False
         layer = module.get_submodule(producer.target)
-        key = (type(layer), type(bn))
-        if key not in self.table:
-            reasons.append(f"no folder for {type(layer).__name__} -> {type(bn).__name__} (after {_join(prefix, producer.target)})")
+        path = _join(prefix, producer.target)
+        fn = find_fold_fn(self.table, layer, bn, stats, bn_first=False)
+        if fn is None:
+            reasons.append(f"no fold function for {type(layer).__name__} -> {type(bn).__name__} (after {path})")
             return False
-        why = self._producer_problem(producer, node.args[0], module, calls, prefix)
+        why = self._layout_problem(layer, kinds, path) or self._producer_problem(producer, start, module, calls, prefix)
         if why:
-            reasons.append(f"not folded into {_join(prefix, producer.target)}: {why}")
+            reasons.append(f"not folded into {path}: {why}")
             return False
-        return self._try_apply(reasons, f"not folded into {_join(prefix, producer.target)}: ", module, prefix,
-                               producer.target, node.target, key, producer.target, node.target)
+        return self._try_pair(reasons, f"not folded into {path}: ", module, prefix, producer.target, node.target,
+                              stats, fn, bn_first=False)
 
-    def _try_before(self, module: nn.Module, node: fx.Node, bn: nn.Module, calls: Counter, prefix: str,
+    def _try_cat(self, module: nn.Module, node: fx.Node, cat: fx.Node, stats: BNStats, calls: Counter,
+                 prefix: str, reasons: list[str]) -> bool:
+        """A BN after `torch.cat([conv_a(..), conv_b(..), ...], 1)` (timm's MixedConv2d): each conv
+        takes the BN's channels it produced, when nothing else reads the convs' or the cat's output."""
+        parts = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+        dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+        if dim != 1 or not isinstance(parts, (list, tuple)):
+            reasons.append(f"its input comes from a torch.cat over axis {dim!r}, not the channel axis 1")
+            return False
+        why = self._chain_has_one_user(cat, cat, module, prefix)
+        new_layers: dict[str, nn.Module] = {}
+        offset = 0
+        try:
+            if why:
+                raise FoldSkipped(why)
+            for part in parts:
+                producer, kinds = self._back(module, part)
+                if kinds or not (isinstance(producer, fx.Node) and producer.op == "call_module"):
+                    raise FoldSkipped(f"a concatenated input comes from {_describe(producer, module, prefix)}, "
+                                      "not a conv module")
+                layer = module.get_submodule(producer.target)
+                if not isinstance(layer, _ConvNd) or producer.target in new_layers:
+                    raise FoldSkipped(f"a concatenated input comes from {_describe(producer, module, prefix)}, "
+                                      "not a conv module used once")
+                why = self._producer_problem(producer, part, module, calls, prefix)
+                if why:
+                    raise FoldSkipped(why)
+                channels = layer.out_channels
+                part_stats = stats.channels(offset, offset + channels)
+                offset += channels
+                if part_stats.num_features != channels:
+                    raise FoldSkipped(f"shapes disagree: the concatenated layers produce at least {offset} channels, "
+                                      f"the BatchNorm normalizes {stats.num_features}")
+                fn = find_fold_fn(self.table, layer, module.get_submodule(node.target), part_stats, bn_first=False)
+                if fn is None:
+                    raise FoldSkipped(f"no fold function for {type(layer).__name__} (at {producer.target})")
+                new_layers[producer.target] = self._fold_pair(module, producer.target, node.target, part_stats, fn,
+                                                              bn_first=False)
+            if offset != stats.num_features:
+                raise FoldSkipped(f"shapes disagree: the concatenated layers produce {offset} channels, "
+                                  f"the BatchNorm normalizes {stats.num_features}")
+        except FoldSkipped as exc:
+            reasons.append(f"not folded into the concatenated layers: {exc}")
+            return False
+        self._rewrite(module, prefix, node.target, stats, new_layers)
+        return True
+
+    def _try_before(self, module: nn.Module, node: fx.Node, stats: BNStats, calls: Counter, prefix: str,
                     reasons: list[str]) -> bool:
-        current = node
+        bn = module.get_submodule(node.target)
+        current, kinds = node, []
         while True:
-            if len(current.users) != 1:
+            users = _value_users(current)
+            if len(users) != 1:
                 if current is node and not reasons:
-                    reasons.append(f"its output has {len(current.users)} users")
+                    reasons.append(f"its output has {len(users)} users")
                 return False
-            (user,) = current.users
-            if user.op != "call_module" or user.args[:1] != (current,):
+            (user,) = users
+            if user.args[:1] != (current,):
                 return False
-            target = module.get_submodule(user.target)
-            if type(target) in PASSTHROUGH:
+            kind = self._passthrough(module, user)
+            if kind is not None:
+                kinds.append(kind)
                 current = user
                 continue
+            if user.op != "call_module":
+                return False
             break
-        key = (type(bn), type(target))
-        if key not in self.table:
+        target = module.get_submodule(user.target)
+        path = _join(prefix, user.target)
+        fn = find_fold_fn(self.table, target, bn, stats, bn_first=True)
+        if fn is None:
             return False
-        if calls[user.target] > 1:
-            reasons.append(f"not folded into the following {_join(prefix, user.target)}: it is called "
-                           f"{calls[user.target]} times in forward")
+        why = self._layout_problem(target, kinds, path)
+        if why is None and calls[user.target] > 1:
+            why = f"it is called {calls[user.target]} times in forward"
+        if why:
+            reasons.append(f"not folded into the following {path}: {why}")
             return False
-        return self._try_apply(reasons, f"not folded into the following {_join(prefix, user.target)}: ", module,
-                               prefix, node.target, user.target, key, user.target, node.target)
+        return self._try_pair(reasons, f"not folded into the following {path}: ", module, prefix, user.target,
+                              node.target, stats, fn, bn_first=True)
 
     def _fold_functional(self, module: nn.Module, node: fx.Node, calls: Counter, prefix: str,
                          folded_layers: dict[str, nn.Module]) -> None:
         """Fold one F.batch_norm call into its producer: the folded layer goes into `folded_layers`
         under its path, the call is removed from the graph; a skip is reported."""
-        name = _join(prefix, f"{node.name} (F.batch_norm)")
         names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
         defaults = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
         if node.target is torch.batch_norm:
             names = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum",
                      "eps", "cudnn_enabled")
         args = {**defaults, **dict(zip(names, node.args)), **node.kwargs}
+        name = self._functional_name(args, node, prefix)
         if args.get("training") is not False:
             self.skipped(name, f"training={args.get('training')!r}: it normalizes with batch statistics")
             return
@@ -369,32 +526,40 @@ class _Folder:
                 self.skipped(name, f"its {key} is computed in forward ({_describe(value, module, prefix)}), "
                                    "not a module buffer or parameter")
                 return
-        stats = _Stats(tensors["running_mean"], tensors["running_var"], tensors["weight"], tensors["bias"],
-                       float(args["eps"]))
-        producer = self._skip_passthrough_back(module, args["input"])
+        if tensors["running_mean"] is None or tensors["running_var"] is None:
+            self.skipped(name, "it has no running statistics: it normalizes with batch statistics")
+            return
+        stats = BNStats(tensors["running_mean"], tensors["running_var"], float(args["eps"]), tensors["weight"],
+                        tensors["bias"])
+        producer, kinds = self._back(module, args["input"])
         if not (isinstance(producer, fx.Node) and producer.op == "call_module"):
             self.skipped(name, f"its input comes from {_describe(producer, module, prefix)}, not a layer module")
             return
         layer = module.get_submodule(producer.target)
-        fn = next((f for (a, b), f in self.table.items() if a is type(layer) and _is_batchnorm_type(b)), None)
+        path = _join(prefix, producer.target)
+        fn = find_fold_fn(self.table, layer, None, stats, bn_first=False)
         try:
             if fn is None:
-                raise FoldSkipped(f"no folder for {type(layer).__name__} followed by a BatchNorm")
-            why = self._producer_problem(producer, args["input"], module, calls, prefix) or self._shared(layer)
+                raise FoldSkipped(f"no fold function for {type(layer).__name__} followed by a BatchNorm")
+            why = (self._layout_problem(layer, kinds, path)
+                   or self._producer_problem(producer, args["input"], module, calls, prefix) or self._shared(layer))
             if why:
                 raise FoldSkipped(why)
             new_layer = fn(layer, stats)
         except FoldSkipped as exc:
-            self.skipped(name, f"not folded into {_join(prefix, producer.target)}: {exc}")
+            self.skipped(name, f"not folded into {path}: {exc}")
             return
         folded_layers[producer.target] = new_layer
         node.replace_all_uses_with(args["input"])
         node.graph.erase_node(node)
-        self.folded(_join(prefix, producer.target), name)
+        self.folded(path, name)
 
-
-def _is_batchnorm_type(cls: type) -> bool:
-    return issubclass(cls, nn.modules.batchnorm._BatchNorm)
+    def _functional_name(self, args: dict[str, Any], node: fx.Node, prefix: str) -> str:
+        """The report name of an F.batch_norm: the path of the module owning its running mean, or
+        the call's node name when the traced module itself owns it."""
+        mean = args.get("running_mean")
+        owner = mean.target.rpartition(".")[0] if isinstance(mean, fx.Node) and mean.op == "get_attr" else ""
+        return _join(prefix, f"{owner or node.name} (F.batch_norm)")
 
 
 def _get_attr(module: nn.Module, target: str) -> torch.Tensor:

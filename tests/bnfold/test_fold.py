@@ -11,7 +11,7 @@ from torch import nn
 
 import bnfold
 from bnfold import FoldReport, count_batchnorm, fold
-from bnfold.modules import DEFAULT_FOLDERS, FoldSkipped, fold_layer_bn
+from bnfold.modules import DEFAULT_FOLDERS, FoldSkipped, fold_bn_after_layer
 
 
 def _check(model: nn.Module, x: torch.Tensor, randomize_bn, rel_err, *, left: int = 0, tol: float = 1e-5):
@@ -155,7 +155,7 @@ def test_guard_shape_mismatch(randomize_bn) -> None:
     assert count_batchnorm(folded) == 1
     assert "shapes disagree" in report.skipped[0][1] and "4 channels" in report.skipped[0][1]
     with pytest.raises(FoldSkipped, match="shapes disagree"):
-        fold_layer_bn(nn.Linear(3, 4), nn.BatchNorm1d(5))
+        fold_bn_after_layer(nn.Linear(3, 4), nn.BatchNorm1d(5))
 
 
 class _Shared(nn.Module):
@@ -298,20 +298,34 @@ def test_low_precision_folds_as_well_as_the_model_computes(dtype: torch.dtype, r
     assert mean(ratios_naive) < 1.0, ratios_naive
 
 
+def test_conv_subclass_that_keeps_forward_is_folded(randomize_bn, rel_err) -> None:
+    # torchvision's Conv3DSimple is such a subclass (r3d_18, mc3_18): only __init__ differs.
+    class Plain(nn.Conv2d):
+        pass
+
+    _, report = _check(nn.Sequential(Plain(3, 4, 3), nn.BatchNorm2d(4)), torch.randn(1, 3, 5, 5), randomize_bn,
+                       rel_err)
+    assert report.folded == [("0", "1")]
+
+
 def test_extending_and_overriding_the_table(randomize_bn, rel_err) -> None:
     class MyConv(nn.Conv2d):
-        pass
+        """Its own forward: never folded unless the caller says how (here: the default fold is exact,
+        the doubled weight scales with the folded one)."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self._conv_forward(x, self.weight * 2, self.bias)
 
     model = nn.Sequential(MyConv(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
     x = torch.randn(1, 3, 5, 5)
     _, report = _check(copy.deepcopy(model), x, randomize_bn, rel_err, left=1)
     assert "its input comes from conv2d, not a layer module" in report.skipped[0][1]  # traced through
-    folders = {(MyConv, nn.BatchNorm2d): fold_layer_bn, (nn.Conv2d, nn.BatchNorm2d): None}
+    folders = {(MyConv, nn.BatchNorm2d): fold_bn_after_layer, (nn.Conv2d, nn.BatchNorm2d): None}
     folded, report = fold(randomize_bn(model).eval(), folders=folders)
     assert report.folded == [("0", "1")] and [n for n, _ in report.skipped] == ["3"]
     assert (nn.Conv2d, nn.BatchNorm2d) in DEFAULT_FOLDERS  # the global table is untouched
     with pytest.raises(bnfold.BnfoldError, match="pairs"):
-        fold(model, folders={nn.Conv2d: fold_layer_bn})
+        fold(model, folders={nn.Conv2d: fold_bn_after_layer})
 
 
 def test_report_table_and_dict(randomize_bn) -> None:
@@ -377,6 +391,6 @@ def test_guard_layer_with_hooks(randomize_bn, rel_err) -> None:
 def test_lazy_modules_are_refused_as_lazy() -> None:
     # A lazy module carries an initializing pre-hook: the reason must name the laziness.
     with pytest.raises(FoldSkipped, match="lazy and not initialized"):
-        fold_layer_bn(nn.LazyConv2d(4, 1), nn.BatchNorm2d(4))
+        fold_bn_after_layer(nn.LazyConv2d(4, 1), nn.BatchNorm2d(4))
     with pytest.raises(FoldSkipped, match="lazy and not initialized"):
-        fold_layer_bn(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d())
+        fold_bn_after_layer(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d())

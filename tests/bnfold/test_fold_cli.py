@@ -14,7 +14,7 @@ from torch import nn
 
 from bnfold import BnfoldError, count_batchnorm
 from bnfold.cli import main
-from bnfold.files import onnx_input_shape
+from bnfold.fold_files import onnx_input_shape
 
 
 @pytest.fixture
