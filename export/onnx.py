@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 from importlib import metadata
 from pathlib import Path
@@ -14,7 +15,7 @@ from torch import nn
 import bnfold
 from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec
 
-from bnfold.export._common import batch_dynamic_shapes, output_name, unsupported_op, write_verified
+from bnfold.export._common import batch_dynamic_shapes, output_name, staged_file, unsupported_op, write_verified
 from bnfold.export.config import ExportConfig
 from bnfold.export.errors import ExportError, OpsetError
 from bnfold.export.report import ArtifactReport
@@ -204,6 +205,17 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *, f
         fold=fold, fp16=fp16, dynamic_batch=dynamic_batch, static_batch_hint=True,
         samples=samples, verbose=verbose)
     report.input_name, report.opset, report.notes = INPUT_NAME, model_opset(proto), notes
+    # The fold and the parity check travel with the file for readers without the checkpoint
+    # (the cards of `bnfold serve`'s page): stamped on the verified graph, written the same
+    # staged way. Only metadata changes; the graph and weights are the ones just compared.
+    proof = {"bnfold.parity": json.dumps(report.parity.to_dict())}
+    if report.fold_report is not None:
+        proof["bnfold.fold"] = json.dumps({"folded": len(report.fold_report.folded),
+                                           "skipped": report.fold_report.to_dict()["skipped"]})
+    set_metadata(proto, proof)
+    with staged_file(path) as tmp:
+        onnx.save_model(proto, os.fspath(tmp))
+    report.size_bytes = Path(path).stat().st_size
     return report
 
 

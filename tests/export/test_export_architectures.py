@@ -126,6 +126,11 @@ def test_onnx_metadata_round_trips_the_spec(exported: Exported) -> None:
     assert export.read_spec(exported.folder / "model.onnx") == exported.spec
     assert props["bnfold.version"] == metadata.version("bnfold")
     assert json.loads(props[SPEC_METADATA_KEY])["input_shape"] == exported.spec.input_shape
+    # The proof travels with the file too (the served page's cards show it): the fold and the parity.
+    parity = json.loads(props["bnfold.parity"])
+    assert parity["samples"] > 0 and parity["max_rel_error"] <= 1e-4
+    fold = json.loads(props["bnfold.fold"])
+    assert fold["folded"] > 0 and fold["skipped"] == []
 
 
 def test_program_loads_and_keeps_a_dynamic_batch(exported: Exported, rel_error) -> None:
