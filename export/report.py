@@ -19,7 +19,8 @@ class ArtifactReport:
     dynamic_batch: bool
     folded: bool
     parity: "bnfold.Parity"
-    tolerance: float               # the largest max relative error accepted
+    tolerance: float | None        # the largest max relative error accepted (None: INT8, held
+                                   # to an accuracy gate on the eval split instead)
     parity_inputs: str             # where the parity inputs came from
     size_bytes: int
     seconds: float                 # export + verification wall time
@@ -28,6 +29,7 @@ class ArtifactReport:
     opset: int | None = None
     fold_report: "bnfold.FoldReport | None" = None
     notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)   # format-specific records, e.g. "int8"
 
     def to_dict(self) -> dict[str, Any]:
         parity = self.parity.to_dict()
@@ -52,6 +54,7 @@ class ArtifactReport:
             "seconds": round(self.seconds, 3),
             "fold_report": self.fold_report.to_dict() if self.fold_report is not None else None,
             "notes": list(self.notes),
+            **self.details,
         }
 
     def __str__(self) -> str:
@@ -75,7 +78,8 @@ def format_parity_table(artifacts: list[ArtifactReport]) -> str:
         p = a.parity
         rows.append((
             a.path.name, a.dtype, "dynamic" if a.dynamic_batch else "static",
-            f"{p.max_abs_error:.3e}", f"{p.max_rel_error:.3e}", f"{a.tolerance:.0e}",
+            f"{p.max_abs_error:.3e}", f"{p.max_rel_error:.3e}",
+            "gate" if a.tolerance is None else f"{a.tolerance:.0e}",
             "n/a" if p.top1_agreement is None else f"{p.top1_agreement:.4f}", str(p.samples), _size(a.size_bytes), f"{a.seconds:.1f}",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
