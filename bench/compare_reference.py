@@ -27,6 +27,7 @@ import numpy as np
 
 from bnfold.serve.launch import _ready, free_port, running_server
 from bnfold.bench.loadtest import LoadtestResult, run_loadtest
+from bnfold.bench.timing import latency_stats
 from bnfold.serve.runtime import ServeError, open_session
 
 REFERENCE_DIR = Path(os.environ.get("BNFOLD_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
@@ -84,11 +85,11 @@ class TargetFigures:
 def _pool(name: str, sequential: list[LoadtestResult], concurrent: list[LoadtestResult],
           cpu: float) -> TargetFigures:
     ms = np.concatenate([r.latencies_ms for r in sequential])
-    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    stats = latency_stats(ms)
     total = sum(r.requests for r in concurrent)
     seconds = sum(r.seconds for r in concurrent)
     errors = sum(r.errors for r in sequential + concurrent)
-    return TargetFigures(name, float(p50), float(p90), float(p99), int(ms.size), total / seconds, total, errors,
+    return TargetFigures(name, stats["p50_ms"], stats["p90_ms"], stats["p99_ms"], int(ms.size), total / seconds, total, errors,
                          cpu / total * 1e6, sum(r.client_cpu_us * r.requests for r in concurrent) / total)
 
 

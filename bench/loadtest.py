@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from bnfold.bench.timing import latency_stats
 from bnfold.serve.runtime import V2_TO_NUMPY, ServeError
 
 
@@ -291,10 +292,10 @@ def run_loadtest(url: str, model: str | None, *, concurrency: int = 8, requests:
     except (OSError, ConnectionError) as exc:
         raise ServeError(f"load test against {url} failed: {type(exc).__name__}: {exc}")
     ms = np.asarray(tally.latencies) * 1e3
-    p50, p90, p99 = np.percentile(ms, [50, 90, 99]) if ms.size else (float("nan"),) * 3
+    stats = latency_stats(ms)
     return LoadtestResult(url=url, mode=mode, concurrency=concurrency, requests=len(ms), errors=tally.errors,
                           seconds=seconds, rps=len(ms) / seconds if seconds > 0 else 0.0,
-                          p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99),
-                          mean_ms=float(ms.mean()) if ms.size else float("nan"),
+                          p50_ms=stats["p50_ms"], p90_ms=stats["p90_ms"], p99_ms=stats["p99_ms"],
+                          mean_ms=stats["mean_ms"],
                           client_cpu_us=cpu / max(1, len(ms)) * 1e6, first_error=tally.first_error,
                           latencies_ms=ms.tolist())

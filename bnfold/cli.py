@@ -114,12 +114,13 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from bnfold.bench.run import run_bench
     from bnfold.bench.report import summary_lines, write_report
+    from bnfold.bench.run import BenchConfig, run_bench
 
-    result = run_bench(args.checkpoint, devices=args.device, backends=args.backends,
-                       batch_sizes=args.batch_sizes, threads=args.threads, seconds=args.seconds,
-                       export_dir=args.export_dir)
+    config = BenchConfig(args.checkpoint, devices=args.device, backends=args.backends,
+                         batch_sizes=args.batch_sizes, threads=args.threads, seconds=args.seconds,
+                         export_dir=args.export_dir)
+    result = run_bench(config)
     files = write_report(result, args.out)
     print("\n".join(summary_lines(result)))
     print(f"wrote {files.json}, {files.markdown}, " + ", ".join(str(c) for c in files.charts))
@@ -285,9 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "bench", _cmd_bench, "measure batch-1 latency of eager, folded, TorchScript, torch.export, onnxruntime and HTTP")
     p.add_argument("checkpoint", help="a bnfold checkpoint")
     p.add_argument("--device", type=_csv, default=["cpu", "cuda"], help="comma-separated: cpu, cuda")
-    p.add_argument("--backends", type=_csv,
-                   default=["eager", "folded", "torchscript", "program", "ort", "http"],
-                   help="comma-separated: eager, folded, torchscript, program, compile, ort, http; on cuda, "
+    from bnfold.bench.backends import DEFAULT_BACKENDS, REQUESTABLE  # the table; no torch import
+
+    p.add_argument("--backends", type=_csv, default=list(DEFAULT_BACKENDS),
+                   help=f"comma-separated: {', '.join(REQUESTABLE)}; on cuda, "
                         "ort adds IO-binding and CUDA-graph rows, and http adds an 8-connection row")
     p.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 32],
                    help="comma-separated batch sizes: 1 is the latency headline, larger ones give "

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bnfold.errors import BnfoldError
-from bnfold.bench.run import DEFAULT_BACKENDS, BenchResult, run_bench
+from bnfold.bench.backends import DEFAULT_BACKENDS
+from bnfold.bench.run import BenchConfig, BenchResult, run_bench
 from bnfold.bench.report import ReportFiles, render_markdown, summary_lines, write_report
 
 if TYPE_CHECKING:  # the stages import their packages when they run
@@ -216,9 +217,9 @@ def run_pipeline(*, model: str = "lenet", dataset: str = "digits", data_root: st
             f"{_fmt(p.top1_agreement)} over {p.samples} samples")
 
     done = stage("bench")
-    bench = run_bench(checkpoint, devices=devices, backends=backends, batch_sizes=batch_sizes,
-                      threads=threads, seconds=bench_seconds, progress=progress,
-                      export_dir=out_dir / "export")
+    bench = run_bench(BenchConfig(checkpoint, devices=devices, backends=backends, batch_sizes=batch_sizes,
+                                  threads=threads, seconds=bench_seconds, progress=progress,
+                                  export_dir=out_dir / "export"))
     files = write_report(bench, out_dir / "bench")
     done()
 

@@ -12,8 +12,9 @@ import torch
 from bnfold import export
 from bnfold import models
 from bnfold.cli import main
-from bnfold.bench.run import (OK, SKIPPED, BenchError, BenchRow, TimedCall, bound_runner, compute_speedups,
-                         measure_interleaved, run_bench)
+from bnfold.bench.backends import bound_runner
+from bnfold.bench.run import BenchConfig, BenchError, compute_speedups, run_bench
+from bnfold.bench.timing import OK, SKIPPED, BenchRow, TimedCall, measure_interleaved
 
 ROW_FIELDS = {"backend", "device", "batch_size", "status", "reason", "p50_ms", "p90_ms", "p99_ms",
               "mean_ms", "iterations", "items_per_s"}
@@ -158,8 +159,8 @@ def test_markdown_and_charts(cli_report: Path) -> None:
 def test_reuses_export_dir_exports_what_is_missing_and_reports_a_broken_file(
         bench_checkpoint: Path, tmp_path: Path) -> None:
     (tmp_path / "model.ts").write_bytes(b"not a torchscript archive")
-    result = run_bench(bench_checkpoint, devices=("cpu",), backends=("eager", "torchscript", "program"),
-                       batch_sizes=(1,), threads=1, seconds=0.05, progress=False, export_dir=tmp_path)
+    result = run_bench(BenchConfig(bench_checkpoint, devices=("cpu",), backends=("eager", "torchscript", "program"),
+                                   batch_sizes=(1,), threads=1, seconds=0.05, progress=False, export_dir=tmp_path))
     assert result.row("eager").status == OK
     # model.pt2 was not there: exported (into a temporary folder, not the export dir) and measured.
     assert result.row("program").status == OK and result.row("program").iterations >= 5
@@ -190,7 +191,7 @@ def test_bound_runner_checks_its_output(bench_exports: Path) -> None:
 def test_rejects_bad_arguments(bench_checkpoint: Path, kwargs: dict, needle: str) -> None:
     args = {"devices": ("cpu",), "backends": ("eager",), "batch_sizes": (1,), "seconds": 0.05} | kwargs
     with pytest.raises(BenchError, match=needle):
-        run_bench(bench_checkpoint, progress=False, **args)
+        run_bench(BenchConfig(bench_checkpoint, progress=False, **args))
 
 
 def test_cli_error_exits_2_without_traceback(bench_checkpoint: Path, tmp_path: Path,
@@ -211,8 +212,8 @@ def test_cli_missing_checkpoint_exits_2(tmp_path: Path, capsys: pytest.CaptureFi
 
 @pytest.mark.slow
 def test_compile_row_is_measured_or_explained(bench_checkpoint: Path) -> None:
-    result = run_bench(bench_checkpoint, devices=("cpu",), backends=("eager", "compile"), batch_sizes=(1,),
-                       threads=1, seconds=0.05, progress=False)
+    result = run_bench(BenchConfig(bench_checkpoint, devices=("cpu",), backends=("eager", "compile"),
+                                   batch_sizes=(1,), threads=1, seconds=0.05, progress=False))
     row = result.row("compile")
     assert row is not None
     if row.status == OK:
@@ -225,8 +226,8 @@ def test_compile_row_is_measured_or_explained(bench_checkpoint: Path) -> None:
 def test_cuda_rows_measured(bench_checkpoint: Path) -> None:
     import onnxruntime
 
-    result = run_bench(bench_checkpoint, devices=("cpu", "cuda"), backends=("eager", "folded", "ort"),
-                       batch_sizes=(1,), threads=1, seconds=0.1, progress=False)
+    result = run_bench(BenchConfig(bench_checkpoint, devices=("cpu", "cuda"), backends=("eager", "folded", "ort"),
+                                   batch_sizes=(1,), threads=1, seconds=0.1, progress=False))
     for backend in ("eager", "folded"):
         row = result.row(backend, "cuda")
         assert row.status == OK and row.p50_ms > 0, row
@@ -240,3 +241,15 @@ def test_cuda_rows_measured(bench_checkpoint: Path) -> None:
     labels = {s.label for s in result.speedups}
     assert "GPU vs CPU, eager" in labels
     assert np.isfinite([s.factor for s in result.speedups]).all()
+
+
+def test_a_new_backend_is_one_entry_in_the_table(bench_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bnfold.bench.backends import BACKENDS, Backend
+
+    monkeypatch.setitem(BACKENDS, "eager-again", Backend("the eager builder under a second name",
+                                                         BACKENDS["eager"].build, versus_eager="again vs eager"))
+    result = run_bench(BenchConfig(bench_checkpoint, devices=("cpu",), backends=("eager", "eager-again"),
+                                   batch_sizes=(1,), threads=1, seconds=0.05, progress=False))
+    row = result.row("eager-again")
+    assert row.status == OK and row.iterations >= 5 and row.note == "the eager builder under a second name"
+    assert "again vs eager (cpu)" in {s.label for s in result.speedups}

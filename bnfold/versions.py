@@ -1,0 +1,31 @@
+"""Version strings, looked up in one place (export.json, ONNX metadata, bench reports, the HTTP service)."""
+from __future__ import annotations
+
+import importlib
+from importlib import metadata
+
+
+def package_version(name: str) -> str | None:
+    """The installed version of distribution or module `name`, or None when it is not installed.
+
+    The distribution's metadata first (no import needed); then the module's `__version__`, for
+    modules whose import name differs from their distribution's (onnxruntime-gpu, for example).
+    """
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        return str(importlib.import_module(name).__version__)
+    except Exception:  # noqa: BLE001 - absent or broken: informative only, never fatal
+        return None
+
+
+def _bnfold_version() -> str:
+    # A plain checkout that was never installed has no metadata: say so instead of guessing.
+    return package_version("bnfold") or "0+unknown"
+
+
+__version__ = _bnfold_version()
+
+__all__ = ["__version__", "package_version"]
