@@ -97,11 +97,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from bnfold.serve.config import from_args
     from bnfold.serve.launch import serve
 
-    return serve(args.model, name=args.name, device=args.device, host=args.host, port=args.port,
-                 threads=args.threads, max_body_mb=args.max_body_mb, cuda_graph=args.cuda_graph,
-                 log_level=args.log_level, access_log=not args.no_access_log)
+    return serve(from_args(args))
 
 
 def _cmd_loadtest(args: argparse.Namespace) -> int:
@@ -254,19 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show the exporters' own output and warnings")
 
     p = _add(sub, "serve", _cmd_serve, "serve ONNX models over the Open Inference Protocol v2 (HTTP)")
-    p.add_argument("model", help="a model.onnx file, or a model repository folder (as --triton-repo writes)")
-    p.add_argument("--name", default=None, help="model name for a single file (default: from its spec or file name)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="where onnxruntime runs; cuda refuses to start unless CUDAExecutionProvider is active")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
-    p.add_argument("--threads", type=int, default=None,
-                   help="onnxruntime intra-op threads (default: the CPUs this process may use)")
-    p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted (413 beyond)")
-    p.add_argument("--cuda-graph", action="store_true", help="capture a CUDA graph for the fixed batch-1 shape")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="server log level")
-    p.add_argument("--no-access-log", action="store_true", help="do not write the JSON-lines access log to stderr")
+    from bnfold.serve.config import add_arguments as add_serve_arguments   # shared with `python -m bnfold.serve`
+    add_serve_arguments(p)
 
     p = _add(sub, "loadtest", _cmd_loadtest, "drive a running server and report latency and throughput")
     p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")

@@ -12,6 +12,13 @@ from typing import Any
 
 SPEC_METADATA_KEY = "bnfold.spec"
 SPEC_VERSION = 1
+# The largest batch one request may carry when a model's batch axis is dynamic: Triton's
+# `max_batch_size` that export.triton writes into config.pbtxt, and what `bnfold serve` enforces
+# for a model file without one (one constant for both, here in the contract they share).
+MAX_BATCH_SIZE = 32
+# A served model's name (a URL segment and a Triton repository folder): export.triton and
+# serve.repository both hold names to it.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 @dataclass

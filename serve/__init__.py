@@ -1,1 +1,34 @@
-"""The service only: onnxruntime sessions and the Open Inference Protocol HTTP app (never imports torch)."""
+"""The service only: onnxruntime sessions and the Open Inference Protocol HTTP app (never imports torch).
+
+    runtime = open_session("model.onnx", "cpu")          # one model, warmed up
+    models = load_repository("repo/")                     # a file or a Triton-layout folder
+    app = create_app(ServeConfig(model="repo/"))          # the ASGI app, limits set
+
+The public names are imported on first use: `bnfold --help` should not load onnxruntime.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bnfold.serve.app import InferenceApp, create_app
+    from bnfold.serve.config import ServeConfig
+    from bnfold.serve.errors import ServeError
+    from bnfold.serve.repository import load_repository
+    from bnfold.serve.runtime import ModelRuntime, Runtime, open_session
+
+_LAZY = {"create_app": "bnfold.serve.app", "InferenceApp": "bnfold.serve.app", "ServeConfig": "bnfold.serve.config",
+         "ServeError": "bnfold.serve.errors", "load_repository": "bnfold.serve.repository",
+         "open_session": "bnfold.serve.runtime", "ModelRuntime": "bnfold.serve.runtime",
+         "Runtime": "bnfold.serve.runtime"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bnfold.serve' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = sorted(_LAZY)

@@ -1,15 +1,15 @@
 """The HTTP service: a plain ASGI callable speaking the Open Inference Protocol v2.
 
-No framework sits on the hot path: routes are chosen by splitting the path, binary tensors are
-`numpy.frombuffer` views of the body, constant response parts are encoded once, and a model
-that answers in under `INLINE_THRESHOLD_MS` runs right in the event loop (a thread hop would
-cost more than the model; slower models go to a worker thread so the server stays responsive).
+No framework sits on the hot path: `ROUTES` (at the end of this file) is compiled once at
+start-up into a dictionary from concrete paths to handlers (`serve.routes.Router`), binary
+tensors are `numpy.frombuffer` views of the body, constant response parts are encoded once,
+and a request whose batch the model answers in under `INLINE_THRESHOLD_MS` runs right in the
+event loop (a thread hop would cost more than the model); larger batches and slower models go to
+a worker thread, as do decompression and image decoding, so the server stays responsive.
 
-Endpoints (see `/docs`): health, server and model metadata, `/v2/models/{m}[/versions/{v}]/infer`
-(JSON tensors and the binary tensor extension), `POST /predictions/{m}` (an image file, top-k
-labels), `/metrics` (Prometheus), `/openapi.json`, `/docs`. Every client mistake is a 4xx with
-`{"error": "..."}`; an unexpected failure is a 500 with the exception's type and message, never
-a traceback.
+The OpenAPI document (`/openapi.json`, `/docs`) is generated from the same table. Every client
+mistake is a 4xx with `{"error": "..."}`; an unexpected failure is a 500 naming the exception's
+type only (the details go to the log), never a traceback.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import time
+import zlib
 from collections.abc import Mapping
 from typing import Any, Awaitable, Callable, TextIO
 
@@ -27,21 +28,28 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                generate_latest)
 
 from bnfold.serve import images
-from bnfold.serve.docs import docs_html, openapi_document
+from bnfold.serve.config import ServeConfig
+from bnfold.serve.errors import ServeError, client_text, limit_error
+from bnfold.serve.openapi import PREDICTIONS_DOC, docs_html, infer_doc, ok, openapi_document
+from bnfold.serve.page import PageAssets
 from bnfold.serve.protocol import RequestParser, ResponseEncoder, parse_header_length
-from bnfold.serve.runtime import ModelRuntime, ServeError, load_repository
+from bnfold.serve.repository import load_repository
+from bnfold.serve.routes import Request, Response, Route, Router
+from bnfold.serve.runtime import V2_TO_NUMPY, Runtime
+from bnfold.versions import __version__
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 SERVER_NAME = "bnfold"
-SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
+# Only what exists: no model_repository (load/unload) extension here.
+EXTENSIONS = ["binary_tensor_data", "classification", "statistics"]
 
 log = logging.getLogger("bnfold.serve")
 
 _JSON = [(b"content-type", b"application/json")]
+_HTML = [(b"content-type", b"text/html; charset=utf-8")]
 _OCTET = b"application/octet-stream"
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                     0.5, 1.0, 2.5, 10.0)
@@ -52,7 +60,7 @@ class _Disconnected(Exception):
 
 
 def _error(message: str) -> bytes:
-    return json.dumps({"error": message}).encode()
+    return json.dumps({"error": client_text(message)}).encode()
 
 
 class AccessLog:
@@ -72,7 +80,7 @@ class AccessLog:
         host = client[0] if client else "-"
         model_part = f',"model":{json.dumps(model)}' if model else ""
         self._lines.append(f'{{"ts":{time.time():.6f},"client":"{host}","method":"{method}",'
-                           f'"path":{json.dumps(path)},"status":{status},"ms":{ms:.3f}{model_part}}}\n')
+                           f'"path":{json.dumps(path[:1000])},"status":{status},"ms":{ms:.3f}{model_part}}}\n')
         if len(self._lines) >= 256 or time.monotonic() - self._last_flush > 0.5:
             self.flush()
 
@@ -89,9 +97,12 @@ class AccessLog:
 
 
 class _Metrics:
-    """Prometheus counters per model and endpoint, children bound once so the hot path is two calls."""
+    """Prometheus counters per model and endpoint, children bound once so the hot path is two calls.
 
-    def __init__(self, models: Mapping[str, ModelRuntime]) -> None:
+    `outcomes[model]` counts successful and failed inference requests apart, for `/stats`.
+    """
+
+    def __init__(self, models: Mapping[str, Runtime]) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)   # CPU seconds, memory, open files: read only when scraped
         self.requests = Counter("bnfold_requests", "inference requests", ["model", "endpoint"],
@@ -101,6 +112,7 @@ class _Metrics:
         self.latency = Histogram("bnfold_request_latency_seconds", "time from request to response, server side",
                                  ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.bound: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self.outcomes: dict[str, list[int]] = {name: [0, 0] for name in models}   # [success, fail]
         for name in list(models) + ["-"]:
             for endpoint in ("infer", "predictions"):
                 self.bound[(name, endpoint)] = (self.requests.labels(name, endpoint),
@@ -112,52 +124,60 @@ class _Metrics:
         latency.observe(seconds)
         if status >= 400:
             self.errors.labels(model, endpoint, str(status)).inc()
+        if endpoint == "infer" and model in self.outcomes:
+            self.outcomes[model][status >= 400] += 1
 
 
 class InferenceApp:
-    """ASGI application serving `models` (name -> ModelRuntime).
+    """ASGI application serving `models` (name -> Runtime) through the route table `routes`.
 
     The names in `models` are the ones in URLs; parsers, encoders and metrics are kept under them.
     """
 
-    def __init__(self, models: Mapping[str, ModelRuntime], *, max_body_bytes: int = 16 << 20,
-                 access_log: AccessLog | None = None) -> None:
+    def __init__(self, models: Mapping[str, Runtime], *, max_body_bytes: int = 16 << 20,
+                 max_multipart_parts: int = 16, access_log: AccessLog | None = None,
+                 routes: list[Route] | None = None) -> None:
         if not models:
             raise ServeError("no models to serve", status=500)
         self.models = dict(models)
         self.max_body_bytes = max_body_bytes
+        self.max_multipart_parts = max_multipart_parts
         self.access_log = access_log if access_log is not None else AccessLog()
         self.metrics = _Metrics(self.models)
         self.parsers = {name: RequestParser(m) for name, m in self.models.items()}
         self.encoders = {name: ResponseEncoder(m) for name, m in self.models.items()}
         self.ready = True
         self._flusher: asyncio.Task | None = None
+        self.routes = list(ROUTES if routes is None else routes)
+        self.router = Router(self.routes, self.models)
         # Constant answers are encoded once.
-        self._server_meta = json.dumps({"name": SERVER_NAME, "version": SERVER_VERSION,
+        self._server_meta = json.dumps({"name": SERVER_NAME, "version": __version__,
                                         "extensions": EXTENSIONS}).encode()
         self._model_meta = {name: json.dumps(self._metadata(m)).encode() for name, m in self.models.items()}
         self._model_config = {name: json.dumps(self._config(m)).encode() for name, m in self.models.items()}
         self._index = json.dumps([{"name": n, "version": m.version, "state": "READY"}
                                   for n, m in self.models.items()]).encode()
-        document = openapi_document(self.models)
-        self._openapi = json.dumps(document).encode()
-        self._docs = docs_html(document).encode()
+        self.openapi = openapi_document(self.routes, self.models)
+        self._openapi = json.dumps(self.openapi).encode()
+        self._docs = docs_html(self.openapi).encode()
+        self._page = PageAssets()   # GET / and /static/*: the page for people (serve.page)
 
     # ------------------------------------------------------------------ metadata documents
     @staticmethod
-    def _metadata(m: ModelRuntime) -> dict[str, Any]:
+    def _metadata(m: Runtime) -> dict[str, Any]:
         return {"name": m.name, "versions": [m.version], "platform": m.platform,
                 "inputs": [t.to_dict() for t in m.inputs], "outputs": [t.to_dict() for t in m.outputs],
-                "parameters": {"device": m.device, "providers": m.providers,
-                               "spec": m.spec.to_dict() if m.spec is not None else None}}
+                "parameters": {"device": m.device, "max_batch_size": m.max_batch_size,
+                               "spec": m.spec.to_dict() if m.spec is not None else None, **m.details()}}
 
     @staticmethod
-    def _config(m: ModelRuntime) -> dict[str, Any]:
-        dynamic_batch = bool(m.inputs[0].shape) and m.inputs[0].shape[0] == -1
+    def _config(m: Runtime) -> dict[str, Any]:
+        batching = m.max_batch_size > 0
+
         def dims(t):  # Triton's config leaves the batch out when max_batch_size > 0
-            return t.shape[1:] if dynamic_batch else t.shape
+            return t.shape[1:] if batching else t.shape
         return {"name": m.name, "platform": m.platform, "backend": "onnxruntime",
-                "max_batch_size": 32 if dynamic_batch else 0,
+                "max_batch_size": m.max_batch_size,
                 "input": [{"name": t.name, "data_type": "TYPE_" + t.datatype, "dims": dims(t)} for t in m.inputs],
                 "output": [{"name": t.name, "data_type": "TYPE_" + t.datatype, "dims": dims(t)} for t in m.outputs],
                 "instance_group": [{"kind": "KIND_GPU" if m.device == "cuda" else "KIND_CPU", "count": 1}]}
@@ -176,9 +196,12 @@ class InferenceApp:
             if message["type"] == "lifespan.startup":
                 self._flusher = asyncio.get_running_loop().create_task(self._flush_periodically())
                 for m in self.models.values():
-                    log.info("serving model %r version %s from %s on %s (providers %s, %d threads, "
-                             "warm-up %.3f ms, %s)", m.name, m.version, m.path, m.device, m.providers,
-                             m.threads, m.warmup_ms, "in the event loop" if m.inline else "in a worker thread")
+                    details = m.details()
+                    log.info("serving model %r version %s from %s on %s (%s; max batch %s; batches up to %d "
+                             "run in the event loop, larger ones in a worker thread)", m.name, m.version,
+                             details.get("path", "?"), m.device,
+                             ", ".join(f"{k} {v}" for k, v in details.items() if k not in ("path", "metadata")),
+                             m.max_batch_size or "fixed", m.inline_batch)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self.ready = False
@@ -197,117 +220,133 @@ class InferenceApp:
         start = time.perf_counter()
         method = scope["method"]
         path = scope["path"]
+        route = None
         model_name = None
-        endpoint = None
-        headers = _JSON
         try:
-            if path.startswith("/v2/models/"):
-                model_name = path[len("/v2/models/"):].split("/", 1)[0]
-                endpoint = "infer" if path.endswith("/infer") else None
-                status, headers, body = await self._model_route(method, path, scope, receive)
-            elif path.startswith("/predictions/"):
-                endpoint = "predictions"
-                model_name = path[len("/predictions/"):].rstrip("/")
-                self._require(method, "POST", path, also="PUT")   # `curl -T file URL` sends PUT
-                status, headers, body = await self._predict(self._model(model_name), scope, receive)
-            else:
-                status, headers, body = self._static_route(method, path)
+            route, params = self.router.match(method, path)
+            model_name = params.get("model")
+            status, headers, body = await route.handler(self, Request(method, path, scope, receive, params))
         except ServeError as exc:
             status, headers, body = exc.status, _JSON, _error(str(exc))
-            if exc.status == 405:
-                headers = _JSON + [(b"allow", getattr(exc, "allow", "GET").encode())]
+            if exc.allow is not None:
+                headers = _JSON + [(b"allow", exc.allow.encode())]
         except _Disconnected:
             return
         except Exception as exc:  # a bug or an onnxruntime failure: log it, answer without internals
-            log.exception("unexpected error serving %s %s", method, path)
-            status, headers, body = 500, _JSON, _error(f"internal error: {type(exc).__name__}: {exc}")
+            log.exception("unexpected error serving %s %s", method, path[:200])
+            status, headers, body = 500, _JSON, _error(f"internal error ({type(exc).__name__}); see the server log")
         await send({"type": "http.response.start", "status": status,
                     "headers": headers + [(b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
         elapsed = time.perf_counter() - start
-        if endpoint is not None:
-            self.metrics.observe(model_name if model_name in self.models else "-", endpoint, status, elapsed)
+        if route is not None and route.endpoint is not None:
+            self.metrics.observe(model_name if model_name in self.models else "-", route.endpoint, status, elapsed)
         if self.access_log.enabled:
             self.access_log.write(method, path, status, elapsed * 1e3, scope.get("client"), model_name)
 
-    # ------------------------------------------------------------------ routing helpers
-    def _model(self, name: str) -> ModelRuntime:
-        model = self.models.get(name)
-        if model is None:
-            raise ServeError(f"unknown model {name!r}; this server has {sorted(self.models)}", status=404)
-        return model
+    # ------------------------------------------------------------------ handlers (see ROUTES)
+    async def live(self, request: Request) -> Response:
+        return 200, _JSON, b""
 
-    @staticmethod
-    def _require(method: str, allowed: str, path: str, also: str | None = None) -> None:
-        if method != allowed and method != also:
-            allow = allowed if also is None else f"{allowed}, {also}"
-            exc = ServeError(f"method {method} not allowed on {path}; use {allow}", status=405)
-            exc.allow = allow  # type: ignore[attr-defined]
-            raise exc
+    async def ready_(self, request: Request) -> Response:
+        if not self.ready:
+            return 503, _JSON, _error("server is shutting down")
+        return 200, _JSON, b""
 
-    def _static_route(self, method: str, path: str) -> tuple[int, list, bytes]:
-        if path in ("/v2/health/live", "/v2/health/ready"):
-            self._require(method, "GET", path)
-            if path.endswith("ready") and not self.ready:
-                return 503, _JSON, _error("server is shutting down")
-            return 200, _JSON, b""
-        if path in ("/v2", "/v2/"):
-            self._require(method, "GET", path)
-            return 200, _JSON, self._server_meta
-        if path == "/v2/repository/index":
-            return 200, _JSON, self._index
-        if path == "/metrics":
-            self._require(method, "GET", path)
-            return 200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], generate_latest(self.metrics.registry)
-        if path == "/openapi.json":
-            self._require(method, "GET", path)
-            return 200, _JSON, self._openapi
-        if path in ("/docs", "/docs/", "/"):
-            self._require(method, "GET", path)
-            return 200, [(b"content-type", b"text/html; charset=utf-8")], self._docs
-        raise ServeError(f"no route for {method} {path}; see /docs for the endpoints", status=404)
+    async def server_metadata(self, request: Request) -> Response:
+        return 200, _JSON, self._server_meta
 
-    async def _model_route(self, method: str, path: str, scope: Scope, receive: Receive):
-        parts = path[len("/v2/models/"):].split("/")
-        name, rest = parts[0], parts[1:]
-        model = self._model(name)
-        if len(rest) >= 2 and rest[0] == "versions":
-            if rest[1] != model.version:
-                raise ServeError(f"unknown version {rest[1]!r} for model {name!r}; available: [{model.version!r}]",
-                                 status=404)
-            rest = rest[2:]
-        action = rest[0] if rest else ""
-        if len(rest) > 1 or (len(rest) == 1 and action not in ("infer", "ready", "config", "stats", "")):
-            raise ServeError(f"no route for {method} {path}; see /docs for the endpoints", status=404)
-        if action == "infer":
-            self._require(method, "POST", path)
-            return await self._infer(name, model, scope, receive)
-        self._require(method, "GET", path)
-        if action == "ready":
-            return 200, _JSON, b""
-        if action == "config":
-            return 200, _JSON, self._model_config[name]
-        if action == "stats":
-            return 200, _JSON, self._stats(name, model)
-        return 200, _JSON, self._model_meta[name]
+    async def repository_index(self, request: Request) -> Response:
+        return 200, _JSON, self._index
 
-    def _stats(self, name: str, model: ModelRuntime) -> bytes:
-        requests, _ = self.metrics.bound[(name, "infer")]
-        return json.dumps({"model_stats": [{"name": model.name, "version": model.version,
-                                            "inference_count": int(requests._value.get())}]}).encode()
+    async def model_metadata(self, request: Request) -> Response:
+        return 200, _JSON, self._model_meta[request.model]
 
-    # ------------------------------------------------------------------ bodies
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+    async def model_ready(self, request: Request) -> Response:
+        return 200, _JSON, b""
+
+    async def model_config(self, request: Request) -> Response:
+        return 200, _JSON, self._model_config[request.model]
+
+    async def model_stats(self, request: Request) -> Response:
+        model = self.models[request.model]
+        success, fail = self.metrics.outcomes[request.model]
+        return 200, _JSON, json.dumps({"model_stats": [{
+            "name": model.name, "version": model.version, "inference_count": success,
+            "execution_count": success,
+            "inference_stats": {"success": {"count": success}, "fail": {"count": fail}}}]}).encode()
+
+    async def metrics_text(self, request: Request) -> Response:
+        return 200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], generate_latest(self.metrics.registry)
+
+    async def openapi_json(self, request: Request) -> Response:
+        return 200, _JSON, self._openapi
+
+    async def docs_page(self, request: Request) -> Response:
+        return 200, _HTML, self._docs
+
+    async def page_index(self, request: Request) -> Response:
+        return self._page.index()
+
+    async def page_static(self, request: Request) -> Response:
+        return self._page.get(request.params["file"])
+
+    async def infer(self, request: Request) -> Response:
+        name = request.model
+        model = self.models[name]
+        body = await self._read_body(request)
+        encoding = request.header(b"content-encoding")
+        if encoding is not None and encoding.strip().lower() not in (b"", b"identity"):
+            # Inflating is CPU work proportional to the output (up to the body limit): off the loop.
+            body = await asyncio.get_running_loop().run_in_executor(None, inflate, body, encoding,
+                                                                    self.max_body_bytes)
+        header_length = parse_header_length(request.header(b"inference-header-content-length"), len(body))
+        parsed = self.parsers[name].parse(body, header_length)
+        results = await self._run(model, parsed.array)
+        payload, json_length = self.encoders[name].encode(parsed, results)
+        if json_length is None:
+            return 200, _JSON, payload
+        return 200, [(b"content-type", _OCTET),
+                     (b"inference-header-content-length", str(json_length).encode())], payload
+
+    async def predict(self, request: Request) -> Response:
+        model = self.models[request.model]
+        spec = model.spec
+        if spec is None:
+            raise ServeError(f"model {model.name!r} has no bnfold spec in its metadata, so its preprocessing "
+                             f"is unknown; send tensors to /v2/models/{model.name}/infer instead")
+        if spec.task != "classification":
+            raise ServeError(f"model {model.name!r} is a {spec.task} model; /predictions answers class "
+                             f"labels for classification models only (use /v2/models/{model.name}/infer)")
+        start = time.perf_counter()
+        k = images.parse_top_k(request.scope.get("query_string", b""), max(1, len(spec.labels)))
+        body = await self._read_body(request)
+        content_type = request.header(b"content-type")
+        # Multipart splitting, image decoding and preprocessing are blocking: a worker thread does them.
+        x = await asyncio.get_running_loop().run_in_executor(
+            None, images.prepare_upload, body, content_type.decode("latin-1") if content_type else None,
+            spec, V2_TO_NUMPY[model.inputs[0].datatype], self.max_multipart_parts)
+        model_start = time.perf_counter()
+        logits = (await self._run(model, x))[0]
+        model_ms = (time.perf_counter() - model_start) * 1e3
+        answer = json.dumps({"model": model.name, "predictions": images.top_k(logits[0], spec.labels, k)}).encode()
+        # Server-side latency in the standard header (the page shows it; browsers' devtools too):
+        # total = body read, decode, preprocess, model and top-k; model = the onnxruntime call.
+        timing = f"total;dur={(time.perf_counter() - start) * 1e3:.3f}, model;dur={model_ms:.3f}"
+        return 200, _JSON + [(b"server-timing", timing.encode())], answer
+
+    # ------------------------------------------------------------------ helpers
+    async def _read_body(self, request: Request) -> bytes:
         limit = self.max_body_bytes
-        for key, value in scope["headers"]:
-            if key == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    raise ServeError(f"Content-Length must be an integer, got {value[:40]!r}")
-                if declared > limit:
-                    raise ServeError(f"request body of {declared} bytes is over the limit of {limit} bytes "
-                                     f"(--max-body-mb)", status=413)
+        declared = request.header(b"content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                raise ServeError(f"Content-Length must be an integer, got {declared[:40]!r}")
+            if size > limit:
+                raise limit_error(f"request body of {size} bytes", f"{limit} bytes", "--max-body-mb")
+        receive = request.receive
         message = await receive()
         if message["type"] == "http.disconnect":
             raise _Disconnected
@@ -323,83 +362,96 @@ class InferenceApp:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise ServeError(f"request body is over the limit of {limit} bytes (--max-body-mb)", status=413)
+                raise limit_error("request body", f"{limit} bytes", "--max-body-mb")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    @staticmethod
-    def _header(scope: Scope, name: bytes) -> bytes | None:
-        for key, value in scope["headers"]:
-            if key == name:
-                return value
-        return None
-
-    async def _run(self, model: ModelRuntime, x: np.ndarray) -> list[np.ndarray]:
-        if model.inline:
+    async def _run(self, model: Runtime, x: np.ndarray) -> list[np.ndarray]:
+        # Decided per request: a batch the model runs in under INLINE_THRESHOLD_MS stays on the
+        # loop, anything larger goes to a thread (a 5,000-row batch must not stall other clients).
+        if (x.shape[0] if x.ndim else 1) <= model.inline_batch:
             return model.run_all(x)
         return await asyncio.get_running_loop().run_in_executor(None, model.run_all, x)
 
-    async def _infer(self, name: str, model: ModelRuntime, scope: Scope, receive: Receive) -> tuple[int, list, bytes]:
-        body = await self._read_body(scope, receive)
-        encoding = self._header(scope, b"content-encoding")
-        if encoding is not None:
-            body = _decompress(body, encoding)
-        header_length = parse_header_length(self._header(scope, b"inference-header-content-length"), len(body))
-        request = self.parsers[name].parse(body, header_length)
-        results = await self._run(model, request.array)
-        payload, json_length = self.encoders[name].encode(request, results)
-        if json_length is None:
-            return 200, _JSON, payload
-        return 200, [(b"content-type", _OCTET),
-                     (b"inference-header-content-length", str(json_length).encode())], payload
 
-    async def _predict(self, model: ModelRuntime, scope: Scope, receive: Receive) -> tuple[int, list, bytes]:
-        spec = model.spec
-        if spec is None:
-            raise ServeError(f"model {model.name!r} has no bnfold spec in its metadata, so its preprocessing "
-                             f"is unknown; send tensors to /v2/models/{model.name}/infer instead")
-        if spec.task != "classification":
-            raise ServeError(f"model {model.name!r} is a {spec.task} model; /predictions answers class "
-                             f"labels for classification models only (use /v2/models/{model.name}/infer)")
-        k = images.parse_top_k(scope.get("query_string", b""), max(1, len(spec.labels)))
-        body = await self._read_body(scope, receive)
-        content_type = self._header(scope, b"content-type")
-        data = images.extract_upload(body, content_type.decode("latin-1") if content_type else None)
-        x = images.preprocess(images.decode_image(data), spec).astype(model.input_dtype, copy=False)
-        logits = (await self._run(model, x))[0]
-        answer = {"model": model.name, "predictions": images.top_k(logits[0], spec.labels, k)}
-        return 200, _JSON, json.dumps(answer).encode()
+def inflate(body: bytes, encoding: bytes, limit: int) -> bytes:
+    """A gzip/deflate body (tritonclient's request_compression_algorithm), inflated to at most `limit` bytes.
 
-
-def _decompress(body: bytes, encoding: bytes) -> bytes:
-    """tritonclient can gzip/deflate request bodies (request_compression_algorithm)."""
-    import zlib
+    zlib stops at `limit + 1` bytes of output, so a bomb costs at most that much memory and time
+    before it is refused.
+    """
     kind = encoding.strip().lower()
+    if kind == b"gzip":
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif kind == b"deflate":
+        inflater = zlib.decompressobj()
+    else:
+        raise ServeError(f"unsupported Content-Encoding {kind.decode('latin-1')[:40]!r}; expected gzip, deflate "
+                         f"or identity", status=415)
     try:
-        if kind == b"gzip":
-            return zlib.decompress(body, 16 + zlib.MAX_WBITS)
-        if kind == b"deflate":
-            return zlib.decompress(body)
+        out = inflater.decompress(body, limit + 1)
     except zlib.error as exc:
         raise ServeError(f"body declared Content-Encoding {kind.decode('latin-1')} but does not decompress: {exc}")
-    if kind in (b"identity", b""):
-        return body
-    raise ServeError(f"unsupported Content-Encoding {kind.decode('latin-1')!r}; expected gzip, deflate or identity",
-                     status=415)
+    if len(out) > limit:
+        raise limit_error(f"request body inflated from {len(body)} bytes ({kind.decode('latin-1')})",
+                          f"{limit} bytes", "--max-body-mb")
+    if not inflater.eof:
+        raise ServeError(f"body declared Content-Encoding {kind.decode('latin-1')} but its stream is truncated")
+    return out
 
 
-def create_app(models: Mapping[str, ModelRuntime] | str | os.PathLike, *, device: str = "cpu",
-               threads: int | None = None, cuda_graph: bool = False, name: str | None = None,
-               max_body_mb: float = 16.0, access_log: bool | AccessLog = True) -> InferenceApp:
-    """The ASGI app for already-loaded models, or for a model file / repository folder to load.
+def create_app(config: ServeConfig, models: Mapping[str, Runtime] | None = None) -> InferenceApp:
+    """The ASGI app for `config`: its models loaded (unless given), its limits set.
 
     Loading happens here, before the server binds its port, so that a start-up failure (missing
-    file, CUDA absent) is a clear `ServeError` and not a half-started server.
+    file, CUDA absent, a bad config.pbtxt) is a clear `ServeError` and not a half-started server.
     """
-    if max_body_mb <= 0:  # checked before loading: a typo should not cost a model load and warm-up
-        raise ServeError(f"--max-body-mb must be positive, got {max_body_mb}", status=500)
-    if not isinstance(models, Mapping):
-        models = load_repository(models, device, threads=threads, cuda_graph=cuda_graph, name=name)
-    log_writer = access_log if isinstance(access_log, AccessLog) else AccessLog(enabled=bool(access_log))
-    return InferenceApp(models, max_body_bytes=int(max_body_mb * (1 << 20)), access_log=log_writer)
+    if models is None:
+        models = load_repository(config.model, config.device, threads=config.threads,
+                                 cuda_graph=config.cuda_graph, name=config.name,
+                                 max_batch_size=config.max_batch_size)
+    access = config.access_log and config.log_level in ("debug", "info")
+    return InferenceApp(models, max_body_bytes=config.max_body_bytes,
+                        max_multipart_parts=config.max_multipart_parts, access_log=AccessLog(enabled=access))
+
+
+# ---------------------------------------------------------------------------------------------
+# The route table. One line per route; the OpenAPI document is generated from it. A route under
+# /v2/models/{model} is also under /v2/models/{model}/versions/{version} (Triton's paths).
+_GET, _POST = ("GET",), ("POST",)
+_M, _MV = "/v2/models/{model}", "/v2/models/{model}/versions/{version}"
+
+ROUTES: list[Route] = [
+    Route(_GET, "/v2/health/live", InferenceApp.live, "The process answers", {"responses": {"200": ok("live")}}),
+    Route(_GET, "/v2/health/ready", InferenceApp.ready_, "Every model is loaded and warmed up",
+          {"responses": {"200": ok("ready"), "503": ok("shutting down")}}),
+    Route(_GET, "/v2", InferenceApp.server_metadata, "Server metadata: name, version, extensions"),
+    Route(("GET", "POST"), "/v2/repository/index", InferenceApp.repository_index,
+          "The served models, each with its version and state (Triton clients POST here)"),
+    Route(_GET, _M, InferenceApp.model_metadata, "Model metadata: inputs and outputs with datatype and shape "
+          "(-1 is a dynamic dimension), the spec, the device"),
+    Route(_GET, _MV, InferenceApp.model_metadata, "Model metadata for one version"),
+    Route(_GET, _M + "/ready", InferenceApp.model_ready, "Model readiness"),
+    Route(_GET, _MV + "/ready", InferenceApp.model_ready, "Model readiness, one version"),
+    Route(_GET, _M + "/config", InferenceApp.model_config, "Triton-style model configuration (max_batch_size: "
+          "the largest batch a request may carry)"),
+    Route(_GET, _MV + "/config", InferenceApp.model_config, "Triton-style model configuration, one version"),
+    Route(_GET, _M + "/stats", InferenceApp.model_stats, "Inference statistics: successful and failed requests"),
+    Route(_GET, _MV + "/stats", InferenceApp.model_stats, "Inference statistics, one version"),
+    Route(_POST, _M + "/infer", InferenceApp.infer, "Run the model on tensors (JSON, or JSON header + binary "
+          "tensor data)", infer_doc, endpoint="infer"),
+    Route(_POST, _MV + "/infer", InferenceApp.infer, "Run one version of the model on tensors", infer_doc,
+          endpoint="infer"),
+    # PUT too: `curl -T file URL` sends PUT.
+    Route(("POST", "PUT"), "/predictions/{model}", InferenceApp.predict, "Classify an image file (PNG or JPEG; "
+          "raw body or multipart/form-data)", PREDICTIONS_DOC, endpoint="predictions"),
+    Route(_GET, "/metrics", InferenceApp.metrics_text, "Prometheus metrics: requests, errors and latency per model",
+          {"responses": {"200": ok("text exposition", {"type": "string"}, "text/plain")}}),
+    Route(_GET, "/openapi.json", InferenceApp.openapi_json, "This document", {"responses": {"200": ok("OpenAPI 3.1")}}),
+    Route(_GET, "/docs", InferenceApp.docs_page, "This API as a readable page", {"responses": {"200": ok("HTML")}}),
+    Route(_GET, "/", InferenceApp.page_index, "A page for people: a card per model, an image picker and a drawing "
+          "pad, answered by /predictions", {"responses": {"200": ok("HTML")}}),
+    Route(_GET, "/static/{file}", InferenceApp.page_static, "The page's script and style sheet (index.html, "
+          "page.js, page.css)", {"responses": {"200": ok("the file"), "404": ok("no such file")}}),
+]

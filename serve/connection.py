@@ -1,21 +1,81 @@
-"""uvicorn's httptools protocol, writing each response's head and body in one system call.
+"""uvicorn's httptools protocol with the connection limits the service needs, writing each response once.
 
-uvicorn writes the status line and headers when the app sends `http.response.start`, and the
-body in a second `transport.write`. On loopback each write wakes the client, which often
-preempts the server only to find half a response: measured here, the two writes were over
-half of the server's time per LeNet request. This shim holds the head back until the body
-arrives (or until the next event-loop turn, for HEAD and 304 answers that have no body), so a
-batch-1 answer is one write and one wake-up. Everything else is uvicorn's own code.
+Two jobs, both per connection and cheap on the hot path (a few attribute writes per request):
+
+- **Limits.** The request line and headers are capped in bytes and in count (431), counted as
+  they arrive, before httptools has buffered more than one read past the limit; a connection
+  must deliver a whole request within `request_timeout` seconds of its first byte (or of
+  connecting), else it is answered 408 and closed; past `max_connections` open connections a new
+  one is answered 503 and closed. A refused request is answered with `{"error": ...}` naming the
+  limit and the `bnfold serve` option that raises it, the connection is half-closed (the client
+  reads the answer; what it still sends is dropped), and each kind of refusal is logged, at most
+  one line per second with a count. Idle keep-alive connections are uvicorn's `timeout_keep_alive`.
+- **One write per response.** uvicorn writes the status line and headers when the app sends
+  `http.response.start`, and the body in a second `transport.write`. On loopback each write wakes
+  the client, which often preempts the server only to find half a response: measured here, the
+  two writes were over half of the server's time per LeNet request. The transport wrapper holds
+  the head back until the body arrives (or until the next event-loop turn, for HEAD and 304
+  answers that have no body), so a batch-1 answer is one write and one wake-up.
+
+Everything else is uvicorn's own code.
 """
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 try:
+    import httptools
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 except ImportError:  # uvicorn without httptools support: serve.launch falls back to "httptools"
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
+
+log = logging.getLogger("bnfold.serve")
+
+_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 100
+    request_timeout: float = 30.0
+    max_connections: int = 512
+
+
+class _Refusal(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error_response(status: int, message: str) -> bytes:
+    """A whole HTTP/1.1 response: `{"error": message}`, and the connection closes."""
+    body = json.dumps({"error": message}).encode()
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+            % (status, _REASONS.get(status, b"Error"), len(body)) + body)
+
+
+class RefusalLog:
+    """One log line per kind of refusal per second at most, with how many happened since the last."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._pending: dict[str, int] = {}
+        self._last: dict[str, float] = {}
+
+    def note(self, kind: str, message: str) -> None:
+        self._pending[kind] = self._pending.get(kind, 0) + 1
+        now = time.monotonic()
+        if now - self._last.get(kind, 0.0) >= self.interval:
+            count = self._pending.pop(kind)
+            self._last[kind] = now
+            log.warning("refused %d connection(s): %s", count, message)
 
 
 class _OneWriteTransport:
@@ -56,10 +116,143 @@ class _OneWriteTransport:
 
 
 if HttpToolsProtocol is not None:
-    class OneWriteHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
-        """uvicorn's `HttpToolsProtocol` over a transport that coalesces head and body."""
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
+        """uvicorn's `HttpToolsProtocol` with `ConnectionLimits` and one write per response.
 
+        Use `protocol_class(limits)`: the limits and the timeout sweeper are per server.
+        """
+
+        limits: ClassVar[ConnectionLimits] = ConnectionLimits()
+        refusals: ClassVar[RefusalLog]
+        _sweeping: ClassVar[bool] = False
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._deadline: float | None = None   # when the request in progress must be complete
+            self._in_head = False                 # between a request's first byte and its headers' end
+            self._head_bytes = 0
+            self._header_count = 0
+            self._refused = False
+
+        # -------------------------------------------------------------- connection
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(_OneWriteTransport(transport, self.loop))  # type: ignore[arg-type]
+            wrapped = _OneWriteTransport(transport, self.loop)
+            if len(self.connections) >= self.limits.max_connections:
+                self.transport = wrapped  # type: ignore[assignment]
+                self._refused = True
+                message = (f"this server has {self.limits.max_connections} connections open, its limit "
+                           f"(raise it with `bnfold serve --max-connections`)")
+                wrapped.write(error_response(503, message))
+                wrapped.close()
+                self.refusals.note("connections", message)
+                return
+            super().connection_made(wrapped)  # type: ignore[arg-type]
+            self._deadline = self.loop.time() + self.limits.request_timeout
+            if not type(self)._sweeping:
+                type(self)._sweeping = True
+                self.loop.call_later(self._sweep_interval(), self._sweep, self.loop, self.connections)
+
+        def data_received(self, data: bytes) -> None:
+            # uvicorn's own, with our refusals told apart from malformed requests.
+            if self._refused:
+                return   # answered already; what the client still sends is dropped
+            self._unset_keepalive_if_required()
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                if self._should_upgrade():
+                    self.handle_websocket_upgrade()
+                else:
+                    self._unsupported_upgrade_warning()
+                return
+            except httptools.HttpParserError as exc:
+                if isinstance(exc.__context__, _Refusal):
+                    self._refuse(exc.__context__.status, exc.__context__.message)
+                else:
+                    msg = "Invalid HTTP request received."
+                    self.logger.warning(msg)
+                    self.send_400_response(msg)
+                return
+            if self._in_head:
+                # Count what httptools buffers for a head still incomplete, so a 64 MB header line
+                # is refused after one read past the limit, not after it has all arrived.
+                self._head_bytes += len(data)
+                if self._head_bytes > self.limits.max_header_bytes:
+                    self._refuse(431, self._header_size_message())
+
+        # -------------------------------------------------------------- parser callbacks
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._deadline = self.loop.time() + self.limits.request_timeout
+            self._in_head = True
+            self._head_bytes = 0
+            self._header_count = 0
+
+        def on_url(self, url: bytes) -> None:
+            super().on_url(url)
+            if len(self.url) > self.limits.max_header_bytes:
+                raise _Refusal(431, self._header_size_message())
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._header_count += 1
+            if self._header_count > self.limits.max_headers:
+                raise _Refusal(431, f"request has more than {self.limits.max_headers} header fields, the limit "
+                                    f"(raise it with `bnfold serve --max-headers`)")
+            if len(value) > self.limits.max_header_bytes:
+                raise _Refusal(431, self._header_size_message())
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._deadline = None
+            super().on_message_complete()
+
+        # -------------------------------------------------------------- refusals
+        def _header_size_message(self) -> str:
+            return (f"request line and headers are over the limit of {self.limits.max_header_bytes} bytes "
+                    f"(raise it with `bnfold serve --max-header-kb`)")
+
+        def _refuse(self, status: int, message: str) -> None:
+            self._refused = True
+            self._in_head = False
+            self.refusals.note(f"status {status}", message)
+            self.transport.write(error_response(status, message))
+            try:
+                self.transport.write_eof()   # half-close: the client reads the answer, we drop the rest
+            except (AttributeError, NotImplementedError, RuntimeError, OSError):
+                self.transport.close()
+
+        @classmethod
+        def _sweep_interval(cls) -> float:
+            return max(0.05, min(1.0, cls.limits.request_timeout / 4))
+
+        @classmethod
+        def _sweep(cls, loop: asyncio.AbstractEventLoop, connections: set) -> None:
+            """Close every connection whose request is overdue (408), then look again later."""
+            now = loop.time()
+            for connection in list(connections):
+                deadline = getattr(connection, "_deadline", None)
+                if deadline is None or now < deadline or connection.transport.is_closing():
+                    continue
+                connection._deadline = None
+                message = (f"request not complete within {cls.limits.request_timeout:g} s "
+                           f"(raise it with `bnfold serve --request-timeout`)")
+                cycle = connection.cycle
+                if not connection._refused and (connection._in_head or cycle is None or not cycle.response_started):
+                    connection.transport.write(error_response(408, message))
+                connection.transport.close()
+                cls.refusals.note("timeout", f"closed a connection whose {message}")
+            loop.call_later(cls._sweep_interval(), cls._sweep, loop, connections)
+
+    def protocol_class(limits: ConnectionLimits) -> type:
+        """A protocol class for one server: its limits, its own sweeper and refusal log."""
+        return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,),
+                    {"limits": limits, "refusals": RefusalLog(), "_sweeping": False})
 else:
-    OneWriteHttpToolsProtocol = None  # type: ignore[assignment,misc]
+    GuardedHttpToolsProtocol = None  # type: ignore[assignment,misc]
+
+    def protocol_class(limits: ConnectionLimits) -> type | None:  # type: ignore[misc]
+        return None

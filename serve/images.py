@@ -1,13 +1,13 @@
 """Image uploads for `POST /predictions/{model}`: decode, preprocess with the model's spec, top-k.
 
 The spec's `Preprocess` is replayed with PIL and numpy (no torchvision at serving time) by
-`models.preprocess_image`: convert to the mode, resize, center-crop, scale, normalize.
+`models.preprocess_image`: convert to the mode, resize, center-crop, scale, normalize. All of it
+is blocking work: the app runs `prepare_upload` in a worker thread, never on the event loop.
 """
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import io
+import re
 from typing import Any
 
 import numpy as np
@@ -16,29 +16,63 @@ from PIL import Image, UnidentifiedImageError
 from bnfold.errors import BnfoldError
 from bnfold.models.preprocess import preprocess_image
 from bnfold.models.spec import ModelSpec
-from bnfold.serve.runtime import ServeError
+from bnfold.serve.errors import ServeError, limit_error
 
 # Decompression bombs: a 2 KB PNG can claim 100k x 100k pixels.
 _MAX_PIXELS = 40_000_000
+# Form fields that hold the image when no part carries a filename (`curl -F data=<digit.png`).
+_IMAGE_FIELDS = ("data", "file", "image")
+_BOUNDARY = re.compile(r'boundary=(?:"([^"]{1,200})"|([^;\s]{1,200}))', re.IGNORECASE)
+_PARAM = re.compile(rb'(?i)\b(name|filename)\*?=(?:"([^"]*)"|([^;\s]*))')
 
 
-def extract_upload(body: bytes, content_type: str | None) -> bytes:
-    """The image bytes: the raw body, or the first file part of a multipart/form-data body."""
+def extract_upload(body: bytes, content_type: str | None, max_parts: int = 16) -> bytes:
+    """The image bytes: the raw body, or the file part of a multipart/form-data body.
+
+    The file part is the first part with a filename (`curl -F note=hi -F data=@x.png` picks
+    x.png), else the first non-empty part named data, file or image. The body is split with
+    `bytes.find`, part by part, and refused once it holds more than `max_parts` parts.
+    """
     if not body:
         raise ServeError("empty request body: expected an image file (PNG or JPEG), raw or as multipart/form-data")
     if content_type and content_type.lower().startswith("multipart/"):
-        parser = email.parser.BytesParser(policy=email.policy.HTTP)
-        message = parser.parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
-        if not message.is_multipart():
-            raise ServeError(f"malformed multipart body for content type {content_type!r}")
-        parts = [p for p in message.iter_parts() if p.get_content_disposition() in ("form-data", "attachment", None)]
-        for part in parts:
-            payload = part.get_payload(decode=True)
-            if payload:
-                return payload
-        raise ServeError("the multipart body holds no file part with content; send the image as a form field "
-                         "(curl -F data=@digit.png)")
+        return _file_part(body, content_type, max_parts)
     return body
+
+
+def _file_part(body: bytes, content_type: str, max_parts: int) -> bytes:
+    match = _BOUNDARY.search(content_type)
+    if match is None:
+        raise ServeError(f"multipart content type without a boundary: {content_type[:100]!r}")
+    delimiter = b"--" + (match.group(1) or match.group(2)).encode("latin-1")
+    start = body.find(delimiter)
+    if start < 0:
+        raise ServeError("malformed multipart body: the boundary of its content type never appears")
+    named: bytes | None = None
+    parts = 0
+    pos = start + len(delimiter)
+    while not body.startswith(b"--", pos):   # "--" after a delimiter closes the body
+        end = body.find(b"\r\n" + delimiter, pos)
+        if end < 0:
+            raise ServeError("malformed multipart body: a part is not closed by the boundary")
+        parts += 1
+        if parts > max_parts:
+            raise limit_error("multipart body", f"{max_parts} parts", "--max-multipart-parts")
+        head_end = body.find(b"\r\n\r\n", pos, end)
+        if head_end < 0:
+            raise ServeError("malformed multipart body: a part has no blank line after its headers")
+        params = {key.lower(): (quoted if quoted is not None else bare)
+                  for key, quoted, bare in _PARAM.findall(body[pos:head_end])}
+        content = body[head_end + 4:end]
+        if b"filename" in params and content:
+            return content
+        if named is None and content and params.get(b"name", b"").decode("latin-1") in _IMAGE_FIELDS:
+            named = content
+        pos = end + 2 + len(delimiter)
+    if named is not None:
+        return named
+    raise ServeError("the multipart body holds no file part with content; send the image as a file "
+                     "(curl -F data=@digit.png)")
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -51,10 +85,12 @@ def decode_image(data: bytes) -> Image.Image:
         image.load()
     except ServeError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        head = data[:8]
+    except UnidentifiedImageError:   # its message holds the BytesIO's repr: say it in our words
         raise ServeError(f"cannot decode the body as an image (expected PNG or JPEG; {len(data)} bytes "
-                         f"starting {head!r}): {exc}")
+                         f"starting {data[:8]!r}): not an image format Pillow reads")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ServeError(f"cannot decode the body as an image (expected PNG or JPEG; {len(data)} bytes "
+                         f"starting {data[:8]!r}): {exc}")
     return image
 
 
@@ -66,8 +102,9 @@ def preprocess(image: Image.Image, spec: ModelSpec) -> np.ndarray:
     """
     try:
         array = preprocess_image(image, spec.preprocess)
-    except BnfoldError as exc:
-        raise ServeError(f"cannot preprocess a {image.width}x{image.height} image with the model's spec: {exc}")
+    except (BnfoldError, ValueError, OSError) as exc:   # PIL: "conversion from LAB to RGB not supported"
+        raise ServeError(f"cannot preprocess a {image.width}x{image.height} {image.mode} image with the "
+                         f"model's spec: {exc}")
     expected = list(spec.input_shape)
     if list(array.shape) != expected:
         raise ServeError(f"a {image.width}x{image.height} image preprocesses to {list(array.shape)} with this "
@@ -75,9 +112,23 @@ def preprocess(image: Image.Image, spec: ModelSpec) -> np.ndarray:
     return array[None]
 
 
+def prepare_upload(body: bytes, content_type: str | None, spec: ModelSpec, dtype: np.dtype,
+                   max_parts: int = 16) -> np.ndarray:
+    """Upload body to model input: the file part, decoded, preprocessed, cast (blocking work)."""
+    data = extract_upload(body, content_type, max_parts)
+    return preprocess(decode_image(data), spec).astype(dtype, copy=False)
+
+
 def top_k(logits: np.ndarray, labels: list[str], k: int) -> list[dict[str, Any]]:
-    """The k most probable classes of one row of logits, softmaxed in float64."""
+    """The k most probable classes of one row of logits, softmaxed in float64.
+
+    Logits that are not finite give no probabilities: they are refused (422) rather than
+    answered as NaN, which is not JSON.
+    """
     row = np.asarray(logits, dtype=np.float64).reshape(-1)
+    if not np.isfinite(row).all():
+        raise ServeError("the model's output holds NaN or infinite values for this image; no probabilities "
+                         "can be given", status=422)
     probs = np.exp(row - row.max())
     probs /= probs.sum()
     order = np.argsort(-probs, kind="stable")[:k]

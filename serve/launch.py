@@ -1,4 +1,8 @@
-"""Starting the service: in this process under uvicorn (`serve`), or as a subprocess (`running_server`)."""
+"""Starting the service: in this process under uvicorn (`serve`), or as a subprocess (`running_server`).
+
+The subprocess is `python -m bnfold.serve` (this package's own entry, the same options as
+`bnfold serve`), so serving never reaches up to the CLI.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +18,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from bnfold.serve.runtime import ServeError
+from bnfold.serve.config import ServeConfig
+from bnfold.serve.errors import ServeError
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -37,34 +42,33 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(model: str | os.PathLike, *, name: str | None = None, device: str = "cpu",
-          host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
-          max_body_mb: float = 16.0, cuda_graph: bool = False, log_level: str = "info",
-          access_log: bool = True) -> int:
+def serve(config: ServeConfig) -> int:
     """Load the model(s), then serve until SIGTERM/SIGINT; in-flight requests finish first.
 
     Loading (and the CUDA check) happens before the port is bound, so failures surface as a
-    `ServeError` for the CLI to print; uvicorn runs with uvloop and httptools, its own access
-    log off (the app writes JSON lines instead).
+    `ServeError` for the CLI to print; uvicorn runs with uvloop and httptools under the
+    connection limits of `config` (see serve.connection), its own access log off (the app
+    writes JSON lines instead).
     """
     import uvicorn
 
     from bnfold.serve.app import create_app
+    from bnfold.serve.connection import ConnectionLimits, protocol_class
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    app = create_app(model, device=device, threads=threads, cuda_graph=cuda_graph, name=name,
-                     max_body_mb=max_body_mb, access_log=access_log and log_level in ("debug", "info"))
-    sock = _bind(host, port)
-    from bnfold.serve.one_write import OneWriteHttpToolsProtocol
-
-    # httptools, with head and body of each response in one write (see serve.one_write).
-    http = OneWriteHttpToolsProtocol if OneWriteHttpToolsProtocol is not None else "httptools"
-    config = uvicorn.Config(app, loop="uvloop", http=http, lifespan="on", access_log=False,
-                            log_level=log_level, server_header=False, timeout_graceful_shutdown=30,
-                            limit_max_requests=None)
-    server = uvicorn.Server(config)
-    print(f"bnfold serve: {', '.join(app.models)} on http://{host}:{sock.getsockname()[1]} ({device})",
+    app = create_app(config)
+    sock = _bind(config.host, config.port)
+    limits = ConnectionLimits(max_header_bytes=config.max_header_bytes, max_headers=config.max_headers,
+                              request_timeout=config.request_timeout, max_connections=config.max_connections)
+    # httptools, with the limits and with head and body of each response in one write.
+    http = protocol_class(limits) or "httptools"
+    uv_config = uvicorn.Config(app, loop="uvloop", http=http, lifespan="on", access_log=False,
+                               log_level=config.log_level, server_header=False, timeout_graceful_shutdown=30,
+                               timeout_keep_alive=config.keep_alive,   # type: ignore[arg-type]
+                               h11_max_incomplete_event_size=config.max_header_bytes, limit_max_requests=None)
+    server = uvicorn.Server(uv_config)
+    print(f"bnfold serve: {', '.join(app.models)} on http://{config.host}:{sock.getsockname()[1]} ({config.device})",
           file=sys.stderr, flush=True)
     # uvicorn re-raises the signal it shut down for once its own handlers are gone; with these in
     # place a graceful SIGTERM/SIGINT ends in exit status 0 instead of death by the default handler.
@@ -96,7 +100,7 @@ def running_server(model_path: str | os.PathLike, *, device: str = "cpu", thread
                    log_path: str | os.PathLike | None = None, startup_timeout: float = 120.0,
                    env: dict[str, str] | None = None,
                    on_ready: Callable[[subprocess.Popen], None] | None = None) -> Iterator[str]:
-    """`bnfold serve` as a subprocess on 127.0.0.1; yields its base URL once it reports ready.
+    """`python -m bnfold.serve` (= `bnfold serve`) as a subprocess on 127.0.0.1; yields its URL once ready.
 
     Its output goes to `log_path` (default: a temporary file) rather than a pipe nobody reads,
     which would stall the server once full. On exit it is sent SIGTERM and waited for. A server
@@ -104,7 +108,7 @@ def running_server(model_path: str | os.PathLike, *, device: str = "cpu", thread
     handed the process once it is ready (a benchmark reads its CPU time).
     """
     port = free_port() if port is None else port
-    command = [sys.executable, "-m", "bnfold.cli", "serve", str(model_path), "--device", device,
+    command = [sys.executable, "-m", "bnfold.serve", str(model_path), "--device", device,
                "--host", "127.0.0.1", "--port", str(port)]
     if threads is not None:
         command += ["--threads", str(threads)]

@@ -1,91 +1,101 @@
-"""The service's OpenAPI document and a self-contained `/docs` page (no CDN: machines may be offline)."""
+"""The service's OpenAPI document, generated from the route table, and a self-contained `/docs` page.
+
+Each `Route` gives its path, methods and summary; the longer parts of an operation (request
+bodies, extra parameters, responses) are the `*_DOC` values below, which the table refers to.
+Path parameters are filled in from the pattern: `{model}` is an enum of the served names.
+No CDN in the page: machines that serve models may be offline.
+"""
 from __future__ import annotations
 
 import html
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bnfold.serve.runtime import V2_TO_NUMPY, ModelRuntime
+from bnfold.serve.routes import Route
+from bnfold.serve.runtime import V2_TO_NUMPY, Runtime
+from bnfold.versions import __version__
 
 _ERROR = {"description": "the caller's mistake, explained",
           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
-def _example_infer(m: ModelRuntime) -> dict[str, Any]:
+def ok(description: str, schema: dict | None = None, media: str = "application/json") -> dict[str, Any]:
+    body: dict[str, Any] = {"description": description}
+    if schema is not None:
+        body["content"] = {media: {"schema": schema}}
+    return body
+
+
+def _example_infer(m: Runtime) -> dict[str, Any]:
     shape = [1 if d == -1 else d for d in m.inputs[0].shape]
-    return {"inputs": [{"name": m.input_name, "datatype": m.inputs[0].datatype, "shape": shape,
+    return {"inputs": [{"name": m.inputs[0].name, "datatype": m.inputs[0].datatype, "shape": shape,
                         "data": ["..."]}],
             "outputs": [{"name": o.name, "parameters": {"binary_data": False}} for o in m.outputs]}
 
 
-def openapi_document(models: Mapping[str, ModelRuntime]) -> dict[str, Any]:
-    """An OpenAPI 3.1 description of every endpoint, with the served models as examples."""
-    first = next(iter(models.values()))
-    names = sorted(models)
-    model_param = {"name": "model", "in": "path", "required": True,
-                   "schema": {"type": "string", "enum": names}}
-    version_param = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
-
-    def ok(description: str, schema: dict | None = None, media: str = "application/json") -> dict:
-        body: dict[str, Any] = {"description": description}
-        if schema is not None:
-            body["content"] = {media: {"schema": schema}}
-        return body
-
-    infer_op = {
-        "summary": "Run the model on tensors (JSON, or JSON header + binary tensor data)",
+def infer_doc(models: Mapping[str, Runtime]) -> dict[str, Any]:
+    return {
         "description": "Open Inference Protocol v2. With the binary tensor extension, the body is the "
                        "JSON header followed by raw little-endian tensor bytes; the header's length is in "
                        "the `Inference-Header-Content-Length` HTTP header and each binary input carries "
                        "`parameters.binary_data_size`. Ask for binary outputs with "
-                       "`parameters.binary_data_output` or per output `parameters.binary_data`. "
-                       "Any content type is accepted.",
-        "parameters": [model_param, {"name": "Inference-Header-Content-Length", "in": "header",
-                                     "required": False, "schema": {"type": "integer"}}],
+                       "`parameters.binary_data_output` or per output `parameters.binary_data`, and for "
+                       "the top k classes of an output with `parameters.classification: k` (BYTES "
+                       "\"value:index:label\" strings, as Triton answers). In JSON outputs NaN and "
+                       "infinities are the strings \"NaN\", \"Infinity\", \"-Infinity\". The batch is "
+                       "at most the model's max_batch_size (see /config). Any content type is accepted; "
+                       "`Content-Encoding: gzip` or `deflate` bodies are inflated up to the body limit.",
+        "parameters": [{"name": "Inference-Header-Content-Length", "in": "header", "required": False,
+                        "schema": {"type": "integer"}}],
         "requestBody": {"required": True, "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"},
-                                 "example": _example_infer(first)},
+                                 "example": _example_infer(next(iter(models.values())))},
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
         "responses": {"200": ok("outputs", {"$ref": "#/components/schemas/InferResponse"}),
-                      "400": _ERROR, "404": _ERROR, "413": _ERROR},
+                      "400": _ERROR, "404": _ERROR, "413": _ERROR, "415": _ERROR},
     }
-    with_version = dict(infer_op, parameters=infer_op["parameters"] + [version_param])
-    paths: dict[str, Any] = {
-        "/v2/health/live": {"get": {"summary": "The process answers", "responses": {"200": ok("live")}}},
-        "/v2/health/ready": {"get": {"summary": "Every model is loaded and warmed up",
-                                     "responses": {"200": ok("ready"), "503": _ERROR}}},
-        "/v2": {"get": {"summary": "Server metadata", "responses": {"200": ok("name, version, extensions")}}},
-        "/v2/models/{model}": {"get": {"summary": "Model metadata: inputs and outputs with datatype and "
-                                                  "shape (-1 is a dynamic dimension)",
-                                       "parameters": [model_param],
-                                       "responses": {"200": ok("metadata"), "404": _ERROR}}},
-        "/v2/models/{model}/ready": {"get": {"summary": "Model readiness", "parameters": [model_param],
-                                             "responses": {"200": ok("ready"), "404": _ERROR}}},
-        "/v2/models/{model}/config": {"get": {"summary": "Triton-style model configuration",
-                                              "parameters": [model_param], "responses": {"200": ok("config")}}},
-        "/v2/models/{model}/infer": {"post": infer_op},
-        "/v2/models/{model}/versions/{version}/infer": {"post": with_version},
-        "/predictions/{model}": {"post": {
-            "summary": "Classify an image file (PNG or JPEG; raw body or multipart/form-data)",
-            "description": "The image is preprocessed with the spec stored in the model's metadata "
-                           "(mode, resize, crop, mean/std). Example: "
-                           "`curl -T digit.png http://127.0.0.1:8000/predictions/lenet`.",
-            "parameters": [model_param, {"name": "top_k", "in": "query", "required": False,
-                                         "schema": {"type": "integer", "default": 5, "minimum": 1}}],
-            "requestBody": {"required": True, "content": {
-                "image/png": {"schema": {"type": "string", "format": "binary"}},
-                "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-                "multipart/form-data": {"schema": {"type": "object",
-                                                   "properties": {"data": {"type": "string", "format": "binary"}}}}}},
-            "responses": {"200": ok("top-k labels", {"$ref": "#/components/schemas/Predictions"}),
-                          "400": _ERROR, "404": _ERROR, "413": _ERROR}}},
-        "/metrics": {"get": {"summary": "Prometheus metrics: requests, errors and latency per model",
-                             "responses": {"200": ok("text exposition", {"type": "string"}, "text/plain")}}},
-        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": ok("OpenAPI 3.1")}}},
-        "/docs": {"get": {"summary": "This API as a readable page", "responses": {"200": ok("HTML")}}},
-    }
-    paths["/predictions/{model}"]["put"] = paths["/predictions/{model}"]["post"]   # what `curl -T` sends
+
+
+PREDICTIONS_DOC: dict[str, Any] = {
+    "description": "The image is preprocessed with the spec stored in the model's metadata "
+                   "(mode, resize, crop, mean/std). Example: "
+                   "`curl -T digit.png http://127.0.0.1:8000/predictions/lenet`. In a multipart body "
+                   "the first part with a filename is the image.",
+    "parameters": [{"name": "top_k", "in": "query", "required": False,
+                    "schema": {"type": "integer", "default": 5, "minimum": 1}}],
+    "requestBody": {"required": True, "content": {
+        "image/png": {"schema": {"type": "string", "format": "binary"}},
+        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {"schema": {"type": "object",
+                                           "properties": {"data": {"type": "string", "format": "binary"}}}}}},
+    "responses": {"200": ok("top-k labels", {"$ref": "#/components/schemas/Predictions"}),
+                  "400": _ERROR, "404": _ERROR, "413": _ERROR, "422": _ERROR},
+}
+
+
+def _path_parameter(name: str, models: Sequence[str]) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    if name == "model":
+        schema["enum"] = list(models)
+    return {"name": name, "in": "path", "required": True, "schema": schema}
+
+
+def openapi_document(routes: Sequence[Route], models: Mapping[str, Runtime]) -> dict[str, Any]:
+    """An OpenAPI 3.1 description of every route in `routes`, with the served models as examples."""
+    names = sorted(models)
+    paths: dict[str, Any] = {}
+    for route in routes:
+        doc = dict(route.doc(models) if callable(route.doc) else route.doc)
+        parameters = [_path_parameter(p, names) for p in route.params] + doc.pop("parameters", [])
+        operation: dict[str, Any] = {"summary": route.summary, **doc}
+        if parameters:
+            operation["parameters"] = parameters
+        responses = operation.setdefault("responses", {"200": ok("OK")})
+        if route.params and "404" not in responses:
+            operation["responses"] = {**responses, "404": _ERROR}
+        for method in route.allowed:
+            paths.setdefault(route.path, {})[method.lower()] = operation
     tensor = {"type": "object", "required": ["name", "shape", "datatype"],
               "properties": {"name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
                              "datatype": {"type": "string", "enum": sorted(V2_TO_NUMPY)},  # what requests decode to
@@ -108,7 +118,7 @@ def openapi_document(models: Mapping[str, ModelRuntime]) -> dict[str, Any]:
                 "label": {"type": "string"}, "index": {"type": "integer"}, "probability": {"type": "number"}}}}}},
     }
     return {"openapi": "3.1.0",
-            "info": {"title": "bnfold inference service", "version": "0.1.0",
+            "info": {"title": "bnfold inference service", "version": __version__,
                      "description": "Open Inference Protocol v2 (KServe v2 / Triton HTTP) for ONNX models "
                                     f"with BatchNorm folded in. Models: {', '.join(names)}."},
             "paths": paths, "components": {"schemas": schemas},
@@ -123,6 +133,8 @@ def docs_html(document: dict[str, Any]) -> str:
     rows = []
     for path, ops in document["paths"].items():
         for method, op in ops.items():
+            if method == "head":   # the same operation as GET, listed once
+                continue
             params = ", ".join(f"<code>{esc(p['name'])}</code> ({esc(p['in'])})" for p in op.get("parameters", []))
             codes = ", ".join(sorted(op.get("responses", {})))
             desc = esc(op.get("description", ""))

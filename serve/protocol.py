@@ -3,19 +3,35 @@
 A request body is a JSON header, optionally followed by raw tensor bytes; the header's length is
 the `Inference-Header-Content-Length` HTTP header, and each binary input says its size in
 `parameters.binary_data_size`. Responses mirror that. Everything here is pure: bytes in, arrays
-out (and back), with a `ServeError` naming what was expected for every malformed request.
+out (and back), with a `ServeError` naming what was expected for every malformed request. It
+reads a model only through the `Runtime` protocol (names, tensors, spec, batch limit).
+
+Two rules a client can rely on: a float output that is NaN or infinite is written in JSON as the
+string "NaN", "Infinity" or "-Infinity" (protobuf's JSON mapping; numpy and tritonclient read them
+back), never as a bare token that is not JSON; and the classification extension answers an output
+requested with `parameters.classification: k` as the top k "value:index[:label]" strings (BYTES),
+as Triton does.
 """
 from __future__ import annotations
 
 import json
 import math
+import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from bnfold.serve.runtime import (ModelRuntime, ServeError, TensorMeta, check_datatype, check_input_name,
-                           check_shape)
+from bnfold.serve.errors import ServeError
+from bnfold.serve.runtime import KNOWN_DATATYPES, V2_TO_NUMPY, Runtime, TensorMeta
+
+
+class OutputRequest(NamedTuple):
+    """One output to return: as binary or JSON, and as its top `classes` labels when that is > 0."""
+
+    meta: TensorMeta
+    binary: bool
+    classes: int = 0
 
 
 @dataclass
@@ -23,8 +39,61 @@ class InferRequest:
     """A decoded inference request for a one-input model."""
 
     array: np.ndarray
-    outputs: list[tuple[TensorMeta, bool]]   # which outputs to return, and whether as binary
+    outputs: list[OutputRequest]   # which outputs to return, and how
     id: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks: each names what was expected and what came (Triton's wording).
+
+
+def check_datatype(model: Runtime, name: str, datatype: Any) -> np.dtype:
+    expected = model.inputs[0].datatype
+    if datatype != expected:
+        if not isinstance(datatype, str) or datatype not in KNOWN_DATATYPES:
+            raise ServeError(f"invalid datatype {_short(datatype)} for input {name!r} for model "
+                             f"{model.name!r}. Expected {expected}")
+        raise ServeError(f"unexpected datatype {datatype} for input {name!r} for model {model.name!r}. "
+                         f"Expected {expected}")
+    return V2_TO_NUMPY[expected]
+
+
+def check_shape(model: Runtime, name: str, shape: Any) -> tuple[int, ...]:
+    """The shape as a tuple once it fits the model's input and its batch limit."""
+    expected = model.inputs[0].shape
+    if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)):
+        raise ServeError(f"invalid shape {_short(shape)} for input {name!r} for model {model.name!r}: "
+                         f"expected a list of non-negative integers like {_shape_str(expected)}")
+    if len(shape) != len(expected) or any(e != -1 and e != d for e, d in zip(expected, shape)):
+        raise ServeError(f"unexpected shape for input {name!r} for model {model.name!r}. "
+                         f"Expected {_shape_str(expected)}, got {_shape_str(shape)}")
+    limit = model.max_batch_size
+    if limit and shape[0] > limit:
+        raise ServeError(f"batch size {shape[0]} of input {name!r} for model {model.name!r} is over the limit "
+                         f"of max_batch_size {limit} (raise it with `bnfold serve --max-batch-size`, or "
+                         f"max_batch_size in the model's config.pbtxt)")
+    return tuple(shape)
+
+
+def check_input_name(model: Runtime, name: Any) -> str:
+    expected = model.inputs[0].name
+    if name != expected:
+        raise ServeError(f"unexpected inference input {_short(name)} for model {model.name!r}. "
+                         f"Expected {expected!r}")
+    return name
+
+
+def _shape_str(shape: list[int]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A client's value quoted as JSON, cut short: error messages echo at most `limit` characters."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = type(value).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def parse_header_length(value: bytes | None, body_size: int) -> int | None:
@@ -48,6 +117,9 @@ def _load_json(raw: bytes | memoryview) -> dict[str, Any]:
         header = json.loads(bytes(raw))
     except (ValueError, UnicodeDecodeError) as exc:
         raise ServeError(f"malformed JSON in the inference request: {exc}")
+    except RecursionError:
+        raise ServeError("the inference request's JSON is nested too deeply (an input's data is at most "
+                         "a list per dimension)")
     if not isinstance(header, dict):
         raise ServeError(f"the inference request must be a JSON object, got {type(header).__name__}")
     return header
@@ -56,25 +128,28 @@ def _load_json(raw: bytes | memoryview) -> dict[str, Any]:
 def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
     params = obj.get("parameters") or {}
     if not isinstance(params, dict):
-        raise ServeError(f"'parameters' of {where} must be an object, got {json.dumps(params)[:60]}")
+        raise ServeError(f"'parameters' of {where} must be an object, got {_short(params)}")
     return params
 
 
-def _tensor_from_json(model: ModelRuntime, name: str, dtype: np.dtype, shape: tuple[int, ...],
+def _tensor_from_json(model: Runtime, name: str, dtype: np.dtype, shape: tuple[int, ...],
                       data: Any) -> np.ndarray:
     count = math.prod(shape)
     try:
         array = np.asarray(data, dtype=dtype).reshape(-1)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         raise ServeError(f"'data' of input {name!r} for model {model.name!r} must be a (nested) list of "
                          f"numbers for datatype {model.inputs[0].datatype}")
+    except OverflowError:
+        raise ServeError(f"'data' of input {name!r} for model {model.name!r} holds a number too large for "
+                         f"datatype {model.inputs[0].datatype}")
     if array.size != count:
         raise ServeError(f"unexpected number of elements for input {name!r} for model {model.name!r}. "
                          f"Shape {list(shape)} needs {count}, got {array.size}")
     return array.reshape(shape)
 
 
-def parse_infer(model: ModelRuntime, body: bytes, header_length: int | None) -> InferRequest:
+def parse_infer(model: Runtime, body: bytes, header_length: int | None) -> InferRequest:
     """Decode a v2 infer request for `model`; raises ServeError (400) naming the problem."""
     view = memoryview(body)
     header = _load_json(view[:header_length] if header_length is not None else view)
@@ -82,9 +157,9 @@ def parse_infer(model: ModelRuntime, body: bytes, header_length: int | None) -> 
 
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        got = len(inputs) if isinstance(inputs, list) else json.dumps(inputs)[:60]
+        got = len(inputs) if isinstance(inputs, list) else _short(inputs)
         raise ServeError(f"model {model.name!r} expects 'inputs' to be a list of 1 tensor "
-                         f"({model.input_name!r}), got {got}")
+                         f"({model.inputs[0].name!r}), got {got}")
     tensor = inputs[0]
     name = check_input_name(model, tensor.get("name"))
     dtype = check_datatype(model, name, tensor.get("datatype"))
@@ -93,7 +168,7 @@ def parse_infer(model: ModelRuntime, body: bytes, header_length: int | None) -> 
     if size is not None:
         needed = math.prod(shape) * dtype.itemsize
         if type(size) is not int or size < 0:
-            raise ServeError(f"binary_data_size of input {name!r} must be a non-negative integer, got {size!r}")
+            raise ServeError(f"binary_data_size of input {name!r} must be a non-negative integer, got {_short(size)}")
         if size != needed:
             raise ServeError(f"unexpected binary_data_size for input {name!r} for model {model.name!r}. "
                              f"Shape {list(shape)} of {model.inputs[0].datatype} needs {needed} bytes, "
@@ -115,26 +190,72 @@ def parse_infer(model: ModelRuntime, body: bytes, header_length: int | None) -> 
         array = _tensor_from_json(model, name, dtype, shape, tensor["data"])
 
     request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, (str, int, float)):
+        raise ServeError(f"'id' must be a string, got {_short(request_id)}")
     binary_default = bool(_parameters(header, "the request").get("binary_data_output", False))
     return InferRequest(array=array, outputs=_requested_outputs(model, header.get("outputs"), binary_default),
                         id=None if request_id is None else str(request_id))
 
 
-def _requested_outputs(model: ModelRuntime, requested: Any, binary_default: bool) -> list[tuple[TensorMeta, bool]]:
+def _requested_outputs(model: Runtime, requested: Any, binary_default: bool) -> list[OutputRequest]:
     if requested is None:
-        return [(meta, binary_default) for meta in model.outputs]
+        return [OutputRequest(meta, binary_default) for meta in model.outputs]
     if not isinstance(requested, list):
-        raise ServeError(f"'outputs' must be a list of {{\"name\": ...}} objects, got {json.dumps(requested)[:60]}")
+        raise ServeError(f"'outputs' must be a list of {{\"name\": ...}} objects, got {_short(requested)}")
     by_name = {meta.name: meta for meta in model.outputs}
     chosen = []
     for item in requested:
         name = item.get("name") if isinstance(item, dict) else None
-        if name not in by_name:
-            raise ServeError(f"unexpected inference output {json.dumps(name)} for model {model.name!r}. "
+        if not isinstance(name, str) or name not in by_name:   # a list or object is not a name either
+            raise ServeError(f"unexpected inference output {_short(name)} for model {model.name!r}. "
                              f"Expected one of {sorted(by_name)}")
-        binary = _parameters(item, f"output {name!r}").get("binary_data", binary_default)
-        chosen.append((by_name[name], bool(binary)))
+        params = _parameters(item, f"output {name!r}")
+        classes = params.get("classification", 0)
+        if type(classes) is not int or classes < 0:
+            raise ServeError(f"parameters.classification of output {name!r} must be a positive integer "
+                             f"(how many top classes to return), got {_short(classes)}")
+        meta = by_name[name]
+        if classes and (len(meta.shape) != 2 or meta.datatype not in _SCORES):
+            raise ServeError(f"output {name!r} of model {model.name!r} has shape {_shape_str(meta.shape)} and "
+                             f"datatype {meta.datatype}; classification needs [batch, classes] scores")
+        chosen.append(OutputRequest(meta, bool(params.get("binary_data", binary_default)), classes))
     return chosen
+
+
+_SCORES = {"FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
+
+
+def classify(scores: np.ndarray, k: int, labels: list[str] | None) -> np.ndarray:
+    """Triton's classification extension: per row, the top k as "value:index[:label]" (bytes objects)."""
+    rows = scores.reshape(scores.shape[0], -1)
+    k = min(k, rows.shape[1])
+    order = np.argsort(-rows.astype(np.float64), axis=1, kind="stable")[:, :k]
+    out = np.empty((rows.shape[0], k), dtype=object)
+    for r, row in enumerate(order):
+        for c, index in enumerate(row):
+            text = f"{float(rows[r, index]):f}:{int(index)}"
+            if labels and index < len(labels):
+                text += f":{labels[index]}"
+            out[r, c] = text.encode()
+    return out
+
+
+def _bytes_tensor(array: np.ndarray) -> bytes:
+    """The binary tensor extension's BYTES layout: each element as a 4-byte little-endian length, then bytes."""
+    return b"".join(struct.pack("<I", len(item)) + item for item in array.ravel())
+
+
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def json_values(array: np.ndarray) -> list[Any]:
+    """The array's elements for a JSON body; NaN and infinities as strings (see the module's rule)."""
+    values = array.ravel().tolist()
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        values = [v if math.isfinite(v) else _NON_FINITE[repr(v)] for v in values]
+    elif array.dtype == object:
+        values = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in values]
+    return values
 
 
 class RequestParser:
@@ -143,12 +264,22 @@ class RequestParser:
     A client sending binary tensors repeats the same JSON header byte for byte (same shape,
     same outputs, no id), so after the first request the header is a dictionary lookup and
     the tensor a `numpy.frombuffer` view: no JSON decoding and no re-validation.
+
+    The plans are keyed on the header's bytes, not on a canonical form of the parsed JSON:
+    a canonical key needs `json.loads` on every request, the very cost the plan saves. What a
+    client can make the cache hold is bounded instead: a header over `max_key_bytes` (a real
+    one is ~200 bytes; padding makes them long) is never kept, and past `capacity` entries or
+    `max_bytes` of keys the oldest plans are dropped.
     """
 
-    def __init__(self, model: ModelRuntime, capacity: int = 256) -> None:
+    def __init__(self, model: Runtime, capacity: int = 256, max_key_bytes: int = 4096,
+                 max_bytes: int = 256 * 1024) -> None:
         self.model = model
         self.capacity = capacity
-        self._plans: dict[bytes, tuple[tuple[int, ...], np.dtype, int, list[tuple[TensorMeta, bool]]]] = {}
+        self.max_key_bytes = max_key_bytes
+        self.max_bytes = max_bytes
+        self._key_bytes = 0
+        self._plans: dict[bytes, tuple[tuple[int, ...], np.dtype, int, list[OutputRequest]]] = {}
 
     def parse(self, body: bytes, header_length: int | None) -> InferRequest:
         if header_length is None:
@@ -159,10 +290,26 @@ class RequestParser:
             shape, dtype, _, outputs = plan
             return InferRequest(np.frombuffer(body, dtype, offset=header_length).reshape(shape), outputs)
         request = parse_infer(self.model, body, header_length)   # validates; raises on any mistake
-        if request.id is None and len(self._plans) < self.capacity and len(body) > header_length:
-            self._plans[header] = (request.array.shape, request.array.dtype, len(body) - header_length,
-                                   request.outputs)
+        if request.id is None and len(body) > header_length and header_length <= self.max_key_bytes:
+            self._remember(header, (request.array.shape, request.array.dtype, len(body) - header_length,
+                                    request.outputs))
         return request
+
+    def _remember(self, header: bytes, plan: tuple) -> None:
+        if header in self._plans:
+            return
+        while self._plans and (len(self._plans) >= self.capacity
+                               or self._key_bytes + len(header) > self.max_bytes):
+            oldest = next(iter(self._plans))   # dicts keep insertion order: first in, first out
+            del self._plans[oldest]
+            self._key_bytes -= len(oldest)
+        self._plans[header] = plan
+        self._key_bytes += len(header)
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of header keys held (bounded by `max_bytes`)."""
+        return self._key_bytes
 
 
 class ResponseEncoder:
@@ -172,32 +319,37 @@ class ResponseEncoder:
     answer is a dictionary lookup plus the output bytes.
     """
 
-    def __init__(self, model: ModelRuntime) -> None:
+    def __init__(self, model: Runtime) -> None:
         self.model = model
         self._prefix = {"model_name": model.name, "model_version": model.version}
         self._cache: dict[tuple, bytes] = {}
+        self._names = [o.name for o in model.outputs]
+        self._labels = model.spec.labels if model.spec is not None else None
 
     def encode(self, request: InferRequest, results: list[np.ndarray]) -> tuple[bytes, int | None]:
         """(body, header length or None when the body is JSON only)."""
-        by_name = dict(zip(self.model._output_names, results))
-        chosen = [(meta, binary, by_name[meta.name]) for meta, binary in request.outputs]
-        any_binary = any(binary for _, binary, _ in chosen)
+        by_name = dict(zip(self._names, results))
+        chosen = [(out.meta, out.binary, by_name[out.meta.name], out.classes) for out in request.outputs]
+        any_binary = any(binary for _, binary, _, _ in chosen)
         key = None
-        if request.id is None and all(binary for _, binary, _ in chosen):
-            key = tuple((meta.name, array.shape) for meta, _, array in chosen)
+        if request.id is None and all(binary and not classes for _, binary, _, classes in chosen):
+            key = tuple((meta.name, array.shape) for meta, _, array, _ in chosen)
             header = self._cache.get(key)
             if header is not None:
-                return header + b"".join(array.tobytes() for _, _, array in chosen), len(header)
+                return header + b"".join(array.tobytes() for _, _, array, _ in chosen), len(header)
         outputs = []
         blobs = []
-        for meta, binary, array in chosen:
-            entry: dict[str, Any] = {"name": meta.name, "datatype": meta.datatype, "shape": list(array.shape)}
+        for meta, binary, array, classes in chosen:
+            datatype = meta.datatype
+            if classes:
+                array, datatype = classify(array, classes, self._labels), "BYTES"
+            entry: dict[str, Any] = {"name": meta.name, "datatype": datatype, "shape": list(array.shape)}
             if binary:
-                data = array.tobytes()   # C order whatever the array's layout
+                data = _bytes_tensor(array) if classes else array.tobytes()   # C order whatever the layout
                 entry["parameters"] = {"binary_data_size": len(data)}
                 blobs.append(data)
             else:
-                entry["data"] = array.ravel().tolist()
+                entry["data"] = json_values(array)
             outputs.append(entry)
         body: dict[str, Any] = dict(self._prefix)
         if request.id is not None:

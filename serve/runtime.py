@@ -2,30 +2,30 @@
 
 `open_session(path, device)` returns a `ModelRuntime`: the session, what its one input and its
 outputs look like in Open Inference Protocol terms (datatype names, shapes with -1 for dynamic
-dimensions), the bnfold spec read back from the file's metadata, and a `run(x)` that is as short
-as onnxruntime allows. The validation helpers here raise `ServeError`, which carries the HTTP
-status the service answers with.
+dimensions), the bnfold spec read back from the file's metadata, and a `run_all(x)` that is as
+short as onnxruntime allows. The app depends only on the `Runtime` protocol below, never on
+onnxruntime: another kind of session only has to provide those names.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import onnxruntime as ort
 
-from bnfold.errors import BnfoldError
-from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec
+from bnfold.models.spec import MAX_BATCH_SIZE, SPEC_METADATA_KEY, ModelSpec
+from bnfold.serve.errors import DeviceUnavailableError, ServeError
 
-# A model whose warm-up median is under this runs inside the event loop: a thread hop costs
+# A request whose estimated run time is under this runs inside the event loop: a thread hop costs
 # about 50-100 us on a 2-core box, several times what onnxruntime needs for LeNet (~30 us).
-# Slower models go to a worker thread so that health checks and metrics keep answering.
+# Slower requests go to a worker thread so that health checks and metrics keep answering. The
+# estimate is the batch-1 warm-up time times the batch size (see `ModelRuntime.inline_batch`).
 INLINE_THRESHOLD_MS = 1.0
 
 # Open Inference Protocol datatype names <-> onnxruntime type strings <-> numpy dtypes.
@@ -45,21 +45,6 @@ V2_TO_NUMPY: dict[str, np.dtype] = {
 KNOWN_DATATYPES = frozenset(V2_TO_NUMPY) | {"BYTES", "BF16"}
 
 
-class ServeError(BnfoldError):
-    """A request or start-up problem with the HTTP status the service answers with."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class DeviceUnavailableError(ServeError):
-    """The device asked for (CUDA) is not active in this onnxruntime; nothing falls back silently."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, status=503)
-
-
 @dataclass(frozen=True)
 class TensorMeta:
     """One model input or output as the Open Inference Protocol describes it."""
@@ -70,6 +55,33 @@ class TensorMeta:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+class Runtime(Protocol):
+    """What the HTTP app needs of a loaded model (`ModelRuntime` is the onnxruntime one).
+
+    `max_batch_size` is the largest batch a request may carry (0: the batch axis is fixed, the
+    shape check alone applies); a request of batch at most `inline_batch` runs on the event loop,
+    a larger one in a worker thread.
+    """
+
+    name: str
+    version: str
+    device: str
+    platform: str
+    inputs: list[TensorMeta]
+    outputs: list[TensorMeta]
+    spec: ModelSpec | None
+    max_batch_size: int
+    inline_batch: int
+
+    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
+        """Every output for input `x`, in `outputs` order."""
+        ...
+
+    def details(self) -> dict[str, Any]:
+        """Runtime-specific facts for the metadata document and the start-up log (JSON-able)."""
+        ...
 
 
 def available_cpus() -> int:
@@ -141,10 +153,10 @@ class ModelRuntime:
     version: str = "1"
     threads: int = 1
     cuda_graph: bool = False
+    max_batch_size: int = MAX_BATCH_SIZE   # 0 when the batch axis is fixed
     warmup_ms: float = 0.0
-    inline: bool = True            # run in the event loop (True) or in a worker thread (False)
-    _output_names: list[str] = field(default_factory=list, repr=False)
-    _runner: Any = field(default=None, repr=False)
+    inline_batch: int = 1          # largest batch run in the event loop (0: every request in a thread)
+    _runner: Callable[[np.ndarray], list[np.ndarray]] | None = field(default=None, repr=False)
 
     @property
     def input_name(self) -> str:
@@ -163,8 +175,24 @@ class ModelRuntime:
         return self.session.get_providers()
 
     @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.outputs]
+
+    @property
     def platform(self) -> str:
         return "onnxruntime_onnx"
+
+    @property
+    def inline(self) -> bool:
+        """Whether a batch-1 request runs in the event loop."""
+        return self.inline_batch >= 1
+
+    def details(self) -> dict[str, Any]:
+        return {"providers": self.providers, "threads": self.threads, "warmup_ms": round(self.warmup_ms, 4),
+                "path": str(self.path),
+                # the rest of the ONNX metadata (fold summary, parity, ...), for the page's cards
+                "metadata": {k: v for k, v in self.session.get_modelmeta().custom_metadata_map.items()
+                             if k != SPEC_METADATA_KEY}}
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """The first output for input `x` (numpy in, numpy out, on the host)."""
@@ -181,7 +209,10 @@ class ModelRuntime:
         return np.zeros(shape, dtype=self.input_dtype)
 
 
-def _cpu_runner(session: ort.InferenceSession, input_name: str, output_names: list[str]):
+Runner = Callable[[np.ndarray], list[np.ndarray]]
+
+
+def _cpu_runner(session: ort.InferenceSession, input_name: str, output_names: list[str]) -> Runner:
     run = session.run
 
     def runner(x: np.ndarray) -> list[np.ndarray]:
@@ -189,7 +220,7 @@ def _cpu_runner(session: ort.InferenceSession, input_name: str, output_names: li
     return runner
 
 
-def _cuda_runner(session: ort.InferenceSession, input_name: str, output_names: list[str]):
+def _cuda_runner(session: ort.InferenceSession, input_name: str, output_names: list[str]) -> Runner:
     """IO binding: the input is copied to the GPU once, outputs stay there until fetched."""
 
     def runner(x: np.ndarray) -> list[np.ndarray]:
@@ -203,7 +234,7 @@ def _cuda_runner(session: ort.InferenceSession, input_name: str, output_names: l
 
 
 def _cuda_graph_runner(session: ort.InferenceSession, inputs: list[TensorMeta],
-                       outputs: list[TensorMeta], model: str):
+                       outputs: list[TensorMeta], model: str) -> Runner:
     """Fixed device buffers bound once; every run replays the captured CUDA graph.
 
     onnxruntime captures the graph on the first `run_with_iobinding` and replays it while the
@@ -287,19 +318,13 @@ def _warm_up(runtime: ModelRuntime, rounds: int = 7) -> None:
         runtime.run_all(x)
         times.append((time.perf_counter() - start) * 1e3)
     runtime.warmup_ms = statistics.median(times[2:] if len(times) > 3 else times)
-    runtime.inline = runtime.warmup_ms < INLINE_THRESHOLD_MS
+    # Run time grows about linearly with the batch past the fixed per-call cost, so this
+    # under-estimates how many fit under the threshold: a large batch never lands on the loop.
+    runtime.inline_batch = int(INLINE_THRESHOLD_MS // runtime.warmup_ms) if runtime.warmup_ms > 0 else 1
 
 
-def open_session(path: str | os.PathLike, device: str = "cpu", *, threads: int | None = None,
-                 cuda_graph: bool = False, name: str | None = None, version: str = "1",
-                 warmup: bool = True) -> ModelRuntime:
-    """Load an ONNX file for serving on `device` ("cpu" or "cuda"), warmed up and checked.
-
-    threads: onnxruntime intra-op threads (default `available_cpus()`). For "cuda" the session
-    must really run on CUDAExecutionProvider, otherwise `DeviceUnavailableError` says what is
-    missing; `cuda_graph` captures a CUDA graph for the batch-1 shape.
-    """
-    path = Path(path)
+def _check_options(path: Path, device: str, threads: int | None, cuda_graph: bool) -> int:
+    """Validate the options before anything is loaded; returns the thread count to use."""
     if device not in ("cpu", "cuda"):
         raise ServeError(f"device must be 'cpu' or 'cuda', got {device!r}", status=500)
     if cuda_graph and device != "cuda":
@@ -309,7 +334,11 @@ def open_session(path: str | os.PathLike, device: str = "cpu", *, threads: int |
     threads = available_cpus() if threads is None else threads
     if threads < 1:
         raise ServeError(f"threads must be at least 1, got {threads}", status=500)
+    return threads
 
+
+def _build_session(path: Path, device: str, threads: int, cuda_graph: bool) -> ort.InferenceSession:
+    """The onnxruntime session on `device`, or a clear error (CUDA really active, never a fallback)."""
     providers: list[Any] = _cuda_providers(cuda_graph) if device == "cuda" else ["CPUExecutionProvider"]
     try:
         session = ort.InferenceSession(str(path), _session_options(threads), providers=providers)
@@ -323,7 +352,12 @@ def open_session(path: str | os.PathLike, device: str = "cpu", *, threads: int |
             f"device 'cuda' asked for, but CUDAExecutionProvider failed to load (session providers: "
             f"{session.get_providers()}); this usually means the CUDA or cuDNN libraries do not match "
             f"the onnxruntime-gpu {ort.__version__} build, or no GPU is visible")
+    return session
 
+
+def _read_metadata(session: ort.InferenceSession, path: Path) -> tuple[list[TensorMeta], list[TensorMeta],
+                                                                       ModelSpec | None]:
+    """Inputs and outputs in protocol terms and the bnfold spec; refuses what requests cannot carry."""
     inputs = [_meta(a) for a in session.get_inputs()]
     outputs = [_meta(a) for a in session.get_outputs()]
     if len(inputs) != 1:
@@ -332,90 +366,43 @@ def open_session(path: str | os.PathLike, device: str = "cpu", *, threads: int |
     if inputs[0].datatype not in V2_TO_NUMPY:
         raise ServeError(f"{path}: input {inputs[0].name!r} is {inputs[0].datatype}, which requests cannot "
                          f"carry as a numpy array; the service takes {sorted(V2_TO_NUMPY)}", status=500)
-    spec = _read_spec(session, path)
+    return inputs, outputs, _read_spec(session, path)
+
+
+def _choose_runner(session: ort.InferenceSession, device: str, cuda_graph: bool, inputs: list[TensorMeta],
+                   outputs: list[TensorMeta], name: str) -> Runner:
+    if device == "cuda" and cuda_graph:
+        return _cuda_graph_runner(session, inputs, outputs, name)
+    if device == "cuda":
+        return _cuda_runner(session, inputs[0].name, [o.name for o in outputs])
+    return _cpu_runner(session, inputs[0].name, [o.name for o in outputs])
+
+
+def open_session(path: str | os.PathLike, device: str = "cpu", *, threads: int | None = None,
+                 cuda_graph: bool = False, name: str | None = None, version: str = "1",
+                 max_batch_size: int | None = None, warmup: bool = True) -> ModelRuntime:
+    """Load an ONNX file for serving on `device` ("cpu" or "cuda"), warmed up and checked.
+
+    threads: onnxruntime intra-op threads (default `available_cpus()`). For "cuda" the session
+    must really run on CUDAExecutionProvider, otherwise `DeviceUnavailableError` says what is
+    missing; `cuda_graph` captures a CUDA graph for the batch-1 shape. `max_batch_size` is the
+    largest batch a request may carry (default `MAX_BATCH_SIZE`; 0 for a fixed batch axis).
+    """
+    path = Path(path)
+    threads = _check_options(path, device, threads, cuda_graph)
+    session = _build_session(path, device, threads, cuda_graph)
+    inputs, outputs, spec = _read_metadata(session, path)
     if name is None:
         name = spec.arch if spec is not None else path.stem
-    output_names = [o.name for o in outputs]
-    if device == "cuda" and cuda_graph:
-        runner = _cuda_graph_runner(session, inputs, outputs, name)
-    elif device == "cuda":
-        runner = _cuda_runner(session, inputs[0].name, output_names)
-    else:
-        runner = _cpu_runner(session, inputs[0].name, output_names)
+    dynamic_batch = bool(inputs[0].shape) and inputs[0].shape[0] == -1
+    batch_limit = (MAX_BATCH_SIZE if max_batch_size is None else max_batch_size) if dynamic_batch else 0
     runtime = ModelRuntime(name=name, path=path, session=session, device=device, inputs=inputs,
                            outputs=outputs, spec=spec, version=str(version), threads=threads,
-                           cuda_graph=cuda_graph, _output_names=output_names, _runner=runner)
+                           cuda_graph=cuda_graph, max_batch_size=batch_limit,
+                           _runner=_choose_runner(session, device, cuda_graph, inputs, outputs, name))
     if warmup:
         try:
             _warm_up(runtime)
         except Exception as exc:
             raise ServeError(f"{path}: warm-up run failed on {device}: {exc}", status=500) from exc
     return runtime
-
-
-def load_repository(root: str | os.PathLike, device: str = "cpu", *, threads: int | None = None,
-                    cuda_graph: bool = False, name: str | None = None) -> dict[str, ModelRuntime]:
-    """Models to serve from a `model.onnx` file or a Triton-layout folder.
-
-    A folder holds `<name>/<version>/model.onnx`; the highest numeric version of each model is
-    served. A single file is served under `name` (default: its spec's arch, else the file stem).
-    """
-    root = Path(root)
-    if root.is_file():
-        runtime = open_session(root, device, threads=threads, cuda_graph=cuda_graph, name=name)
-        return {runtime.name: runtime}
-    if not root.is_dir():
-        raise ServeError(f"no such model file or repository folder: {root}", status=500)
-    if name is not None:
-        raise ServeError("--name applies to a single model file, not a repository folder", status=500)
-    models: dict[str, ModelRuntime] = {}
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        versions = [v for v in model_dir.iterdir()
-                    if v.is_dir() and v.name.isdigit() and (v / "model.onnx").is_file()]
-        if not versions:
-            continue
-        latest = max(versions, key=lambda v: int(v.name))
-        models[model_dir.name] = open_session(latest / "model.onnx", device, threads=threads,
-                                              cuda_graph=cuda_graph, name=model_dir.name,
-                                              version=latest.name)
-    if not models:
-        raise ServeError(f"{root}: no models found; expected <name>/<version>/model.onnx inside "
-                         f"(the layout `bnfold export --triton-repo` writes)", status=500)
-    return models
-
-
-# ---------------------------------------------------------------------------------------------
-# Request validation: each helper names what was expected and what came (Triton's wording).
-
-
-def check_datatype(model: ModelRuntime, name: str, datatype: Any) -> np.dtype:
-    expected = model.inputs[0].datatype
-    if datatype != expected:
-        if not isinstance(datatype, str) or datatype not in KNOWN_DATATYPES:
-            raise ServeError(f"invalid datatype {json.dumps(datatype)} for input {name!r} for model "
-                             f"{model.name!r}. Expected {expected}")
-        raise ServeError(f"unexpected datatype {datatype} for input {name!r} for model {model.name!r}. "
-                         f"Expected {expected}")
-    return V2_TO_NUMPY[expected]
-
-
-def check_shape(model: ModelRuntime, name: str, shape: Any) -> tuple[int, ...]:
-    expected = model.inputs[0].shape
-    if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)):
-        raise ServeError(f"invalid shape {json.dumps(shape)} for input {name!r} for model {model.name!r}: "
-                         f"expected a list of non-negative integers like {_shape_str(expected)}")
-    if len(shape) != len(expected) or any(e != -1 and e != d for e, d in zip(expected, shape)):
-        raise ServeError(f"unexpected shape for input {name!r} for model {model.name!r}. "
-                         f"Expected {_shape_str(expected)}, got {_shape_str(shape)}")
-    return tuple(shape)
-
-
-def check_input_name(model: ModelRuntime, name: Any) -> str:
-    if name != model.input_name:
-        raise ServeError(f"unexpected inference input {json.dumps(name)} for model {model.name!r}. "
-                         f"Expected {model.input_name!r}")
-    return name
-
-
-def _shape_str(shape: list[int]) -> str:
-    return "[" + ",".join(str(d) for d in shape) + "]"

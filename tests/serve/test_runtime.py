@@ -8,8 +8,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from bnfold.serve.runtime import (DeviceUnavailableError, ServeError, available_cpus, check_datatype, check_shape,
-                           load_repository, open_session)
+from bnfold.serve.protocol import check_datatype, check_shape
+from bnfold.serve.repository import load_repository
+from bnfold.serve.runtime import DeviceUnavailableError, ServeError, available_cpus, open_session
 
 
 def _direct(path: Path, x: np.ndarray) -> np.ndarray:

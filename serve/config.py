@@ -1,0 +1,112 @@
+"""`ServeConfig`: everything `bnfold serve` takes, as one typed value (the way `TrainConfig` works).
+
+The CLI (`bnfold serve`) and `python -m bnfold.serve` share `add_arguments` and `from_args`, so the
+two spellings take the same options; `bnfold.serve.launch.serve(config)` reads all of it. Every
+limit that protects the service from one client is here, with a default and the option that
+raises it; a refusal names that option.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+from bnfold.models.spec import MAX_BATCH_SIZE
+from bnfold.serve.errors import ServeError
+
+DEVICES = ("cpu", "cuda")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """One `bnfold serve` run: what to serve, where, and the limits each client is held to."""
+
+    model: str | os.PathLike             # a model.onnx file or a Triton-layout repository folder
+    name: str | None = None              # URL name for a single file (default: its spec's arch, else stem)
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    threads: int | None = None           # onnxruntime intra-op threads; None: the CPUs this process may use
+    cuda_graph: bool = False
+    log_level: str = "info"
+    access_log: bool = True
+    # Limits (each a `bnfold serve` option; each refusal is a 4xx naming the option).
+    max_body_mb: float = 16.0            # request body, after decompression too
+    max_batch_size: int | None = None    # None: config.pbtxt's in a repository, else MAX_BATCH_SIZE
+    max_header_kb: float = 64.0          # request line and headers together
+    max_headers: int = 100               # header fields per request
+    request_timeout: float = 30.0        # seconds from a request's first byte (or the connection) to its last
+    keep_alive: float = 5.0              # seconds an idle keep-alive connection is kept
+    max_connections: int = 512           # open connections; more are answered 503 and closed
+    max_multipart_parts: int = 16        # parts of a multipart/form-data upload
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ServeError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise ServeError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if not (isinstance(self.port, int) and 0 <= self.port <= 65535):
+            raise ServeError(f"--port must be between 0 and 65535, got {self.port}")
+        if self.threads is not None and self.threads < 1:
+            raise ServeError(f"--threads must be at least 1, got {self.threads}")
+        if self.cuda_graph and self.device != "cuda":
+            raise ServeError("--cuda-graph needs --device cuda")
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            raise ServeError(f"--max-batch-size must be at least 1, got {self.max_batch_size}")
+        for option, value in [("--max-body-mb", self.max_body_mb), ("--max-header-kb", self.max_header_kb),
+                              ("--max-headers", self.max_headers), ("--request-timeout", self.request_timeout),
+                              ("--keep-alive", self.keep_alive), ("--max-connections", self.max_connections),
+                              ("--max-multipart-parts", self.max_multipart_parts)]:
+            if not value > 0:   # also refuses NaN
+                raise ServeError(f"{option} must be positive, got {value}")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * (1 << 20))
+
+    @property
+    def max_header_bytes(self) -> int:
+        return int(self.max_header_kb * 1024)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The `bnfold serve` options (also `python -m bnfold.serve`)."""
+    p.add_argument("model", help="a model.onnx file, or a model repository folder (as --triton-repo writes)")
+    p.add_argument("--name", default=None, help="model name for a single file (default: from its spec or file name)")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where onnxruntime runs; cuda refuses to start unless CUDAExecutionProvider is active")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (0-65535)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="onnxruntime intra-op threads (default: the CPUs this process may use)")
+    p.add_argument("--cuda-graph", action="store_true", help="capture a CUDA graph for the fixed batch-1 shape")
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="server log level")
+    p.add_argument("--no-access-log", action="store_true", help="do not write the JSON-lines access log to stderr")
+    limits = p.add_argument_group("limits (a request over one is refused with a 4xx naming the option)")
+    limits.add_argument("--max-body-mb", type=float, default=16.0,
+                        help="largest request body, also after gzip/deflate decompression (413 beyond)")
+    limits.add_argument("--max-batch-size", type=int, default=None,
+                        help=f"largest batch per request (400 beyond); default: max_batch_size from a "
+                             f"repository's config.pbtxt, else {MAX_BATCH_SIZE}")
+    limits.add_argument("--max-header-kb", type=float, default=64.0,
+                        help="largest request line plus headers (431 beyond)")
+    limits.add_argument("--max-headers", type=int, default=100, help="most header fields per request (431 beyond)")
+    limits.add_argument("--request-timeout", type=float, default=30.0,
+                        help="seconds a client has to send a whole request, from its first byte or from "
+                             "connecting; slower connections get 408 and are closed (and logged)")
+    limits.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection is kept")
+    limits.add_argument("--max-connections", type=int, default=512,
+                        help="open connections at once; more are answered 503 and closed (and logged)")
+    limits.add_argument("--max-multipart-parts", type=int, default=16,
+                        help="parts in a multipart/form-data image upload (413 beyond)")
+
+
+def from_args(args: argparse.Namespace) -> ServeConfig:
+    """The config for parsed `add_arguments` options; a bad value is a `ServeError`."""
+    names = {f.name for f in fields(ServeConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    return ServeConfig(**values, access_log=not args.no_access_log)
+
+
+__all__ = ["ServeConfig", "add_arguments", "from_args", "MAX_BATCH_SIZE"]

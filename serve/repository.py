@@ -1,0 +1,260 @@
+"""Models to serve from one `model.onnx` file or a Triton-layout repository folder.
+
+A repository holds `<name>/<version>/model.onnx` and, optionally, `<name>/config.pbtxt` (what
+`bnfold export --triton-repo` writes; Triton and KServe load the same folder). Everything is
+checked before serving: model names follow the rule export uses, no path leaves the repository
+through a symlink, a config.pbtxt is parsed and must agree with the ONNX file (names, datatypes,
+dims; its `max_batch_size` is the request limit), and folders that are not versions are skipped
+with a log line.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from bnfold.models.spec import MODEL_NAME_PATTERN
+from bnfold.serve.errors import ServeError
+from bnfold.serve.runtime import ModelRuntime, TensorMeta, open_session
+
+log = logging.getLogger("bnfold.serve")
+
+_NAME = re.compile(MODEL_NAME_PATTERN)
+_TOKEN = re.compile(r'\s+|#[^\n]*|(?P<str>"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\')|(?P<punct>[{}\[\]:,;<>])'
+                    r'|(?P<word>[A-Za-z0-9_.+-]+)')
+
+
+def _start_error(path: Path, message: str) -> ServeError:
+    return ServeError(f"{path}: {message}", status=500)
+
+
+# ---------------------------------------------------------------------------------------------
+# config.pbtxt: protobuf text format, read into {field: [values]} (every field may repeat).
+
+
+def parse_pbtxt(text: str, path: Path) -> dict[str, list[Any]]:
+    """A protobuf text-format message as nested dicts of lists; `ServeError` naming the first problem."""
+    tokens: list[tuple[str, str, int]] = []
+    pos = 0
+    while pos < len(text):
+        match = _TOKEN.match(text, pos)
+        if match is None:
+            line = text.count("\n", 0, pos) + 1
+            raise _start_error(path, f"line {line}: cannot read {text[pos:pos + 20]!r} (not protobuf text format)")
+        kind = match.lastgroup
+        if kind is not None:
+            tokens.append((kind, match.group(kind), text.count("\n", 0, pos) + 1))
+        pos = match.end()
+    index = 0
+
+    def fail(message: str) -> ServeError:
+        line = tokens[index][2] if index < len(tokens) else text.count("\n") + 1
+        return _start_error(path, f"line {line}: {message} (not a valid config.pbtxt)")
+
+    def value() -> Any:
+        nonlocal index
+        if index >= len(tokens):
+            raise fail("a value is missing at the end")
+        kind, tok, _ = tokens[index]
+        if tok in ("{", "<"):
+            index += 1
+            return message("}" if tok == "{" else ">")
+        if tok == "[":
+            index += 1
+            items = []
+            while index < len(tokens) and tokens[index][1] != "]":
+                items.append(value())
+                if index < len(tokens) and tokens[index][1] == ",":
+                    index += 1
+            if index >= len(tokens):
+                raise fail("a list is not closed with ']'")
+            index += 1
+            return items
+        if kind == "str":
+            index += 1
+            return tok[1:-1].encode("latin-1", "backslashreplace").decode("unicode_escape")
+        if kind == "word":
+            index += 1
+            try:
+                return int(tok)
+            except ValueError:
+                try:
+                    return float(tok)
+                except ValueError:
+                    return tok   # an enum name: TYPE_FP32, KIND_CPU, true
+        raise fail(f"unexpected {tok!r}")
+
+    def message(close: str | None) -> dict[str, list[Any]]:
+        nonlocal index
+        fields: dict[str, list[Any]] = {}
+        while index < len(tokens):
+            kind, tok, _ = tokens[index]
+            if close is not None and tok == close:
+                index += 1
+                return fields
+            if kind != "word" or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", tok):
+                raise fail(f"expected a field name, got {tok!r}")
+            index += 1
+            if index < len(tokens) and tokens[index][1] == ":":
+                index += 1
+            elif index >= len(tokens) or tokens[index][1] not in ("{", "<", "["):   # `input [ {..} ]`
+                raise fail(f"expected ':' after {tok!r}")
+            item = value()
+            fields.setdefault(tok, []).extend(item if isinstance(item, list) else [item])
+            if index < len(tokens) and tokens[index][1] in (",", ";"):
+                index += 1
+        if close is not None:
+            raise fail(f"a message is not closed with {close!r}")
+        return fields
+
+    return message(None)
+
+
+def _one(fields: dict[str, list[Any]], key: str, kind: type, path: Path, where: str = "") -> Any:
+    values = fields.get(key, [])
+    if len(values) > 1:
+        raise _start_error(path, f"{where}{key} is given {len(values)} times")
+    if values and not isinstance(values[0], kind):
+        raise _start_error(path, f"{where}{key} must be a {kind.__name__}, got {values[0]!r}")
+    return values[0] if values else None
+
+
+def _check_tensors(fields: dict[str, list[Any]], kind: str, actual: list[TensorMeta], batching: bool,
+                   path: Path) -> None:
+    by_name = {t.name: t for t in actual}
+    declared = fields.get(kind, [])
+    for entry in declared:
+        if not isinstance(entry, dict):
+            raise _start_error(path, f"{kind} must be a message like {{ name: ... data_type: ... dims: [...] }}")
+        name = _one(entry, "name", str, path, f"{kind} ")
+        if name not in by_name:
+            raise _start_error(path, f"{kind} {name!r} is not in the ONNX file, whose {kind}s are {sorted(by_name)}")
+        meta = by_name[name]
+        data_type = _one(entry, "data_type", str, path, f"{kind} {name!r} ")
+        if data_type != "TYPE_" + meta.datatype:
+            raise _start_error(path, f"{kind} {name!r} has data_type {data_type}, but the ONNX file has "
+                                     f"TYPE_{meta.datatype}")
+        dims = entry.get("dims", [])
+        if not all(isinstance(d, int) for d in dims):
+            raise _start_error(path, f"{kind} {name!r} dims must be integers, got {dims}")
+        onnx_dims = meta.shape[1:] if batching else meta.shape
+        if len(dims) != len(onnx_dims) or any(d != o and -1 not in (d, o) for d, o in zip(dims, onnx_dims)):
+            raise _start_error(path, f"{kind} {name!r} has dims {dims}, but the ONNX file's shape is {meta.shape}"
+                                     + (" (the batch axis is left out when max_batch_size > 0)" if batching else ""))
+    if kind == "input" and declared and len(declared) != len(actual):
+        raise _start_error(path, f"config.pbtxt declares {len(declared)} inputs, the ONNX file has {len(actual)}")
+
+
+def read_model_config(path: Path, name: str, runtime: ModelRuntime) -> int:
+    """Check `config.pbtxt` against the loaded model; returns its `max_batch_size`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _start_error(path, f"cannot read the model configuration: {exc}") from exc
+    fields = parse_pbtxt(text, path)
+    declared_name = _one(fields, "name", str, path)
+    if declared_name is not None and declared_name != name:
+        raise _start_error(path, f"name {declared_name!r} differs from the model's folder name {name!r}")
+    platform = _one(fields, "platform", str, path)
+    backend = _one(fields, "backend", str, path)
+    if platform not in (None, "onnxruntime_onnx") or backend not in (None, "onnxruntime"):
+        raise _start_error(path, f"platform {platform!r} / backend {backend!r}: this service runs ONNX files "
+                                 f"(platform \"onnxruntime_onnx\")")
+    max_batch = _one(fields, "max_batch_size", int, path)
+    max_batch = 0 if max_batch is None else max_batch
+    if max_batch < 0:
+        raise _start_error(path, f"max_batch_size must be 0 or more, got {max_batch}")
+    batching = max_batch > 0
+    if batching and runtime.inputs[0].shape[:1] != [-1]:
+        raise _start_error(path, f"max_batch_size is {max_batch}, but the ONNX input's batch axis is fixed "
+                                 f"({runtime.inputs[0].shape}); use max_batch_size: 0")
+    _check_tensors(fields, "input", runtime.inputs, batching, path)
+    _check_tensors(fields, "output", runtime.outputs, batching, path)
+    return max_batch
+
+
+# ---------------------------------------------------------------------------------------------
+# The repository walk.
+
+
+def check_model_name(name: str, where: Path) -> str:
+    if not _NAME.fullmatch(name):   # fullmatch: `$` alone would let a trailing newline through
+        raise ServeError(f"{where}: invalid model name {name!r}: use letters, digits, '_', '-', '.', starting "
+                         f"with a letter or digit (the rule `bnfold export --triton-name` follows)", status=500)
+    return name
+
+
+def _inside(path: Path, root: Path) -> Path:
+    """`path` with symlinks resolved, refused when it leaves `root` (already resolved)."""
+    real = path.resolve()
+    if real != root and root not in real.parents:
+        raise ServeError(f"{path} is a symlink to {real}, outside the repository {root}; the service only "
+                         f"serves files inside the repository", status=500)
+    return real
+
+
+def _latest_version(model_dir: Path, root: Path) -> Path | None:
+    versions = []
+    for entry in sorted(model_dir.iterdir()):
+        if not entry.is_dir():
+            continue
+        if not entry.name.isdigit() or not entry.name.isascii():
+            log.warning("skipping %s: a version folder's name is a number (Triton's layout)", entry)
+            continue
+        if not (entry / "model.onnx").is_file():
+            log.warning("skipping %s: it has no model.onnx", entry)
+            continue
+        _inside(entry / "model.onnx", root)
+        versions.append(entry)
+    return max(versions, key=lambda v: int(v.name)) if versions else None
+
+
+def load_repository(root: str | os.PathLike, device: str = "cpu", *, threads: int | None = None,
+                    cuda_graph: bool = False, name: str | None = None,
+                    max_batch_size: int | None = None) -> dict[str, ModelRuntime]:
+    """Models to serve from a `model.onnx` file or a Triton-layout folder, checked and warmed up.
+
+    A folder holds `<name>/<version>/model.onnx`; the highest numeric version of each model is
+    served. A single file is served under `name` (default: its spec's arch, else the file stem).
+    `max_batch_size` given here applies to every model; otherwise a repository model's
+    config.pbtxt sets it, and `MAX_BATCH_SIZE` is the default.
+    """
+    root = Path(root)
+    if root.is_file():
+        runtime = open_session(root, device, threads=threads, cuda_graph=cuda_graph, name=name,
+                               max_batch_size=max_batch_size)
+        return {runtime.name: runtime}
+    if not root.is_dir():
+        raise ServeError(f"no such model file or repository folder: {root}", status=500)
+    if name is not None:
+        raise ServeError("--name applies to a single model file, not a repository folder", status=500)
+    real_root = root.resolve()
+    models: dict[str, ModelRuntime] = {}
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        if model_dir.name.startswith("."):
+            log.info("skipping hidden folder %s", model_dir)
+            continue
+        check_model_name(model_dir.name, model_dir)
+        _inside(model_dir, real_root)
+        latest = _latest_version(model_dir, real_root)
+        if latest is None:
+            log.warning("skipping %s: no <version>/model.onnx inside", model_dir)
+            continue
+        runtime = open_session(latest / "model.onnx", device, threads=threads, cuda_graph=cuda_graph,
+                               name=model_dir.name, version=latest.name, max_batch_size=max_batch_size)
+        config = model_dir / "config.pbtxt"
+        if config.exists():
+            _inside(config, real_root)
+            configured = read_model_config(config, model_dir.name, runtime)
+            if max_batch_size is None and configured > 0:   # 0: Triton's 'no batching'; ours stays
+                runtime.max_batch_size = configured
+        models[model_dir.name] = runtime
+    if not models:
+        raise ServeError(f"{root}: no models found; expected <name>/<version>/model.onnx inside "
+                         f"(the layout `bnfold export --triton-repo` writes)", status=500)
+    return models
+
+
+__all__ = ["load_repository", "parse_pbtxt", "read_model_config", "check_model_name"]
