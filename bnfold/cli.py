@@ -9,8 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from bnfold.errors import BnfoldError
+
+if TYPE_CHECKING:
+    from bnfold.models.loader import LoadedModel
+    from bnfold.models.spec_options import SpecOptions
 
 
 def _csv(text: str) -> list[str]:
@@ -37,33 +42,93 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+_MODEL_HELP = ("the model: a bnfold checkpoint (from `bnfold train`), a state_dict (with --model-class), "
+               "a torch.save'd module (with --trust-pickle), a TorchScript file, a torch.export .pt2, an "
+               "ONNX file, or torchvision:NAME / timm:NAME (with --weights FILE)")
+
+
+def _add_model_options(p: argparse.ArgumentParser, input_shape: bool = True) -> None:
+    """The options of models.load_model, shared by every command that takes a model."""
+    p.add_argument("--model-class", default=None, metavar="FILE.py:Class",
+                   help="the architecture of a state_dict: FILE.py:Class, package.module:Class, "
+                        "torchvision:NAME or timm:NAME")
+    p.add_argument("--model-args", default=None, metavar="JSON",
+                   help="arguments for --model-class as JSON: an object of keyword arguments, e.g. "
+                        "'{\"num_classes\": 10}', or a list of positional ones")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="a state_dict file for a torchvision:NAME or timm:NAME model")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading a whole module saved with torch.save(model): unpickling runs code "
+                        "from the file, so only for files you trust")
+    if input_shape:
+        p.add_argument("--input-shape", type=_shape, default=None, metavar="N,C,H,W",
+                       help="input shape with the batch dimension first, e.g. 1,3,224,224; needed where the "
+                            "file does not say it (state_dicts, pickled modules, TorchScript)")
+
+
+def _add_spec_options(p: argparse.ArgumentParser) -> None:
+    """--labels/--mean/--std/--input-size/--grayscale: a spec for a model that came without one."""
+    p.add_argument("--labels", default=None, metavar="FILE|a,b,c",
+                   help="class names: a file with one per line (or a JSON list), or a,b,c; default 0..N-1")
+    p.add_argument("--mean", default=None, metavar="M[,M,M]",
+                   help="per-channel mean subtracted after scaling pixels to [0, 1] (default 0; ImageNet's "
+                        "for torchvision/timm)")
+    p.add_argument("--std", default=None, metavar="S[,S,S]", help="per-channel std divided by (default 1)")
+    p.add_argument("--input-size", default=None, metavar="H[,W]",
+                   help="image size the model takes, where the file does not fix it (default: from the model)")
+    p.add_argument("--grayscale", action="store_true", help="the model takes one grey channel")
+
+
+def _spec_options(args: argparse.Namespace) -> "SpecOptions":
+    from bnfold.models.spec_options import SpecOptions, parse_floats, parse_input_size, parse_labels
+
+    return SpecOptions(
+        labels=parse_labels(args.labels) if args.labels is not None else None,
+        mean=parse_floats(args.mean, "--mean") if args.mean is not None else None,
+        std=parse_floats(args.std, "--std") if args.std is not None else None,
+        input_size=parse_input_size(args.input_size) if args.input_size is not None else None,
+        grayscale=args.grayscale)
+
+
+def _load_model(args: argparse.Namespace, source: str) -> "LoadedModel":
+    """models.load_model with the command's options; says on stderr what the file turned out to be."""
+    from bnfold.models.loader import load_model
+
+    loaded = load_model(source, model_class=args.model_class, model_args=args.model_args,
+                        weights=args.weights, trust_pickle=args.trust_pickle,
+                        input_shape=getattr(args, "input_shape", None))
+    print(f"model: {loaded}", file=sys.stderr, flush=True)
+    return loaded
+
+
 # ---------------------------------------------------------------------------------------------
 # Handlers: each turns parsed arguments into one library call and prints its result.
 
 
 def _cmd_fold(args: argparse.Namespace) -> int:
-    from bnfold.fold_files import fold_and_save, load_module
+    from bnfold.fold_files import fold_and_save
 
-    shape = args.input_shape
-    try:
-        from bnfold import models
-        checkpoint = models.is_checkpoint(args.model)
-    except Exception:  # no models package (optional here), or a file load_module below explains
-        checkpoint = False
-    if checkpoint:
-        model, spec = models.load_checkpoint(args.model)
-        shape = shape or (1, *spec.input_shape)
-    else:
-        model = load_module(args.model)
-    print(fold_and_save(model, args.out, input_shape=shape, rtol=args.rtol, samples=args.samples))
+    loaded = _load_model(args, args.model)
+    model = loaded.require_module("fold")
+    print(fold_and_save(model, args.out, input_shape=loaded.require_shape(), rtol=args.rtol,
+                        samples=args.samples))
     return 0
 
 
 def _cmd_fold_onnx(args: argparse.Namespace) -> int:
     from bnfold.fold_files import fold_onnx_file
 
+    options = _spec_options(args)
     print(fold_onnx_file(args.input, args.output, input_shape=args.input_shape, rtol=args.rtol,
                          samples=args.samples))
+    if options.given():  # a spec, so that `bnfold serve` answers /predictions for the folded file
+        from bnfold.export.onnx_file import stamp_spec
+        from bnfold.models.loader import load_model
+
+        spec = load_model(args.output, input_shape=args.input_shape).spec_with(options)
+        stamp_spec(args.output, spec)
+        print(f"spec: {len(spec.labels)} labels, input {'x'.join(map(str, spec.input_shape))}, "
+              f"mean {spec.preprocess.mean}, std {spec.preprocess.std} (in the file's metadata)")
     return 0
 
 
@@ -87,12 +152,35 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from bnfold.export import ExportConfig, export_checkpoint
 
+    formats = args.format
+    if formats is None:  # every format the model can go to: an ONNX file only stays ONNX
+        from bnfold.export.config import DEFAULT_FORMATS
+        from bnfold.models.loader import is_onnx_file
+
+        formats = ["onnx"] if is_onnx_file(args.checkpoint) else list(DEFAULT_FORMATS)
     config = ExportConfig(
-        checkpoint=args.checkpoint, out=args.out, formats=args.format, fold=not args.no_fold,
+        checkpoint=args.checkpoint, out=args.out, formats=formats, fold=not args.no_fold,
         opset=args.opset, static_batch=args.static_batch, fp16=args.fp16, legacy_onnx=args.legacy_onnx,
         triton_repo=args.triton_repo, triton_device=args.triton_device, triton_name=args.triton_name,
-        data_root=args.data_root, force=args.force, progress=not args.no_progress, verbose=args.verbose)
+        data_root=args.data_root, force=args.force, progress=not args.no_progress, verbose=args.verbose,
+        model_class=args.model_class, model_args=args.model_args, weights=args.weights,
+        trust_pickle=args.trust_pickle, input_shape=args.input_shape, spec_options=_spec_options(args),
+        calibration=args.calibration, calibration_samples=args.calibration_samples,
+        calibration_data=args.calibration_data, max_accuracy_drop=args.max_accuracy_drop,
+        per_tensor=args.per_tensor)
     print(export_checkpoint(config))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from bnfold.export.evaluate import evaluate_artifacts
+
+    report = evaluate_artifacts(args.artifacts, checkpoint=args.checkpoint, dataset=args.dataset,
+                                data_root=args.data_root, batch_size=args.batch_size, threads=args.threads,
+                                trust_pickle=args.trust_pickle)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return 0
 
 
@@ -127,11 +215,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    from bnfold.pipeline import run_pipeline
+    from bnfold.pipeline import PipelineConfig, run_pipeline
 
-    run_pipeline(model=args.model, dataset=args.dataset, data_root=args.data_root, epochs=args.epochs,
-                 bench_seconds=args.bench_seconds, devices=args.device, out=args.out, force=args.force,
-                 threads=args.threads or None)
+    config = PipelineConfig(model=args.model, dataset=args.dataset, data_root=args.data_root,
+                            epochs=args.epochs, bench_seconds=args.bench_seconds, devices=args.device,
+                            out=args.out, force=args.force, threads=args.threads or None)
+    run_pipeline(config)
     return 0
 
 
@@ -168,16 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = _add(sub, "fold", _cmd_fold, "fold every eval-mode BatchNorm of a model and check parity",
-             "Fold a bnfold checkpoint or a torch.save'd nn.Module, print the fold report and the "
-             "parity against the original, and save the folded module. Nothing is written when "
-             "parity fails.")
-    p.add_argument("model", help="a bnfold checkpoint (from `bnfold train`) or a torch.save'd nn.Module; "
-                                 "a whole pickled module can only be loaded with torch.load(weights_only=False), "
-                                 "which runs code from the file: fold only files you trust")
+             "Fold a PyTorch model (a bnfold checkpoint, a state_dict with --model-class, a torch.save'd "
+             "module with --trust-pickle, ...), print the fold report and the parity against the "
+             "original, and save the folded module. Nothing is written when parity fails. A whole "
+             "pickled module is loaded with torch.load(weights_only=False), which runs code from the "
+             "file: fold only files you trust.")
+    p.add_argument("model", help=_MODEL_HELP)
     p.add_argument("--out", required=True, help="where to torch.save the folded module")
-    p.add_argument("--input-shape", type=_shape, default=None,
-                   help="input shape for the parity check, batch included, e.g. 1,3,32,32 "
-                        "(read from a checkpoint's spec when omitted)")
+    _add_model_options(p)
     p.add_argument("--rtol", type=float, default=1e-5, help="largest max-relative-error accepted")
     p.add_argument("--samples", type=int, default=8, help="random inputs in the parity check")
 
@@ -189,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", type=_shape, default=None,
                    help="shape for the parity check when the file's input has symbolic dimensions "
                         "other than the batch, e.g. 1,3,224,224")
+    _add_spec_options(p)
     p.add_argument("--rtol", type=float, default=1e-5, help="largest max-relative-error accepted")
     p.add_argument("--samples", type=int, default=8, help="random inputs in the parity check")
 
@@ -228,15 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines still print)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads; default torch's choice (1 is faster for small models on a busy box)")
 
-    p = _add(sub, "export", _cmd_export, "export a checkpoint to verified ONNX / TorchScript / torch.export files")
-    p.add_argument("checkpoint", help="a bnfold checkpoint")
-    p.add_argument("--format", type=_csv, default=["onnx", "torchscript", "program"],
-                   help="comma-separated: onnx, torchscript, program")
+    p = _add(sub, "export", _cmd_export, "export a model to verified ONNX / TorchScript / torch.export files",
+             "Fold and export a model, each file verified against it before it is written. An ONNX file "
+             "from elsewhere is folded and stamped with a spec (--labels, --mean, --std, ...) so that "
+             "`bnfold serve` answers /predictions for it.")
+    p.add_argument("checkpoint", metavar="model", help=_MODEL_HELP)
+    _add_model_options(p)
+    _add_spec_options(p)
+    p.add_argument("--format", type=_csv, default=None,
+                   help="comma-separated: onnx, torchscript, program (or pt2, ts), int8; default the first "
+                        "three, onnx alone for an ONNX file. int8 writes model.int8.onnx, calibrated on the "
+                        "training split and written only if it passes the accuracy gate")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-fold", action="store_true", help="export without folding BatchNorm first")
     p.add_argument("--opset", type=int, default=None,
-                   help="ONNX opset: 18-23 with the default exporter, 9-20 with --legacy-onnx; "
-                        "None means the exporter's own default")
+                   help="ONNX opset: 18-23 with the default exporter, 9-20 with --legacy-onnx "
+                        "(default: the exporter's own)")
     p.add_argument("--legacy-onnx", action="store_true", help="use the TorchScript-based ONNX exporter")
     p.add_argument("--static-batch", action="store_true", help="fix the batch dimension instead of a dynamic axis")
     p.add_argument("--fp16", action="store_true",
@@ -251,6 +346,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model name in the Triton repository; None means the architecture's name")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="show the exporters' own output and warnings")
+    int8 = p.add_argument_group("int8", "calibration and the accuracy gate of --format int8")
+    int8.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax",
+                      help="how activation ranges are calibrated (percentile: 99.999th)")
+    int8.add_argument("--calibration-samples", type=int, default=256,
+                      help="training-split samples for calibration (the eval split is never used)")
+    int8.add_argument("--calibration-data", default=None,
+                      help="a .npy array (N, C, H, W) of preprocessed inputs to calibrate on instead")
+    int8.add_argument("--max-accuracy-drop", type=float, default=1.0,
+                      help="largest drop of eval-split accuracy (or IoU) against FP32 ONNX, in points; "
+                           "beyond it nothing is written and the command exits 2")
+    int8.add_argument("--per-tensor", action="store_true",
+                      help="one scale per weight tensor instead of one per output channel")
+
+    p = _add(sub, "evaluate", _cmd_evaluate, "accuracy (or IoU) of any artifact on its eval split, as one table",
+             "Score checkpoints, folded modules, ONNX files (FP32, FP16, INT8), TorchScript and torch.export "
+             "files on the whole eval split of their dataset: top-1 accuracy for classifiers, foreground "
+             "IoU for the U-Net. The spec (dataset, preprocessing) comes from --checkpoint, else from the "
+             "file (a checkpoint, ONNX metadata) or the export.json beside it.")
+    p.add_argument("artifacts", nargs="+", metavar="artifact", help="files to evaluate, in table order")
+    p.add_argument("--checkpoint", default=None,
+                   help="the checkpoint the artifacts came from: its spec is used for all of them")
+    p.add_argument("--dataset", default=None, help="evaluate on this dataset instead of the spec's")
+    p.add_argument("--data-root", default="data", help="folder holding torchvision datasets")
+    p.add_argument("--batch-size", type=int, default=64, help="inputs per run (the figure does not depend on it)")
+    p.add_argument("--threads", type=int, default=None, help="torch / onnxruntime threads (default torch's)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow unpickling a whole saved module (bnfold fold --out); it runs code from the file")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
 
     p = _add(sub, "serve", _cmd_serve, "serve ONNX models over the Open Inference Protocol v2 (HTTP)")
     from bnfold.serve.config import add_arguments as add_serve_arguments   # shared with `python -m bnfold.serve`

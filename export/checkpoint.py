@@ -17,13 +17,14 @@ from typing import Any
 import torch
 
 from bnfold import models
-from bnfold.models.checkpoint import CheckpointError, model_from_payload, read_checkpoint, spec_from_payload
+from bnfold.models.loader import LoadedModel, load_model
 from bnfold.models.spec import ModelSpec
 
 from bnfold.export._common import staging_path
 from bnfold.export.config import TRITON_MAX_BATCH_SIZE, ExportConfig
 from bnfold.export.errors import ExportError, OutputExistsError
 from bnfold.export.onnx import bnfold_version, check_opset
+from bnfold.versions import package_version
 from bnfold.export.report import ExportSummary
 from bnfold.export.writers import WRITERS, check_formats
 from bnfold.export.triton import (check_model_name, default_model_name, replace_dir,
@@ -41,20 +42,15 @@ def _check_target(path: Path, force: bool, what: str) -> None:
         raise OutputExistsError(f"{what} {str(path)!r} exists and is not a folder")
 
 
-def _load(checkpoint: Path) -> tuple[torch.nn.Module, ModelSpec]:
-    if not checkpoint.is_file():
-        raise ExportError(f"checkpoint {str(checkpoint)!r} does not exist")
-    # The same checks as models.is_checkpoint, reading the file once, not twice.
-    try:
-        payload = read_checkpoint(checkpoint, map_location="cpu")
-        spec_from_payload(payload, checkpoint)
-    except CheckpointError:
-        raise ExportError(f"{str(checkpoint)!r} is not a bnfold checkpoint (expected a file "
-                          "written by `bnfold train` / models.save_checkpoint)") from None
-    return model_from_payload(payload, checkpoint)
+def _load_source(config: ExportConfig) -> LoadedModel:
+    """Whatever `config.checkpoint` is (models.loader): a checkpoint, a state_dict, a pickle, ONNX, ..."""
+    return load_model(config.checkpoint, model_class=config.model_class, model_args=config.model_args,
+                      weights=config.weights, trust_pickle=config.trust_pickle, input_shape=config.input_shape)
 
 
 def _parity_samples(spec: ModelSpec, data_root: str | os.PathLike) -> tuple[torch.Tensor | None, str]:
+    if not spec.dataset:  # a model from elsewhere: bnfold knows no data for it
+        return None, "random normal inputs (no dataset is known for this model)"
     samples = models.sample_inputs(spec, PARITY_SAMPLES, data_root=str(data_root))
     if samples is None:
         return None, f"random normal inputs (the {spec.dataset!r} dataset is not available)"
@@ -73,16 +69,10 @@ def _export_json(summary: ExportSummary, spec: ModelSpec, options: dict[str, Any
         "options": options,
         "spec": spec.to_dict(),
         "versions": {"bnfold": bnfold_version(), "torch": torch.__version__,
-                     "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime")},
+                     "onnx": package_version("onnx") or "unknown",
+                     "onnxruntime": package_version("onnxruntime") or "unknown"},
     })
     return data
-
-
-def _version(module: str) -> str:
-    try:
-        return __import__(module).__version__
-    except Exception:  # noqa: BLE001 - a version string is informative only
-        return "unknown"
 
 
 def _progress(items: Sequence[str], enabled: bool) -> Iterator[str]:
@@ -118,7 +108,12 @@ def export_checkpoint(config: ExportConfig) -> ExportSummary:
         # --force replaces the folder as a whole: it would delete the checkpoint it exports.
         raise OutputExistsError(f"output folder {str(out_dir)!r} holds the checkpoint "
                                 f"{str(checkpoint)!r}; choose a subfolder such as {str(out_dir / 'export')!r}")
-    model, spec = _load(checkpoint)
+    loaded = _load_source(config)
+    if loaded.kind == "onnx":  # an ONNX file from elsewhere: fold it, stamp the spec, verify
+        from bnfold.export.onnx_file import export_onnx_file
+
+        return export_onnx_file(loaded, config, fmts)
+    model, spec = loaded.require_module("export"), loaded.spec_with(config.spec_options)
     triton_target = None
     if config.triton_repo is not None:
         triton_name = check_model_name(config.triton_name or default_model_name(spec))

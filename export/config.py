@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from bnfold.models.spec_options import SpecOptions
+
 # The largest batch Triton may form from queued requests when the model's batch axis is dynamic
 # (`max_batch_size` in config.pbtxt, and in the config document `bnfold serve` answers).
 TRITON_MAX_BATCH_SIZE = 32
@@ -34,6 +36,19 @@ class ExportConfig:
     force: bool = False                  # replace an existing output folder / Triton model
     progress: bool = True
     verbose: bool = False                # show the exporters' own output and warnings
+    # A model from elsewhere (see models.loader): how to build and read it, and its spec options.
+    model_class: str | None = None       # FILE.py:Class, package.module:Class, torchvision:NAME, timm:NAME
+    model_args: str | dict | list | None = None   # JSON keyword (object) or positional (list) arguments
+    weights: str | os.PathLike | None = None      # a state_dict for a torchvision:NAME / timm:NAME model
+    trust_pickle: bool = False           # allow unpickling a whole torch.save'd module (runs its code)
+    input_shape: tuple[int, ...] | None = None    # batch first; where the file does not say it
+    spec_options: SpecOptions | None = None       # --labels, --mean, --std, --input-size, --grayscale
+    # The int8 format (export.int8): calibration and the accuracy gate.
+    calibration: str = "minmax"          # minmax, percentile or entropy
+    calibration_samples: int = 256       # drawn from the training split
+    calibration_data: str | os.PathLike | None = None   # a .npy (N, C, H, W) used instead of them
+    max_accuracy_drop: float = 1.0       # points on the eval split; more and nothing is written
+    per_tensor: bool = False             # one weight scale per tensor instead of per channel
 
     @property
     def dynamic_batch(self) -> bool:

@@ -121,7 +121,7 @@ class ExportSummary:
         lines = []
         if self.fold_report is not None:
             lines += [str(self.fold_report), ""]
-        lines += [f"parity against the checkpoint's eval-mode model ({self.parity_inputs}):",
+        lines += [f"parity against the eval-mode source model ({self.parity_inputs}):",
                   format_parity_table(self.artifacts), ""]
         lines += [f"note ({a.path.name}): {note}" for a in self.artifacts for note in a.notes]
         written = ", ".join(a.path.name for a in self.artifacts)

@@ -17,7 +17,7 @@ from torch import nn
 
 from bnfold.models.spec import ModelSpec
 
-from bnfold.export import onnx as _onnx, program as _program, torchscript as _torchscript
+from bnfold.export import int8 as _int8, onnx as _onnx, program as _program, torchscript as _torchscript
 from bnfold.export.config import ExportConfig
 from bnfold.export.errors import UnknownFormatError
 from bnfold.export.report import ArtifactReport
@@ -40,11 +40,17 @@ WRITERS: dict[str, Writer] = {
                           "traced and frozen TorchScript, needs only torch"),
     "program": Writer("model.pt2", _program.export_from_config, _program.load_program,
                       "torch.export program with a dynamic batch Dim"),
+    "int8": Writer(_int8.INT8_FILE, _int8.export_from_config, _onnx.load_onnx,
+                   "INT8 QDQ ONNX calibrated on the training split, gated on eval-split accuracy"),
 }
 
 # Derived views, kept for callers that only need the names.
 FORMATS: tuple[str, ...] = tuple(WRITERS)
 FILE_NAMES: dict[str, str] = {name: writer.file_name for name, writer in WRITERS.items()}
+
+
+# File-suffix names accepted for the writers' names.
+FORMAT_ALIASES = {"pt2": "program", "torch.export": "program", "ts": "torchscript", "jit": "torchscript"}
 
 
 def check_formats(formats: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -56,6 +62,8 @@ def check_formats(formats: str | list[str] | tuple[str, ...]) -> list[str]:
         name = raw.strip().lower()
         if not name:
             continue
+        # Users name a format by its file as often as by its writer (model.pt2, model.ts).
+        name = FORMAT_ALIASES.get(name, name)
         if name not in WRITERS:
             raise UnknownFormatError(
                 f"unknown export format {raw!r}; choose from: {', '.join(WRITERS)}")

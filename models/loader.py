@@ -79,8 +79,9 @@ class LoadedModel:
 
     def require_module(self, command: str) -> nn.Module:
         if self.module is None:
+            hint = "; fold an ONNX file with `bnfold fold-onnx IN OUT`" if command == "fold" else ""
             raise LoaderError(f"{self.source} is an ONNX file; `bnfold {command}` needs a PyTorch model "
-                              "(a checkpoint, a state_dict with --model-class, a pickled module or TorchScript)")
+                              f"(a checkpoint, a state_dict with --model-class, a pickled module or TorchScript){hint}")
         return self.module
 
     def require_shape(self) -> tuple[int, ...]:
@@ -209,7 +210,7 @@ def _from_file(path: Path, model_class: str | None, args: Any, trust_pickle: boo
         hint = f" It holds {', '.join(found)}: pass one of those." if found else ""
         raise LoaderError(f"{source!r} is a folder, not a model file; give {_FILE_KINDS_HELP}.{hint}")
     if not path.is_file():
-        raise LoaderError(f"{source!r} does not exist")
+        raise LoaderError(f"no file at {source!r}")
     kind = detect_kind(path)
     if kind == "onnx":
         return _from_onnx(path)
@@ -264,6 +265,15 @@ def detect_kind(path: Path) -> str:
     if model is not None and model.graph.node:
         return "onnx"
     raise LoaderError(f"{str(path)!r} is not a model file bnfold can read: expected {_FILE_KINDS_HELP}")
+
+
+def is_onnx_file(source: str | os.PathLike) -> bool:
+    """True for an existing file whose bytes are ONNX (a cheap look before choosing defaults)."""
+    path = Path(source)
+    try:
+        return path.is_file() and detect_kind(path) == "onnx"
+    except LoaderError:
+        return False
 
 
 def _from_onnx(path: Path) -> LoadedModel:
@@ -610,4 +620,4 @@ def _first_line(exc: BaseException) -> str:
 
 
 __all__ = ["KINDS", "LoadedModel", "LoaderError", "build_class", "check_input_shape", "detect_kind",
-           "example_shape", "import_class", "load_model"]
+           "example_shape", "import_class", "is_onnx_file", "load_model"]

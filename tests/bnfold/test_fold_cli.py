@@ -29,7 +29,8 @@ def saved_module(tmp_path: Path, randomize_bn) -> Path:
 
 def test_fold_saved_module(saved_module: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out" / "folded.pt"
-    assert main(["fold", str(saved_module), "--out", str(out), "--input-shape", "2,3,16,16", "--samples", "3"]) == 0
+    assert main(["fold", str(saved_module), "--out", str(out), "--input-shape", "2,3,16,16", "--samples", "3",
+                 "--trust-pickle"]) == 0
     printed = capsys.readouterr().out
     assert "BatchNorm fold: 2 folded, 0 skipped" in printed
     assert "parity over 6 samples" in printed and "BatchNorm left: 0 of 2" in printed
@@ -42,7 +43,7 @@ def test_fold_saved_module(saved_module: Path, tmp_path: Path, capsys) -> None:
 
 
 def test_fold_bnfold_checkpoint_takes_the_shape_from_its_spec(tmp_path: Path, capsys, randomize_bn) -> None:
-    models = pytest.importorskip("models")
+    from bnfold import models
     model, spec = models.create("lenet", "digits")
     ckpt = models.save_checkpoint(tmp_path / "ckpt.pt", randomize_bn(model), spec)
     assert main(["fold", str(ckpt), "--out", str(tmp_path / "folded.pt")]) == 0
@@ -66,24 +67,26 @@ def test_fold_errors(saved_module: Path, tmp_path: Path, capsys) -> None:
 
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"this is not a torch file" * 20)
-    assert "not a readable torch.save file" in _error(["fold", str(corrupt), "--out", str(out)], capsys)
+    assert "not a model file bnfold can read" in _error(["fold", str(corrupt), "--out", str(out)], capsys)
 
     state = tmp_path / "state.pt"
     torch.save(torch.load(saved_module, weights_only=False).state_dict(), state)
-    assert "not a model" in _error(["fold", str(state), "--out", str(out)], capsys)
+    assert "is a state_dict" in _error(["fold", str(state), "--out", str(out)], capsys)
+    assert "--trust-pickle" in _error(["fold", str(saved_module), "--out", str(out)], capsys)
 
     other = tmp_path / "list.pt"
     torch.save([torch.ones(2)], other)
-    assert "holds a list, not an nn.Module" in _error(["fold", str(other), "--out", str(out)], capsys)
+    assert "holds a list, not a model" in _error(["fold", str(other), "--out", str(out)], capsys)
 
-    err = _error(["fold", str(saved_module), "--out", str(out)], capsys)
-    assert "input shape" in err and "--input-shape 1,3,32,32" in err
+    trust = ["--trust-pickle"]
+    err = _error(["fold", str(saved_module), "--out", str(out), *trust], capsys)
+    assert "input shape" in err and "--input-shape 1,3,224,224" in err  # the channels of its first Conv2d
 
-    err = _error(["fold", str(saved_module), "--out", str(out), "--input-shape", "1,5,16,16"], capsys)
-    assert "failed on inputs of shape [1, 5, 16, 16]" in err
+    err = _error(["fold", str(saved_module), "--out", str(out), "--input-shape", "1,5,16,16", *trust], capsys)
+    assert "gives 5 channels" in err and "try --input-shape 1,3,16,16" in err
 
-    err = _error(["fold", str(saved_module), "--out", str(out), "--input-shape", "2,3,8,8", "--rtol", "1e-15"],
-                 capsys)
+    err = _error(["fold", str(saved_module), "--out", str(out), "--input-shape", "2,3,8,8", "--rtol", "1e-15",
+                  *trust], capsys)
     assert "disagrees with its source" in err and "max relative error" in err
     assert not out.exists()
 

@@ -87,12 +87,13 @@ def test_a_file_that_is_not_a_bnfold_checkpoint_is_refused(tmp_path, capsys) -> 
     text.write_text("not a checkpoint")
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": nn.Linear(2, 2).state_dict()}, foreign)
-    for path in (text, foreign):
+    # Each refusal says what the file is and what to pass (models.loader).
+    for path, says in ((text, "is not a model file bnfold can read"), (foreign, "is a state_dict")):
         code, _, err = _run(capsys, path, "--out", tmp_path / "out")
         assert code == 2
-        assert str(path) in err and "not a bnfold checkpoint" in err
+        assert str(path) in err and says in err
     code, _, err = _run(capsys, tmp_path / "missing.pt", "--out", tmp_path / "out")
-    assert code == 2 and "does not exist" in err
+    assert code == 2 and "no file at" in err
     assert not (tmp_path / "out").exists()
 
 

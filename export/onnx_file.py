@@ -1,0 +1,108 @@
+"""`bnfold export some.onnx`: an ONNX file from elsewhere becomes a served-ready model.onnx.
+
+It is folded with `bnfold.fold_onnx` (checked in onnxruntime against the original), stamped
+with a spec (the file's own, or one built from --labels/--mean/--std/--input-size/--grayscale)
+so that `/predictions` can preprocess images for it, and written with export.json; the same
+staged, all-or-nothing write as a checkpoint's export.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import onnx
+
+from bnfold.models.loader import LoadedModel
+from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec
+
+from bnfold.export._common import FP32_RTOL, staging_path
+from bnfold.export.config import TRITON_MAX_BATCH_SIZE, ExportConfig
+from bnfold.export.errors import ExportError
+from bnfold.export.onnx import VERSION_METADATA_KEY, bnfold_version, count_ops, model_opset, set_metadata
+from bnfold.export.report import ArtifactReport, ExportSummary
+from bnfold.export.triton import check_model_name, replace_dir, write_triton_model
+
+
+def export_onnx_file(loaded: LoadedModel, config: ExportConfig, formats: list[str]) -> ExportSummary:
+    """Fold, stamp and verify the ONNX file `loaded.onnx_path` into `config.out` (model.onnx + export.json)."""
+    from bnfold.fold_files import fold_onnx_file
+
+    if formats != ["onnx"]:
+        others = ", ".join(f for f in formats if f != "onnx")
+        raise ExportError(f"{loaded.source} is an ONNX file: it exports to onnx only (folded, with a spec); "
+                          f"{others} need(s) a PyTorch model: pass --format onnx")
+    if config.fp16 or config.legacy_onnx or config.opset is not None or not config.fold:
+        raise ExportError("--fp16, --legacy-onnx, --opset and --no-fold apply to exporting a PyTorch model; "
+                          f"{loaded.source} is already ONNX")
+    start = time.perf_counter()
+    spec = loaded.spec_with(config.spec_options)
+    shape = loaded.require_shape()
+    if config.spec_options is not None and config.spec_options.input_size is not None:
+        shape = (shape[0], *spec.input_shape)
+    out_dir = Path(config.out)
+    triton_target = None
+    if config.triton_repo is not None:
+        triton_target = Path(config.triton_repo) / check_model_name(config.triton_name or spec.arch)
+        if triton_target.exists() and not config.force:
+            raise ExportError(f"Triton model folder {str(triton_target)!r} already exists; pass --force to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staged = staging_path(out_dir)
+    staged_triton = staging_path(triton_target) if triton_target is not None else None
+    try:
+        staged.mkdir()
+        target = staged / "model.onnx"
+        outcome = fold_onnx_file(loaded.onnx_path, target, input_shape=shape, rtol=FP32_RTOL)  # type: ignore[arg-type]
+        proto = onnx.load(os.fspath(target))
+        left = count_ops(proto, "BatchNormalization")
+        if left:
+            reasons = "; ".join(f"{name}: {why}" for name, why in outcome.report.skipped) or "no reason given"
+            raise ExportError(f"{left} BatchNormalization node(s) of {loaded.source} could not be folded "
+                              f"({reasons}); refusing to write an unfolded file")
+        set_metadata(proto, {SPEC_METADATA_KEY: spec.to_json(), VERSION_METADATA_KEY: bnfold_version(),
+                             "bnfold.folded": "true"})
+        onnx.save(proto, os.fspath(target))
+        graph_input = next(i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer})
+        first = graph_input.type.tensor_type.shape.dim[0] if graph_input.type.tensor_type.shape.dim else None
+        artifact = ArtifactReport(
+            format="onnx", path=out_dir / "model.onnx", exporter="bnfold.fold_onnx (the file was already ONNX)",
+            dtype=onnx.helper.tensor_dtype_to_np_dtype(graph_input.type.tensor_type.elem_type).name,
+            dynamic_batch=first is not None and not first.HasField("dim_value"), folded=True,
+            parity=outcome.parity, tolerance=FP32_RTOL,
+            parity_inputs=f"random normal inputs of shape {list(outcome.input_shape)}",
+            size_bytes=target.stat().st_size, seconds=time.perf_counter() - start,
+            input_name=graph_input.name, output_name=proto.graph.output[0].name, opset=model_opset(proto),
+            fold_report=outcome.report,
+            notes=[f"BatchNormalization nodes: {outcome.batchnorm_before} before, 0 after"])
+        if staged_triton is not None:
+            staged_triton.parent.mkdir(parents=True, exist_ok=True)
+            write_triton_model(target, spec, staged_triton, name=triton_target.name,  # type: ignore[union-attr]
+                               device=config.triton_device,
+                               max_batch_size=TRITON_MAX_BATCH_SIZE if artifact.dynamic_batch else 0)
+        summary = ExportSummary(out_dir=out_dir, checkpoint=Path(loaded.source), artifacts=[artifact],
+                                fold_report=outcome.report, parity_inputs=artifact.parity_inputs,
+                                export_json=out_dir / "export.json", triton_model_dir=triton_target)
+        data = summary.to_dict()
+        data.update({"format": "bnfold-export", "format_version": 1, "source": loaded.description,
+                     "spec": spec.to_dict(), "options": {"formats": formats}})
+        (staged / "export.json").write_text(json.dumps(data, indent=2) + "\n")
+        replace_dir(staged, out_dir)
+        if staged_triton is not None:
+            replace_dir(staged_triton, triton_target)  # type: ignore[arg-type]
+    finally:
+        for path in (staged, staged_triton):
+            if path is not None and path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+    return summary
+
+
+def stamp_spec(path: str | os.PathLike, spec: ModelSpec) -> None:
+    """Write `spec` into an ONNX file's metadata (as `bnfold export` does), so `bnfold serve` can preprocess images."""
+    proto = onnx.load(os.fspath(path))
+    set_metadata(proto, {SPEC_METADATA_KEY: spec.to_json(), VERSION_METADATA_KEY: bnfold_version()})
+    onnx.save(proto, os.fspath(path))
+
+
+__all__ = ["export_onnx_file", "stamp_spec"]
