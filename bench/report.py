@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bnfold.bench.run import BenchResult
+from bnfold.models.plotting import pyplot
 
 LATENCY_CHART = "latency.png"
 THROUGHPUT_CHART = "throughput.png"
@@ -160,18 +161,9 @@ def render_markdown(result: BenchResult, chart_names: list[str] | None = None, *
 # Charts
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_latency(result: BenchResult, path: Path) -> Path:
     """Horizontal bars of batch-1 p50 per backend, one colour per device, whiskers up to p90."""
-    plt = _pyplot()
+    plt = pyplot()
     # The 8-connection row is a throughput figure (latency under load), not a batch-1 latency.
     rows = [r for r in result.rows if r.batch_size == 1 and r.ok and r.p50_ms and r.backend != "http-8conn"]
     backends = list(dict.fromkeys(r.backend for r in rows))
@@ -213,7 +205,7 @@ def plot_latency(result: BenchResult, path: Path) -> Path:
 
 def plot_throughput(result: BenchResult, path: Path) -> Path:
     """Items per second against batch size, one line per in-process backend and device."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     keys = list(dict.fromkeys((r.backend, r.device) for r in result.rows if not r.backend.startswith("http")))
     for backend, device in keys:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bnfold.errors import BnfoldError
+from bnfold.models.metrics import headline_metric
 from bnfold.bench.backends import DEFAULT_BACKENDS
 from bnfold.bench.run import BenchConfig, BenchResult, run_bench
 from bnfold.bench.report import ReportFiles, render_markdown, summary_lines, write_report
@@ -54,18 +55,6 @@ class PipelineResult:
     @property
     def accuracy(self) -> float | None:
         return headline_metric(self.metrics)[1]
-
-
-def headline_metric(metrics: dict[str, Any]) -> tuple[str | None, float | None]:
-    """The metric a reader looks for first: held-out accuracy for classifiers, IoU/Dice for masks."""
-    held_out = ("test", "val", "eval")
-    for needle in ("acc", "iou", "dice"):
-        candidates = [k for k, v in metrics.items() if needle in k.lower() and isinstance(v, (int, float))]
-        # A held-out figure beats a training one: training accuracy flatters the model.
-        candidates.sort(key=lambda k: not any(h in k.lower() for h in held_out))
-        if candidates:
-            return candidates[0], float(metrics[candidates[0]])
-    return None, None
 
 
 def _prepare_out(out: Path, force: bool) -> None:
@@ -164,28 +153,46 @@ def render_report(result: PipelineResult, *, command: str, train_dir: Path) -> s
     return "\n\n".join(parts) + "\n"
 
 
-def run_pipeline(*, model: str = "lenet", dataset: str = "digits", data_root: str = "data",
-                 epochs: int = 5, bench_seconds: float = 1.0, devices: Sequence[str] = ("cpu", "cuda"),
-                 out: str | os.PathLike = "runs/demo", force: bool = False,
-                 backends: Sequence[str] = DEFAULT_BACKENDS, batch_sizes: Sequence[int] = (1, 8, 32),
-                 threads: int | None = 1, progress: bool = True,
-                 log: Callable[[str], None] = print) -> PipelineResult:
+@dataclass
+class PipelineConfig:
+    """Everything `bnfold pipeline` takes; the defaults run LeNet-BN on the bundled digits."""
+
+    model: str = "lenet"
+    dataset: str = "digits"
+    data_root: str = "data"
+    epochs: int = 5
+    out: str | os.PathLike = "runs/demo"
+    force: bool = False                  # reuse a folder that already holds files
+    bench_seconds: float = 1.0           # measured time per backend and batch size
+    devices: Sequence[str] = ("cpu", "cuda")
+    backends: Sequence[str] = DEFAULT_BACKENDS
+    batch_sizes: Sequence[int] = (1, 8, 32)
+    # One thread count for every benchmarked backend (None: the CPUs this process may use). 1 by
+    # default: batch-1 latency of small models is best single-threaded, and on a shared machine a
+    # second torch thread spinning for a busy core multiplies eager latency.
+    threads: int | None = 1
+    progress: bool = True
+
+    def command(self) -> str:
+        """The `bnfold pipeline` command line that runs this configuration (quoted in REPORT.md)."""
+        return (f"bnfold pipeline --model {self.model} --dataset {self.dataset} --epochs {self.epochs} "
+                f"--bench-seconds {self.bench_seconds} --device {','.join(self.devices)} "
+                f"--threads {self.threads if self.threads is not None else 0} --out {self.out}")
+
+
+def run_pipeline(config: PipelineConfig, *, log: Callable[[str], None] = print) -> PipelineResult:
     """Train, fold, export, verify and benchmark one model, then write OUT/REPORT.md.
 
-    `threads` is the one thread count of every benchmarked backend (None: the CPUs this process
-    may use). It defaults to 1: batch-1 latency of small models is best single-threaded, and on
-    a shared machine a second torch thread spinning for a busy core multiplies eager latency.
     `log` receives the human-readable progress (stage headers, the fold report, the summary);
     pass `lambda _: None` for silence. A parity failure stops the run with `bnfold.ParityError`.
     """
-    if epochs < 1:
-        raise BnfoldError(f"epochs must be at least 1, got {epochs}")
-    out_dir = Path(out)
-    _prepare_out(out_dir, force)
+    if config.epochs < 1:
+        raise BnfoldError(f"epochs must be at least 1, got {config.epochs}")
+    model, dataset, data_root, epochs = config.model, config.dataset, config.data_root, config.epochs
+    progress = config.progress
+    out_dir = Path(config.out)
+    _prepare_out(out_dir, config.force)
     timings: dict[str, float] = {}
-    command = (f"bnfold pipeline --model {model} --dataset {dataset} --epochs {epochs} "
-               f"--bench-seconds {bench_seconds} --device {','.join(devices)} "
-               f"--threads {threads if threads is not None else 0} --out {out_dir}")
 
     def stage(name: str) -> Callable[[], None]:
         log(f"== {name}")
@@ -217,15 +224,15 @@ def run_pipeline(*, model: str = "lenet", dataset: str = "digits", data_root: st
             f"{_fmt(p.top1_agreement)} over {p.samples} samples")
 
     done = stage("bench")
-    bench = run_bench(BenchConfig(checkpoint, devices=devices, backends=backends, batch_sizes=batch_sizes,
-                                  threads=threads, seconds=bench_seconds, progress=progress,
-                                  export_dir=out_dir / "export"))
+    bench = run_bench(BenchConfig(checkpoint, devices=config.devices, backends=config.backends,
+                                  batch_sizes=config.batch_sizes, threads=config.threads,
+                                  seconds=config.bench_seconds, progress=progress, export_dir=out_dir / "export"))
     files = write_report(bench, out_dir / "bench")
     done()
 
     result = PipelineResult(out_dir, checkpoint, spec, metrics, fold_report, fold_parity, bn_before,
                             bn_after, summary, bench, files, out_dir / "REPORT.md", timings)
-    result.report.write_text(render_report(result, command=command, train_dir=out_dir / "train"))
+    result.report.write_text(render_report(result, command=config.command(), train_dir=out_dir / "train"))
     log("== summary")
     log(f"{spec.arch} on {spec.dataset}: {headline}; BatchNorm {bn_before} -> {bn_after}; "
         f"fold max rel error {fold_parity.max_rel_error:.2e}")
@@ -236,4 +243,4 @@ def run_pipeline(*, model: str = "lenet", dataset: str = "digits", data_root: st
     return result
 
 
-__all__ = ["PipelineResult", "run_pipeline", "render_report", "parity_table", "headline_metric"]
+__all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "render_report", "parity_table", "headline_metric"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import json
 import os
-from importlib import metadata
 from pathlib import Path
 
 import onnx
@@ -14,6 +13,7 @@ from torch import nn
 
 import bnfold
 from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec
+from bnfold.versions import __version__
 
 from bnfold.export._common import batch_dynamic_shapes, output_name, staged_file, unsupported_op, write_verified
 from bnfold.export.config import ExportConfig
@@ -53,10 +53,8 @@ def check_opset(opset: int | None, legacy: bool = False) -> None:
 
 
 def bnfold_version() -> str:
-    try:
-        return metadata.version("bnfold")
-    except metadata.PackageNotFoundError:  # pragma: no cover - running from a plain checkout
-        return "0+unknown"
+    """The version stamped into the ONNX metadata (looked up once, in `bnfold.versions`)."""
+    return __version__
 
 
 # ---------------------------------------------------------------------------------------------

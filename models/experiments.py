@@ -111,10 +111,9 @@ def bn_effect(out_dir: str | Path, *, epochs: int = 10, lrs: Sequence[float] = (
 
 
 def plot_bn_effect(result: BnEffectResult, path: Path) -> None:
-    import matplotlib
+    from bnfold.models.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in result.runs:

@@ -17,16 +17,15 @@ SEGMENTATION_ARCHS = ("unet",)
 
 def versions() -> dict[str, str]:
     """Library versions recorded in every spec."""
-    import importlib.metadata
-
     import torch
     import torchvision
 
+    from bnfold.versions import package_version
+
     out = {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
-    try:
-        out["bnfold"] = importlib.metadata.version("bnfold")
-    except importlib.metadata.PackageNotFoundError:
-        pass
+    bnfold_version = package_version("bnfold")
+    if bnfold_version is not None:  # a plain checkout that was never installed has none
+        out["bnfold"] = bnfold_version
     return out
 
 

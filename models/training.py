@@ -26,6 +26,7 @@ from bnfold.models.checkpoint import model_from_payload, read_checkpoint, save_c
 from bnfold.models.data import load_datasets
 from bnfold.models.distributed import DistContext, from_sync_batchnorm, to_sync_batchnorm
 from bnfold.models.factory import create
+from bnfold.models.metrics import headline_metric
 from bnfold.models.spec import ModelSpec
 
 DEFAULT_LR = {"sgd": 0.1, "adamw": 3e-3}
@@ -261,13 +262,11 @@ def write_metrics(history: list[dict[str, Any]], path: Path) -> None:
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
     """Loss and metric curves, train and test, against the epoch."""
-    import matplotlib
+    from bnfold.models.plotting import pyplot  # matplotlib only when curves are drawn
 
-    matplotlib.use("Agg")  # no display on servers
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     epochs = [r["epoch"] for r in history]
-    metric = "iou" if "test_iou" in history[-1] else "accuracy"
+    metric = (headline_metric(history[-1])[0] or "test_accuracy").removeprefix("test_")
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
     ax_loss.plot(epochs, [r["test_loss"] for r in history], "o-", label="test")
@@ -487,7 +486,7 @@ def _epoch_line(record: dict[str, Any], epochs: int, metric: str) -> str:
 
 def train_summary(result: TrainResult) -> str:
     """A few lines for the console: the final and best test metric and where the files are."""
-    metric = "test_iou" if "test_iou" in result.final else "test_accuracy"
+    metric = headline_metric(result.final)[0] or "test_accuracy"
     best = max(result.history, key=lambda r: r[metric])
     seconds = sum(r.get("seconds", 0.0) for r in result.history)
     return (f"final epoch {result.final['epoch']}: {metric} {result.final[metric]:.4f}\n"
