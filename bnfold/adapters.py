@@ -178,11 +178,13 @@ class _Probed:
         eps = getattr(module, "eps")
         eps = float(eps.item() if isinstance(eps, Tensor) else eps)
         n = mean.numel()
-        if mean.dim() != 1 or var.shape != mean.shape or any(t is not None and t.shape != mean.shape
-                                                              for t in (gamma, beta)):
+        tensors = [t for t in (mean, var, gamma, beta) if t is not None]
+        # (C,) or a broadcastable (1, C, 1, 1) as tutorials keep them: one axis of C, the rest 1.
+        if any(t.numel() != n or sum(d != 1 for d in t.shape) > 1 for t in tensors):
             raise FoldSkipped(f"{type(module).__name__} looks like a BatchNorm but its statistics are not "
-                              f"per-channel vectors of one length ({list(mean.shape)}, {list(var.shape)})")
-        stats = BNStats(mean, var, eps, gamma, beta)
+                              f"per-channel vectors of one length ({', '.join(str(list(t.shape)) for t in tensors)})")
+        flat = [None if t is None else t.reshape(-1) for t in (mean, var, gamma, beta)]
+        stats = BNStats(flat[0], flat[1], eps, flat[2], flat[3])
         like = self._verify(module, stats, n)
         return replace(stats, like=like)
 
@@ -190,6 +192,12 @@ class _Probed:
         from bnfold.math import bn_scale_shift
 
         probe = copy.deepcopy(module).double().eval()
+        for sub in probe.modules():
+            # .double() converts parameters and buffers only; a tutorial keeps statistics as plain
+            # tensors, which would otherwise round the probe to float32.
+            for key, value in list(vars(sub).items()):
+                if isinstance(value, Tensor) and value.is_floating_point():
+                    setattr(sub, key, value.double())
         scale, shift = bn_scale_shift(stats.running_mean, stats.running_var, stats.eps, stats.weight, stats.bias,
                                       device=torch.device("cpu"))
         generator = torch.Generator().manual_seed(0)

@@ -272,6 +272,8 @@ class _FoldPass:
                     continue
                 self.skipped(path, f"{prefix or 'the model'} cannot be traced by FX and this BatchNorm is "
                                    "not next to a layer inside an nn.Sequential, so its producer is unknown")
+            elif isinstance(child, (nn.ModuleList, nn.ModuleDict)):  # containers: no forward to trace
+                self._walk(child, path)
             elif any(True for _ in child.children()):
                 new = self.fold_module(child, path)
                 if new is not child:
