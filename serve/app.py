@@ -411,9 +411,29 @@ def create_app(config: ServeConfig, models: Mapping[str, Runtime] | None = None)
         models = load_repository(config.model, config.device, threads=config.threads,
                                  cuda_graph=config.cuda_graph, name=config.name,
                                  max_batch_size=config.max_batch_size)
+    if config.spec is not None:
+        _give_spec(models, config.spec)
     access = config.access_log and config.log_level in ("debug", "info")
     return InferenceApp(models, max_body_bytes=config.max_body_bytes,
                         max_multipart_parts=config.max_multipart_parts, access_log=AccessLog(enabled=access))
+
+
+def _give_spec(models: Mapping[str, Runtime], path: str | os.PathLike) -> None:
+    """`--spec FILE`: the one served model gets the spec its file lacks (checked against its input)."""
+    from bnfold.models.spec_options import SpecError, read_spec_file
+
+    if len(models) != 1:
+        raise ServeError("--spec applies to a single model file, not a repository of several", status=500)
+    try:
+        spec = read_spec_file(path)
+    except SpecError as exc:
+        raise ServeError(str(exc), status=500) from None
+    runtime = next(iter(models.values()))
+    expected = list(runtime.inputs[0].shape[1:])
+    if len(expected) != len(spec.input_shape) or any(e not in (-1, g) for e, g in zip(expected, spec.input_shape)):
+        raise ServeError(f"--spec {str(path)!r} says input_shape {spec.input_shape}, but model "
+                         f"{runtime.name!r} takes {runtime.inputs[0].shape} (batch first)", status=500)
+    runtime.spec = spec  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ class ServeConfig:
 
     model: str | os.PathLike             # a model.onnx file or a Triton-layout repository folder
     name: str | None = None              # URL name for a single file (default: its spec's arch, else stem)
+    spec: str | os.PathLike | None = None   # a spec JSON for a file without one (labels, mean/std, input shape)
     device: str = "cpu"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -74,6 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `bnfold serve` options (also `python -m bnfold.serve`)."""
     p.add_argument("model", help="a model.onnx file, or a model repository folder (as --triton-repo writes)")
     p.add_argument("--name", default=None, help="model name for a single file (default: from its spec or file name)")
+    p.add_argument("--spec", default=None, metavar="SPEC.json",
+                   help="preprocessing and labels for a single ONNX file that has no bnfold spec, so that "
+                        "/predictions works for it: {\"labels\": [...], \"mean\": [...], \"std\": [...], "
+                        "\"input_shape\": [C, H, W]}, or the \"spec\" of an export.json")
     p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="where onnxruntime runs; cuda refuses to start unless CUDAExecutionProvider is active")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
