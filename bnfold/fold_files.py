@@ -15,7 +15,7 @@ import onnx
 import torch
 from torch import nn
 
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_line
 from bnfold.graph import count_batchnorm, fold
 from bnfold.onnx_fold import count_onnx_batchnorm, fold_onnx, load_onnx
 from bnfold.parity import Parity, compare
@@ -57,25 +57,21 @@ def load_module(path: str | os.PathLike) -> nn.Module:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights_only" not in str(exc).lower() and "weights only" not in str(exc).lower():
-            raise BnfoldError(f"{str(path)!r} is not a readable torch.save file ({_first_line(exc)})") from None
+            raise BnfoldError(f"{str(path)!r} is not a readable torch.save file ({first_line(exc, limit=200)})") from None
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc2:
             raise BnfoldError(f"{str(path)!r} could not be unpickled ({type(exc2).__name__}: "
-                              f"{_first_line(exc2)})") from None
+                              f"{first_line(exc2, limit=200)})") from None
     except Exception as exc:  # torch.load fails on garbage in many ways (IndexError, EOFError, ...)
         raise BnfoldError(f"{str(path)!r} is not a readable torch.save file ({type(exc).__name__}: "
-                          f"{_first_line(exc)})") from None
+                          f"{first_line(exc, limit=200)})") from None
     if isinstance(obj, dict):
         raise BnfoldError(f"{str(path)!r} holds a dict (a state_dict?), not a model: save the module itself "
                           "with torch.save(model, path), or use a bnfold checkpoint")
     if not isinstance(obj, nn.Module):
         raise BnfoldError(f"{str(path)!r} holds a {type(obj).__name__}, not an nn.Module")
     return obj.eval()
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:200]
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
@@ -104,7 +100,7 @@ def fold_and_save(model: nn.Module, out: str | os.PathLike, *, input_shape: Sequ
         raise
     except Exception as exc:  # the model itself rejected the inputs: almost always a wrong shape
         raise BnfoldError(f"the model failed on inputs of shape {list(shape)} ({type(exc).__name__}: "
-                          f"{_first_line(exc)}); {_SHAPE_HINT}") from None
+                          f"{first_line(exc, limit=200)}); {_SHAPE_HINT}") from None
     parity.check(rtol, "the folded model")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -172,7 +168,7 @@ def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike, *, input_shap
         raise
     except Exception as exc:
         raise BnfoldError(f"onnxruntime could not run {str(src)!r} on inputs of shape {list(shape)} "
-                          f"({type(exc).__name__}: {_first_line(exc)}); {_SHAPE_HINT}") from None
+                          f"({first_line(exc, with_type=True, limit=200)}); {_SHAPE_HINT}") from None
     parity.check(rtol, "the folded ONNX graph")
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)

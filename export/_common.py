@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import bnfold
+from bnfold import errors
 from bnfold.models.spec import ModelSpec
 
 from bnfold.export.errors import ExportError, UnsupportedOpError
@@ -198,9 +199,8 @@ def unsupported_op(exc: BaseException) -> str | None:
 
 
 def first_line(exc: BaseException) -> str:
-    deepest = _exception_chain(exc)[-1]
-    text = str(deepest).strip().splitlines()
-    return f"{type(deepest).__name__}: {text[0] if text else ''}"
+    """The first line of the deepest exception in the chain: the exporters wrap the real cause."""
+    return errors.first_line(_exception_chain(exc)[-1], with_type=True)
 
 
 def exporter_failure(exc: Exception, spec: ModelSpec, exporter: str,

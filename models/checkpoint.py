@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_line
 from bnfold.models.registry import build
 from bnfold.models.spec import ModelSpec
 
@@ -61,12 +61,11 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only refuses anything but tensors and plain containers.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{str(path)!r} is not a bnfold checkpoint: it holds objects that "
-                              f"weights_only loading refuses ({first})") from None
+                              f"weights_only loading refuses ({first_line(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - torch.load surfaces corrupt bytes as many types (IndexError too)
-        raise CheckpointError(f"{str(path)!r} is corrupt or not a torch file: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise CheckpointError(f"{str(path)!r} is corrupt or not a torch file: "
+                              f"{first_line(exc, with_type=True)}") from None
     return check_payload(payload, path)
 
 

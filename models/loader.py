@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_line
 from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec
 from bnfold.models.spec_options import IMAGENET_MEAN, IMAGENET_STD, SpecOptions, apply_options, build_spec
 
@@ -102,7 +102,7 @@ class LoadedModel:
                 out = self.module(torch.zeros(shape, dtype=dtype))
         except Exception as exc:  # noqa: BLE001 - the user's model rejects the shape in its own words
             raise LoaderError(f"{self.source} failed on an input of shape {','.join(map(str, shape))} "
-                              f"({type(exc).__name__}: {_first_line(exc)}); check --input-shape "
+                              f"({first_line(exc, with_type=True)}); check --input-shape "
                               f"(batch first, e.g. {example_shape(self.module)})") from None
         if isinstance(out, (tuple, list)) and out:
             out = out[0]
@@ -221,7 +221,7 @@ def _from_file(path: Path, model_class: str | None, args: Any, trust_pickle: boo
                 module = torch.jit.load(os.fspath(path), map_location="cpu")
         except Exception as exc:  # noqa: BLE001
             raise LoaderError(f"{source!r} looks like a TorchScript file but torch.jit.load failed: "
-                              f"{_first_line(exc)}") from None
+                              f"{first_line(exc)}") from None
         return LoadedModel("torchscript", source, module=module.eval(), name=path.stem,
                            description="a TorchScript file (torch.jit.save)")
     if kind == "program":
@@ -229,7 +229,7 @@ def _from_file(path: Path, model_class: str | None, args: Any, trust_pickle: boo
             program = torch.export.load(os.fspath(path))
         except Exception as exc:  # noqa: BLE001
             raise LoaderError(f"{source!r} looks like a torch.export file but torch.export.load failed: "
-                              f"{_first_line(exc)}") from None
+                              f"{first_line(exc)}") from None
         shape = None
         with contextlib.suppress(Exception):  # example inputs are optional in a .pt2
             shape = (1, *tuple(program.example_inputs[0][0].shape[1:]))
@@ -319,7 +319,7 @@ def _onnx_output_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(session.run(None, {session.get_inputs()[0].name: x})[0].shape)
     except Exception as exc:  # noqa: BLE001
         raise LoaderError(f"onnxruntime could not run {str(path)!r} on an input of shape "
-                          f"{','.join(map(str, shape))} ({_first_line(exc)}); check --input-shape") from None
+                          f"{','.join(map(str, shape))} ({first_line(exc)}); check --input-shape") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +332,7 @@ def _from_torch_save(path: Path, model_class: str | None, args: Any, trust_pickl
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights_only" not in str(exc) and "weights only" not in str(exc).lower():
-            raise LoaderError(f"{source!r} is a corrupt torch file ({_first_line(exc)})") from None
+            raise LoaderError(f"{source!r} is a corrupt torch file ({first_line(exc)})") from None
         if not trust_pickle:
             raise LoaderError(
                 f"{source!r} holds pickled Python objects (a whole model saved with torch.save(model)?). "
@@ -341,7 +341,7 @@ def _from_torch_save(path: Path, model_class: str | None, args: Any, trust_pickl
         return _unpickle(path, model_class)
     except Exception as exc:  # noqa: BLE001 - torch.load fails on bad bytes as many types
         raise LoaderError(f"{source!r} is a corrupt or truncated torch file ({type(exc).__name__}: "
-                          f"{_first_line(exc)})") from None
+                          f"{first_line(exc)})") from None
     if isinstance(obj, dict) and obj.get("format") == "bnfold-checkpoint":
         from bnfold.models.checkpoint import check_payload, model_from_payload
 
@@ -419,14 +419,14 @@ def _unpickle(path: Path, model_class: str | None) -> LoadedModel:
                 f"{source!r} was saved from a script run directly (python SCRIPT.py), so its class "
                 f"{match.group(1)!r} is recorded as __main__.{match.group(1)}; pass --model-class "
                 f"SCRIPT.py:{match.group(1)} to say where it is defined") from None
-        raise LoaderError(f"{source!r} needs a class that its module no longer has ({_first_line(exc)})") from None
+        raise LoaderError(f"{source!r} needs a class that its module no longer has ({first_line(exc)})") from None
     except ModuleNotFoundError as exc:
         raise LoaderError(
             f"{source!r} needs the Python module {exc.name!r} that defined its class: run bnfold from the folder "
             f"holding {exc.name.split('.')[0] if exc.name else 'it'}.py, or set PYTHONPATH to that folder "
             "(PYTHONPATH=. for the current one)") from None
     except Exception as exc:  # noqa: BLE001
-        raise LoaderError(f"{source!r} could not be unpickled ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise LoaderError(f"{source!r} could not be unpickled ({first_line(exc, with_type=True)})") from None
     if isinstance(obj, nn.Module):
         return LoadedModel("pickle", source, module=obj.eval(), name=_class_name(obj),
                            description=f"a pickled {type(obj).__module__}.{type(obj).__qualname__} module "
@@ -483,12 +483,12 @@ def import_class(ref: str) -> Any:
         except Exception as exc:  # noqa: BLE001 - the user's file failed to import
             sys.modules.pop(name, None)
             raise LoaderError(f"--model-class {ref!r}: importing {str(file)!r} failed: "
-                              f"{type(exc).__name__}: {_first_line(exc)}") from None
+                              f"{first_line(exc, with_type=True)}") from None
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
-            raise LoaderError(f"--model-class {ref!r}: cannot import {target!r} ({_first_line(exc)}); run from the "
+            raise LoaderError(f"--model-class {ref!r}: cannot import {target!r} ({first_line(exc)}); run from the "
                               "folder holding it or set PYTHONPATH (PYTHONPATH=. for the current folder)") from None
     obj = module
     for part in attr.split("."):
@@ -516,10 +516,10 @@ def build_class(ref: str, args: Any) -> tuple[nn.Module, str]:
     try:
         module = cls(*positional, **keywords)
     except TypeError as exc:
-        raise LoaderError(f"{shown} failed: {_first_line(exc)}; give its arguments with --model-args "
+        raise LoaderError(f"{shown} failed: {first_line(exc)}; give its arguments with --model-args "
                           "'{\"name\": value}'") from None
     except Exception as exc:  # noqa: BLE001 - the user's constructor
-        raise LoaderError(f"{shown} failed: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise LoaderError(f"{shown} failed: {first_line(exc, with_type=True)}") from None
     if not isinstance(module, nn.Module):
         raise LoaderError(f"{shown} returned a {type(module).__name__}, not an nn.Module")
     return module, shown
@@ -536,9 +536,9 @@ def _torchvision(name: str, args: Any) -> nn.Module:
         if "Unknown model" in str(exc) or name not in torchvision.models.list_models():
             raise LoaderError(f"torchvision has no model {name!r}; see torchvision.models.list_models(), "
                               "e.g. resnet18, mobilenet_v3_small, efficientnet_b0") from None
-        raise LoaderError(f"torchvision:{name} refused {args}: {_first_line(exc)}") from None
+        raise LoaderError(f"torchvision:{name} refused {args}: {first_line(exc)}") from None
     except TypeError as exc:
-        raise LoaderError(f"torchvision:{name} refused --model-args {args}: {_first_line(exc)}") from None
+        raise LoaderError(f"torchvision:{name} refused --model-args {args}: {first_line(exc)}") from None
 
 
 def _timm(name: str, args: Any) -> nn.Module:
@@ -551,9 +551,9 @@ def _timm(name: str, args: Any) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=False, **(args or {}))
     except RuntimeError as exc:
-        raise LoaderError(f"timm has no model {name!r} ({_first_line(exc)}); see timm.list_models()") from None
+        raise LoaderError(f"timm has no model {name!r} ({first_line(exc)}); see timm.list_models()") from None
     except TypeError as exc:
-        raise LoaderError(f"timm:{name} refused --model-args {args}: {_first_line(exc)}") from None
+        raise LoaderError(f"timm:{name} refused --model-args {args}: {first_line(exc)}") from None
 
 
 def _from_zoo(ref: str, args: Any, weights: str | os.PathLike | None) -> LoadedModel:
@@ -568,7 +568,7 @@ def _from_zoo(ref: str, args: Any, weights: str | os.PathLike | None) -> LoadedM
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001
             raise LoaderError(f"--weights {str(path)!r} is not a state_dict torch can load safely "
-                              f"({_first_line(exc)})") from None
+                              f"({first_line(exc)})") from None
         state = _state_dict_in(obj)
         if state is None:
             raise LoaderError(f"--weights {str(path)!r} holds a {type(obj).__name__}, not a state_dict")
@@ -613,10 +613,6 @@ def _parse_model_args(model_args: str | dict[str, Any] | list[Any] | None) -> An
 
 def _class_name(module: nn.Module) -> str:
     return type(module).__name__.lower()
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 __all__ = ["KINDS", "LoadedModel", "LoaderError", "build_class", "check_input_shape", "detect_kind",
