@@ -334,8 +334,9 @@ function tryPanel(meta, spec, id) {
 
   const options = el("p", {class: "options"}, el("label", {for: `${id}-k`, text: "Top k "}), topK);
   const origin = window.location.origin;
+  const example = grey ? "digit.png" : "image.png";
   const curl = el("p", {class: "hint"}, "From a shell: ",
-                  el("code", {text: `curl -T digit.png ${origin}/predictions/${encodeURIComponent(name)}`}));
+                  el("code", {text: `curl -T ${example} ${origin}/predictions/${encodeURIComponent(name)}`}));
   return el("div", {class: "try"}, sources, options, answer.node, curl);
 }
 
@@ -345,12 +346,17 @@ function notePanel(meta, spec) {
   const tensors = `It takes tensors: POST /v2/models/${encodeURIComponent(name)}/infer` +
                   (input ? ` with ${input.name}, ${input.datatype} ${shape(input.shape)}.` : ".");
   if (!spec) {
+    // The example options fit this model's input where its shape says them: [batch, C, H, W].
+    const dims = input ? input.shape : [];
+    const [channels, height, width] = dims.length === 4 ? dims.slice(1) : [-1, -1, -1];
+    const size = height > 0 && width > 0 ? (height === width ? `${height}` : `${height},${width}`) : "H,W";
+    const grey = channels === 1 ? " --grayscale" : "";
     return el("div", {class: "note"},
               el("p", {text: "This model carries no bnfold spec in its ONNX metadata, so the page cannot " +
                              "tell how to turn an image into its input. Give it one with the spec options " +
                              "--labels, --mean, --std, --input-size and --grayscale:"}),
               el("pre", {text: "bnfold fold-onnx model.onnx out.onnx --labels a,b,c --mean 0.5 --std 0.25 " +
-                               "--input-size 28 --grayscale\nbnfold serve model.onnx --spec spec.json"}),
+                               `--input-size ${size}${grey}\nbnfold serve model.onnx --spec spec.json`}),
               el("p", {text: tensors}));
   }
   return el("div", {class: "note"},

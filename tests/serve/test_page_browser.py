@@ -41,9 +41,10 @@ else:
 _MISSING = [what for what, there in [("the chromium browser", CHROMIUM), ("its driver chromedriver", CHROMEDRIVER),
                                      ("the selenium package", _SELENIUM)] if not there]
 # The browser is a system package: CI's .ci/run installs it; elsewhere the tests say how.
-pytestmark = pytest.mark.skipif(bool(_MISSING), reason=(
-    f"needs {', '.join(_MISSING)}: as root `apt-get install -y chromium chromium-driver` (Debian/Ubuntu; "
-    f".ci/run does this), and `pip install -e .[test]` for selenium"))
+_HOW = ([] if CHROMIUM and CHROMEDRIVER else
+        ["as root `apt-get install -y chromium chromium-driver` (Debian/Ubuntu; .ci/run does this)"])
+_HOW += [] if _SELENIUM else ["`pip install -e .[test]` for selenium"]
+pytestmark = pytest.mark.skipif(bool(_MISSING), reason=f"needs {', '.join(_MISSING)}: {'; '.join(_HOW)}")
 
 # What an attacker could put in a model's metadata: each must reach the page as text.
 HOSTILE = ['<img src=x onerror="window.__pwned=1">', "<script>window.__pwned=2</script>",
@@ -201,6 +202,7 @@ def test_every_model_has_a_card_with_what_its_metadata_knows(browser, server: st
     assert not _card(browser, HOSTILE_NAME).find_elements("css selector", "canvas")
     bare = _card(browser, "bare").text
     assert "no bnfold spec" in bare and "--labels" in bare and "--spec spec.json" in bare
+    assert "--input-size 28 --grayscale" in bare   # the example fits the model's [batch, 1, 28, 28] input
     assert "/v2/models/bare/infer" in bare and not _card(browser, "bare").find_elements("css selector", "input")
     mask = _card(browser, "mask").text
     assert "segmentation model" in mask and "/v2/models/mask/infer" in mask
