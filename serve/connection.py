@@ -131,7 +131,6 @@ if HttpToolsProtocol is not None:
             self._deadline: float | None = None   # when the request in progress must be complete
             self._in_head = False                 # between a request's first byte and its headers' end
             self._head_bytes = 0
-            self._header_count = 0
             self._refused = False
 
         # -------------------------------------------------------------- connection
@@ -186,24 +185,16 @@ if HttpToolsProtocol is not None:
             self._deadline = self.loop.time() + self.limits.request_timeout
             self._in_head = True
             self._head_bytes = 0
-            self._header_count = 0
 
-        def on_url(self, url: bytes) -> None:
-            super().on_url(url)
-            if len(self.url) > self.limits.max_header_bytes:
-                raise _Refusal(431, self._header_size_message())
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            self._header_count += 1
-            if self._header_count > self.limits.max_headers:
-                raise _Refusal(431, f"request has more than {self.limits.max_headers} header fields, the limit "
-                                    f"(raise it with `bnfold serve --max-headers`)")
-            if len(value) > self.limits.max_header_bytes:
-                raise _Refusal(431, self._header_size_message())
-            super().on_header(name, value)
-
+        # The URL and header bytes are counted in data_received (what arrives while the head is
+        # incomplete), not per callback: an override of on_header would cost every request a
+        # Python call per header. The count is checked once the head is complete; until then
+        # the byte limit bounds it.
         def on_headers_complete(self) -> None:
             self._in_head = False
+            if len(self.headers) > self.limits.max_headers:
+                raise _Refusal(431, f"request has {len(self.headers)} header fields, over the limit of "
+                                    f"{self.limits.max_headers} (raise it with `bnfold serve --max-headers`)")
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:

@@ -43,15 +43,16 @@ class Route:
     summary: str
     doc: dict[str, Any] | Callable[[Mapping[str, Any]], dict[str, Any]] = field(default_factory=dict)
     endpoint: str | None = None
+    allowed: tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
+
+    def __post_init__(self) -> None:
+        # The methods answered: HEAD wherever GET is (HTTP requires it). Computed once.
+        allowed = self.methods + ("HEAD",) if "GET" in self.methods and "HEAD" not in self.methods else self.methods
+        object.__setattr__(self, "allowed", allowed)
 
     @property
     def params(self) -> list[str]:
         return _PARAM.findall(self.path)
-
-    @property
-    def allowed(self) -> tuple[str, ...]:
-        """The methods answered: HEAD wherever GET is (HTTP requires it)."""
-        return self.methods + ("HEAD",) if "GET" in self.methods and "HEAD" not in self.methods else self.methods
 
 
 class Request:
