@@ -12,7 +12,7 @@ from google.protobuf.message import DecodeError
 from torch import nn
 
 import bnfold
-from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec
+from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec, SpecVersionError
 from bnfold.versions import __version__
 
 from bnfold.export._common import batch_dynamic_shapes, output_name, staged_file, unsupported_op, write_verified
@@ -116,7 +116,11 @@ def read_spec(model_or_path: onnx.ModelProto | str | os.PathLike) -> ModelSpec:
     if SPEC_METADATA_KEY not in props:
         raise ExportError(f"the ONNX model has no {SPEC_METADATA_KEY!r} metadata entry: "
                           "it was not written by bnfold export")
-    return ModelSpec.from_json(props[SPEC_METADATA_KEY])
+    try:
+        return ModelSpec.from_json(props[SPEC_METADATA_KEY])
+    except SpecVersionError as exc:
+        where = f"{str(model_or_path)!r}: " if not isinstance(model_or_path, onnx.ModelProto) else ""
+        raise SpecVersionError(f"{where}{exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from torch import nn
 
 from bnfold.errors import BnfoldError, first_line
 from bnfold.models.registry import build
-from bnfold.models.spec import ModelSpec
+from bnfold.models.spec import ModelSpec, SpecVersionError
 
 FORMAT = "bnfold-checkpoint"
 FORMAT_VERSION = 1
@@ -86,6 +86,8 @@ def check_payload(payload: Any, path: str | os.PathLike = "<checkpoint>") -> dic
 def spec_from_payload(payload: dict[str, Any], path: str | os.PathLike = "<checkpoint>") -> ModelSpec:
     try:
         return ModelSpec.from_dict(payload["spec"])
+    except SpecVersionError as exc:  # a bnfold checkpoint, just a newer one: not "unreadable"
+        raise SpecVersionError(f"{str(path)!r}: {exc}") from None
     except (TypeError, KeyError, AttributeError) as exc:
         raise CheckpointError(f"{str(path)!r} has an unreadable spec: {exc}") from None
 

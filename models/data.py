@@ -136,20 +136,19 @@ class DatasetInfo:
     mean: list[float] | None      # None: computed from the files (image folders)
     std: list[float] | None
     flip: bool                    # horizontal flip keeps the label
-    native_size: int | None       # the files' own size; None for image folders (any size)
 
 
 def dataset_info(dataset: str, data_root: str | Path = "data") -> DatasetInfo:
     """Labels and statistics of a dataset; reads files only for an image folder."""
     if dataset == "digits":
-        return DatasetInfo("digits", MNIST_LABELS, True, None, None, False, 8)
+        return DatasetInfo("digits", MNIST_LABELS, True, None, None, False)
     if dataset in _TORCHVISION:
         _, _, labels, grey, mean, std, flip = _TORCHVISION[dataset]
-        return DatasetInfo(dataset, labels, grey, mean, std, flip, 28 if grey else 32)
+        return DatasetInfo(dataset, labels, grey, mean, std, flip)
     if dataset.startswith("imagefolder:"):
         train_dir, _ = _imagefolder_dirs(dataset)
         classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-        return DatasetInfo(dataset, classes, False, None, None, True, None)
+        return DatasetInfo(dataset, classes, False, None, None, True)
     raise DatasetError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
 
 

@@ -57,7 +57,7 @@ def create(arch: str, dataset: str = "digits", *, input_size: int | None = None,
     # LeNet keeps grey input on grey data; ResNets take RGB everywhere (grey replicated), unet grey.
     grey = task == "segmentation" or (arch == "lenet" and info.grey)
     mode, channels = ("L", 1) if grey else ("RGB", 3)
-    preprocess = _preprocess(info.name, info.native_size, mode, size)
+    preprocess = _eval_transform(info.name, mode, size)
     preprocess.mean, preprocess.std = _statistics(dataset, info, preprocess, channels, size)
 
     kwargs: dict[str, Any] = {"num_classes": 1 if task == "segmentation" else len(info.labels),
@@ -75,7 +75,8 @@ def create(arch: str, dataset: str = "digits", *, input_size: int | None = None,
     return model, spec
 
 
-def _preprocess(name: str, native: int | None, mode: str, size: int) -> Preprocess:
+def _eval_transform(name: str, mode: str, size: int) -> Preprocess:
+    """The spec's eval-time resize and crop (mean and std are filled in by `_statistics`)."""
     if name.startswith("imagefolder:"):
         # The classic eval: shorter side to size/0.875, then the central size x size.
         return Preprocess(mode=mode, resize=int(round(size / 0.875)), crop=[size, size], mean=[], std=[])

@@ -10,6 +10,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bnfold.errors import BnfoldError
+from bnfold.versions import __version__
+
 SPEC_METADATA_KEY = "bnfold.spec"
 SPEC_VERSION = 1
 # The largest batch one request may carry when a model's batch axis is dynamic: Triton's
@@ -19,6 +22,19 @@ MAX_BATCH_SIZE = 32
 # A served model's name (a URL segment and a Triton repository folder): export.triton and
 # serve.repository both hold names to it.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class SpecVersionError(BnfoldError):
+    """A spec written by a newer bnfold (a higher `spec_version`) than this one can read."""
+
+
+def check_spec_version(version: Any) -> None:
+    """Refuse a spec newer than `SPEC_VERSION`: its fields may mean things this bnfold does not know."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise SpecVersionError(f"spec_version {version!r} is not a positive integer")
+    if version > SPEC_VERSION:
+        raise SpecVersionError(f"the model spec has spec_version {version}, newer than the {SPEC_VERSION} this "
+                               f"bnfold ({__version__}) reads: upgrade bnfold (pip install -U bnfold)")
 
 
 @dataclass
@@ -62,6 +78,7 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
         data = dict(data)
+        check_spec_version(data.get("spec_version", SPEC_VERSION))
         data["preprocess"] = Preprocess(**data["preprocess"])
         return cls(**data)
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from bnfold.models.spec import MAX_BATCH_SIZE, SPEC_METADATA_KEY, ModelSpec
+from bnfold.models.spec import MAX_BATCH_SIZE, SPEC_METADATA_KEY, ModelSpec, SpecVersionError
 from bnfold.serve.errors import DeviceUnavailableError, ServeError
 
 # A request whose estimated run time is under this runs inside the event loop: a thread hop costs
@@ -134,6 +134,8 @@ def _read_spec(session: ort.InferenceSession, path: Path) -> ModelSpec | None:
         return None
     try:
         return ModelSpec.from_json(text)
+    except SpecVersionError as exc:  # valid, but from a newer bnfold: say that, not "not valid"
+        raise ServeError(f"{path}: {exc}", status=500) from None
     except (ValueError, TypeError, KeyError) as exc:
         raise ServeError(f"{path}: metadata {SPEC_METADATA_KEY!r} is not a valid bnfold spec ({exc})",
                          status=500) from exc

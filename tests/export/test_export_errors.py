@@ -211,3 +211,15 @@ def test_format_names_are_normalized_and_an_onnx_file_without_a_spec_is_named(tm
     (tmp_path / "text.onnx").write_text("not a protobuf")
     with pytest.raises(export.ExportError, match="text.onnx.*not an ONNX model"):
         export.read_spec(tmp_path / "text.onnx")
+
+
+def test_an_onnx_spec_from_a_newer_bnfold_is_refused_by_name(tmp_path, make_tiny_onnx) -> None:
+    from bnfold.models.spec import SPEC_VERSION, SpecVersionError
+
+    path = make_tiny_onnx(tmp_path / "newer.onnx")
+    spec = export.read_spec(path)
+    spec.spec_version = SPEC_VERSION + 1
+    make_tiny_onnx(path, spec=spec)
+    with pytest.raises(SpecVersionError, match=f"spec_version {SPEC_VERSION + 1}.*upgrade bnfold") as info:
+        export.read_spec(path)
+    assert "newer.onnx" in str(info.value)

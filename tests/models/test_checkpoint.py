@@ -169,3 +169,26 @@ def test_randomly_damaged_bytes_are_a_checkpoint_error(tmp_path, lenet_checkpoin
             assert not models.is_checkpoint(damaged)
         else:
             assert models.is_checkpoint(damaged)  # the damage missed everything that matters
+
+
+def test_a_spec_from_a_newer_bnfold_is_refused_by_name(lenet_checkpoint, capsys):
+    """A newer spec may carry fields (or meanings) this bnfold does not know: say so, not "unreadable"."""
+    from bnfold.cli import main
+    from bnfold.models.spec import SPEC_VERSION, SpecVersionError
+
+    path, _, _ = lenet_checkpoint
+    newer = SPEC_VERSION + 1
+
+    def newer_spec(payload):
+        payload["spec"]["spec_version"] = newer
+        payload["spec"]["a_field_from_the_future"] = 1
+    _rewrite(path, newer_spec)
+    with pytest.raises(SpecVersionError, match=f"spec_version {newer}.*upgrade bnfold") as info:
+        models.load_checkpoint(path)
+    assert str(path) in str(info.value)
+    code = main(["export", str(path), "--format", "torchscript", "--out", str(path.parent / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"spec_version {newer}" in err and "Traceback" not in err
+    # The current version and older ones still load.
+    _rewrite(path, lambda p: (p["spec"].pop("a_field_from_the_future"), p["spec"].__setitem__("spec_version", 1)))
+    assert models.load_checkpoint(path)[1].spec_version == 1

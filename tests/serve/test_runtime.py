@@ -133,3 +133,15 @@ def test_an_input_numpy_cannot_hold_is_refused_at_load(tmp_path: Path) -> None:
         with pytest.raises(ServeError, match="input 'input' is BF16, which requests cannot carry") as info:
             open_session(path, warmup=warmup)
         assert info.value.status == 500
+
+
+def test_a_model_whose_spec_is_from_a_newer_bnfold_is_refused_by_name(tmp_path: Path, make_tiny_onnx) -> None:
+    from bnfold.export import read_spec
+    from bnfold.models.spec import SPEC_VERSION
+
+    path = make_tiny_onnx(tmp_path / "model.onnx")
+    spec = read_spec(path)
+    spec.spec_version = SPEC_VERSION + 1
+    make_tiny_onnx(path, spec=spec)
+    with pytest.raises(ServeError, match=f"spec_version {SPEC_VERSION + 1}.*upgrade bnfold"):
+        open_session(path)
