@@ -1,49 +1,55 @@
 """Fold inference-mode BatchNormalization nodes of any ONNX graph into their producers.
 
 Handles BatchNormalization after Conv, ConvTranspose (grouped too), Gemm (honouring transB,
-alpha, beta and any broadcastable C) and MatMul, with or without a following bias Add. The
-producer's weights must be constants (initializers not also listed as graph inputs, Constant
-nodes, or Identity of those); the arithmetic is `bnfold.math`'s, in float64. New weights get
-new initializer names, so a weight shared with another node is never changed under it; the
-originals are dropped once nothing uses them.
+alpha, beta and any broadcastable C) and MatMul, with or without a following bias Add; and a
+constant per-channel affine map (`Mul` by a constant, then optionally `Add` of a constant) after
+Conv, ConvTranspose or Gemm, which is what a frozen BatchNorm exports as (the legacy exporter
+folds its constants into one scale and one shift; dynamo leaves the Sqrt / Reciprocal / Mul / Sub
+/ Add chain over the four buffers, evaluated here as constants). `ONNX_FOLDERS` maps the
+producer's op type to its fold function; `fold_onnx(..., folders=)` extends or overrides it.
+
+The producer's weights must be constants (initializers not also listed as graph inputs, Constant
+nodes, or small chains of constant ops over those); the arithmetic is `bnfold.math`'s, in
+float64. New weights get new initializer names, so a weight shared with another node is never
+changed under it; the originals are dropped once nothing uses them.
 """
 from __future__ import annotations
 
 import copy
 import os
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, FoldSkipped
 from bnfold.math import bn_scale_shift, fold_bn_after
 from bnfold.report import FoldReport
 
-__all__ = ["fold_onnx", "load_onnx", "count_onnx_batchnorm"]
-
-
-class _Skip(Exception):
-    """A guard refused a BatchNormalization node; the message is the reason."""
+__all__ = ["fold_onnx", "load_onnx", "count_onnx_batchnorm", "ONNX_FOLDERS", "OnnxFoldFn"]
 
 
 class _NotConstant(Exception):
     """A tensor's value depends on the graph's inputs."""
 
 
-def load_onnx(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
-    """A copy of `model_or_path`, read from disk if it is a path; `BnfoldError` when unreadable."""
+def load_onnx(model_or_path: onnx.ModelProto | str | os.PathLike, *,
+              load_external_data: bool = True) -> onnx.ModelProto:
+    """A copy of `model_or_path`, read from disk if it is a path; `BnfoldError` naming a missing or
+    unreadable file. `load_external_data=False` leaves weights stored beside the file unread."""
     if isinstance(model_or_path, onnx.ModelProto):
         return copy.deepcopy(model_or_path)
     path = Path(model_or_path)
     if not path.is_file():
-        raise BnfoldError(f"no ONNX file at {str(path)!r}")
+        raise BnfoldError(f"no ONNX file at {str(path)!r}: it does not exist")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=load_external_data)
     except Exception as exc:  # protobuf raises DecodeError, onnx raises its own; both mean unreadable
         raise BnfoldError(f"{str(path)!r} is not a readable ONNX file ({type(exc).__name__}: {exc})") from None
     if not model.graph.node:
@@ -146,7 +152,17 @@ def _squeeze(g: "_Graph", node: onnx.NodeProto) -> np.ndarray:
     return np.squeeze(data) if axes is None else np.squeeze(data, axis=tuple(a % data.ndim for a in axes))
 
 
+def _elementwise(fn: Callable[..., np.ndarray]) -> Callable[["_Graph", onnx.NodeProto], np.ndarray]:
+    # numpy in the tensors' own dtype, as onnxruntime computes them: a frozen BN's scale is then
+    # the same float32 value the unfolded graph multiplies by.
+    return lambda g, n: np.asarray(fn(*(g._value(name) for name in n.input)))
+
+
 _CONST_OPS = {
+    "Add": _elementwise(np.add), "Sub": _elementwise(np.subtract), "Mul": _elementwise(np.multiply),
+    "Div": _elementwise(np.divide), "Sqrt": _elementwise(np.sqrt), "Reciprocal": _elementwise(np.reciprocal),
+    "Neg": _elementwise(np.negative),
+    "Concat": lambda g, n: np.concatenate([g._value(name) for name in n.input], axis=int(_attr(n, "axis", 0))),
     "Identity": lambda g, n: g._value(n.input[0]),
     "Constant": _constant,
     "Transpose": lambda g, n: np.transpose(g._value(n.input[0]), _attr(n, "perm", None)),
@@ -183,19 +199,19 @@ class _Graph:
         self._counter = 0
 
     def const(self, name: str, what: str) -> np.ndarray:
-        """The value of a constant tensor, or `_Skip` saying why `name` is not one.
+        """The value of a constant tensor, or `FoldSkipped` saying why `name` is not one.
 
         Constant means an initializer that is not also a graph input, or the output of a small
-        chain of shape-free ops over constants (Identity, Constant, Transpose, Cast, CastLike,
-        Shape, Expand, Reshape, Squeeze, Unsqueeze): what exporters emit for a transposed weight
-        or a zero bias.
+        chain of ops over constants (`_CONST_OPS`: Identity, Constant, Transpose, Cast, CastLike,
+        Shape, Expand, Reshape, Squeeze, Unsqueeze, Concat and elementwise arithmetic): what
+        exporters emit for a transposed weight, a zero bias or a frozen BatchNorm's scale.
         """
         if not name:
-            raise _Skip(f"{what} is missing")
+            raise FoldSkipped(f"{what} is missing")
         try:
             return self._value(name)
         except _NotConstant as exc:
-            raise _Skip(f"{what} {name!r} is computed at run time, not a constant initializer ({exc})") from None
+            raise FoldSkipped(f"{what} {name!r} is computed at run time, not a constant initializer ({exc})") from None
 
     def _value(self, name: str) -> np.ndarray:
         if name in self.inits:
@@ -219,15 +235,15 @@ class _Graph:
         return self._value(name).dtype
 
     def only_consumer(self, name: str, node: onnx.NodeProto) -> None:
-        """`_Skip` unless `node` is the one reader of `name`."""
+        """`FoldSkipped` unless `node` is the one reader of `name`."""
         users = self.consumers.get(name, [])
         if name in self.outputs:
-            raise _Skip(f"{name!r} is also a graph output")
+            raise FoldSkipped(f"{name!r} is also a graph output")
         if name in self.sub_reads:
-            raise _Skip(f"{name!r} is also read inside a subgraph")
+            raise FoldSkipped(f"{name!r} is also read inside a subgraph")
         if len(users) != 1 or users[0] is not node:
             kinds = ", ".join(f"{u.op_type} {u.name!r}" for u in users)
-            raise _Skip(f"the output {name!r} has {len(users)} consumers ({kinds})")
+            raise FoldSkipped(f"the output {name!r} has {len(users)} consumers ({kinds})")
 
     def add_initializer(self, base: str, value: np.ndarray) -> str:
         taken = set(self.inits) | set(self.producer) | self.inputs
@@ -249,18 +265,97 @@ def _t(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(a, dtype=np.float64).copy())
 
 
-def _bn_tensors(g: _Graph, bn: onnx.NodeProto) -> tuple[torch.Tensor, ...]:
+@dataclass
+class _Norm:
+    """One per-channel affine node (or pair) to fold away: a BatchNormalization, or a Mul by a
+    constant optionally followed by an Add of a constant. `scale`/`shift` are the Mul's and Add's
+    constants as written; a BatchNormalization has its statistics instead."""
+
+    name: str  # for the report
+    input: str  # the tensor it reads
+    output: str  # the tensor it writes
+    nodes: list[onnx.NodeProto]  # removed once folded
+    what: str  # "BatchNormalization" or "the Mul/Add affine map"
+    stats: tuple[torch.Tensor, ...] | None = None  # mean, var, gamma, beta (float64)
+    eps: float = 0.0
+    scale: np.ndarray | None = None
+    shift: np.ndarray | None = None
+
+    def per_channel(self, rank: int, axis: int, channels: int, layer: str) -> tuple[tuple[torch.Tensor, ...], float]:
+        """`(mean, var, gamma, beta), eps` over the `channels` of axis `axis` of a rank-`rank` output,
+        or `FoldSkipped` when the map is not per-channel there."""
+        if self.stats is not None:
+            if self.stats[0].numel() != channels:
+                raise FoldSkipped(f"shapes disagree: {layer} produces {channels} channels, "
+                                  f"{self.what} normalizes {self.stats[0].numel()}")
+            return self.stats, self.eps
+        # An affine map is a BN with mean 0, var 1, eps 0: scale * x + shift exactly.
+        scale = _channel_vector(self.scale, rank, axis, channels, f"{self.what}'s scale", layer)
+        shift = (_channel_vector(self.shift, rank, axis, channels, f"{self.what}'s shift", layer)
+                 if self.shift is not None else torch.zeros(channels, dtype=torch.float64))
+        return (torch.zeros(channels, dtype=torch.float64), torch.ones(channels, dtype=torch.float64), scale, shift), 0.0
+
+
+def _channel_vector(value: np.ndarray, rank: int, axis: int, channels: int, what: str, layer: str) -> torch.Tensor:
+    """`value` broadcast over a rank-`rank` tensor as one number per channel of `axis`, or `FoldSkipped`."""
+    shape = list(value.shape)
+    axis = axis % rank
+    if len(shape) > rank:
+        raise FoldSkipped(f"{what} has rank {len(shape)}, more than {layer}'s output ({rank})")
+    shape = [1] * (rank - len(shape)) + shape
+    if any(d != 1 for i, d in enumerate(shape) if i != axis) or shape[axis] not in (1, channels):
+        raise FoldSkipped(f"{what} of shape {list(value.shape)} is not one value per channel of {layer}'s "
+                          f"{channels} channels (axis {axis})")
+    return _t(np.broadcast_to(value.reshape(-1), (channels,)) if value.size == 1 else value.reshape(-1))
+
+
+def _batchnorm(g: _Graph, bn: onnx.NodeProto) -> _Norm:
+    norm = _Norm(bn.name or bn.output[0], bn.input[0], bn.output[0], [bn], "BatchNormalization")
     if int(_attr(bn, "training_mode", 0)):
-        raise _Skip("training_mode=1: it normalizes with batch statistics")
+        raise FoldSkipped("training_mode=1: it normalizes with batch statistics")
     if not int(_attr(bn, "spatial", 1)):
-        raise _Skip("spatial=0 (per-element statistics, opset < 9) is not supported")
+        raise FoldSkipped("spatial=0 (per-element statistics, opset < 9) is not supported")
     if any(out for out in bn.output[1:]):
-        raise _Skip("it also outputs running statistics (a training graph)")
+        raise FoldSkipped("it also outputs running statistics (a training graph)")
     if len(bn.input) < 5:
-        raise _Skip(f"it has {len(bn.input)} inputs, expected 5")
+        raise FoldSkipped(f"it has {len(bn.input)} inputs, expected 5")
     names = ("scale", "B", "input_mean", "input_var")
     scale, bias, mean, var = (g.const(n, f"BatchNormalization {w}") for n, w in zip(bn.input[1:5], names))
-    return _t(mean), _t(var), _t(scale), _t(bias)
+    norm.stats = (_t(mean), _t(var), _t(scale), _t(bias))
+    norm.eps = float(_attr(bn, "epsilon", 1e-5))
+    return norm
+
+
+_AFFINE_PRODUCERS = ("Conv", "ConvTranspose", "Gemm")
+
+
+def _affine(g: _Graph, mul: onnx.NodeProto) -> _Norm | None:
+    """A `Mul(x, constant)` (then `Add(., constant)` when that Add is its only reader) whose `x` comes
+    from Conv / ConvTranspose / Gemm: a frozen BatchNorm's export. None when it is not one."""
+    if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or len(mul.input) != 2:
+        return None
+    for x, c in ((mul.input[0], mul.input[1]), (mul.input[1], mul.input[0])):
+        producer = g.producer.get(x)
+        if producer is None or producer.op_type not in _AFFINE_PRODUCERS:
+            continue
+        try:
+            scale = g.const(c, "Mul operand")
+        except FoldSkipped:
+            continue
+        norm = _Norm(mul.name or mul.output[0], x, mul.output[0], [mul], "the Mul/Add affine map", scale=scale)
+        users = g.consumers.get(mul.output[0], [])
+        if len(users) == 1 and users[0].op_type == "Add" and mul.output[0] not in g.outputs | g.sub_reads:
+            add = users[0]
+            other = add.input[1] if add.input[0] == mul.output[0] else add.input[0]
+            try:
+                norm.shift = g.const(other, "Add operand")
+            except FoldSkipped:
+                return norm
+            norm.nodes.append(add)
+            norm.output = add.output[0]
+            norm.name = f"{norm.name} + {add.name or add.output[0]}"
+        return norm
+    return None
 
 
 def _set_weight_and_bias(g: _Graph, layer: onnx.NodeProto, w: np.ndarray, new_w: torch.Tensor,
@@ -274,33 +369,35 @@ def _set_weight_and_bias(g: _Graph, layer: onnx.NodeProto, w: np.ndarray, new_w:
     layer.input.extend(inputs)
 
 
-def _fold_conv(g: _Graph, layer: onnx.NodeProto, stats: tuple, eps: float) -> None:
+def _write_to(layer: onnx.NodeProto, norm: _Norm) -> tuple[str, list[onnx.NodeProto]]:
+    name = layer.name or layer.output[0]
+    layer.output[0] = norm.output  # the layer now writes the normalized tensor directly
+    return name, []
+
+
+def _fold_conv(g: _Graph, layer: onnx.NodeProto, norm: _Norm) -> tuple[str, list[onnx.NodeProto]]:
     transposed = layer.op_type == "ConvTranspose"
     w = g.const(layer.input[1], f"{layer.op_type} weight")
     b = g.const(layer.input[2], f"{layer.op_type} bias") if len(layer.input) > 2 and layer.input[2] else None
     groups = int(_attr(layer, "group", 1))
     channels = w.shape[1] * groups if transposed else w.shape[0]
-    if stats[0].numel() != channels:
-        raise _Skip(f"shapes disagree: {layer.op_type} produces {channels} channels, "
-                    f"BatchNormalization normalizes {stats[0].numel()}")
-    mean, var, gamma, beta = stats
+    (mean, var, gamma, beta), eps = norm.per_channel(w.ndim, 1, channels, layer.op_type)
     new_w, new_b = fold_bn_after(_t(w), None if b is None else _t(b), mean, var, eps, gamma, beta,
                                  transposed=transposed, groups=groups)
     _set_weight_and_bias(g, layer, w, new_w, b, new_b)
+    return _write_to(layer, norm)
 
 
-def _fold_gemm(g: _Graph, layer: onnx.NodeProto, stats: tuple, eps: float) -> None:
+def _fold_gemm(g: _Graph, layer: onnx.NodeProto, norm: _Norm) -> tuple[str, list[onnx.NodeProto]]:
     w = g.const(layer.input[1], "Gemm B")
     c = g.const(layer.input[2], "Gemm C") if len(layer.input) > 2 and layer.input[2] else None
     beta = float(_attr(layer, "beta", 1.0))
     trans_b = int(_attr(layer, "transB", 0))
     if w.ndim != 2:
-        raise _Skip(f"Gemm B has rank {w.ndim}, expected 2")
+        raise FoldSkipped(f"Gemm B has rank {w.ndim}, expected 2")
     rows = w if trans_b else w.T  # (N, K): one row per output channel, like nn.Linear's weight
     n = rows.shape[0]
-    if stats[0].numel() != n:
-        raise _Skip(f"shapes disagree: Gemm produces {n} channels, BatchNormalization normalizes {stats[0].numel()}")
-    mean, var, gamma, bn_beta = stats
+    (mean, var, gamma, bn_beta), eps = norm.per_channel(2, 1, n, "Gemm")
     # s*(alpha*A*B' + beta*C) + t  ==  alpha*A*(B' s) + (beta*C*s + t): alpha stays, C becomes
     # the folded bias and beta becomes 1.
     scale, shift = bn_scale_shift(mean, var, eps, gamma, bn_beta)
@@ -309,7 +406,7 @@ def _fold_gemm(g: _Graph, layer: onnx.NodeProto, stats: tuple, eps: float) -> No
         new_c = shift
     else:
         if c.ndim > 2 or (c.ndim >= 1 and c.shape[-1] not in (1, n)):
-            raise _Skip(f"Gemm C of shape {list(c.shape)} does not broadcast over {n} columns")
+            raise FoldSkipped(f"Gemm C of shape {list(c.shape)} does not broadcast over {n} columns")
         full = np.broadcast_to(np.asarray(c, dtype=np.float64) * beta, (*c.shape[:-1], n) if c.ndim else (n,))
         new_c = _t(full) * scale + shift
     new_w = new_rows if trans_b else new_rows.T
@@ -317,28 +414,28 @@ def _fold_gemm(g: _Graph, layer: onnx.NodeProto, stats: tuple, eps: float) -> No
     for attr in layer.attribute:
         if attr.name == "beta":
             attr.f = 1.0
+    return _write_to(layer, norm)
 
 
-def _fold_matmul(g: _Graph, matmul: onnx.NodeProto, add: onnx.NodeProto | None, stats: tuple, eps: float,
-                 bn: onnx.NodeProto) -> onnx.NodeProto | None:
-    """Returns a new Add node to insert in place of the BN when the MatMul had none."""
+def _fold_matmul_into(g: _Graph, matmul: onnx.NodeProto, add: onnx.NodeProto | None,
+                      norm: _Norm) -> onnx.NodeProto | None:
+    """Fold into `matmul` (and its bias `add`); returns a new Add node to insert in place of the BN
+    when the MatMul had none."""
     rank = g.ranks.get(matmul.input[0])
     if rank != 2:
-        raise _Skip("MatMul input rank is " + ("unknown" if rank is None else str(rank)) +
-                    "; only a 2-D MatMul puts the BatchNormalization channel on its last axis")
+        raise FoldSkipped("MatMul input rank is " + ("unknown" if rank is None else str(rank)) +
+                          "; only a 2-D MatMul puts the BatchNormalization channel on its last axis")
     w = g.const(matmul.input[1], "MatMul weight")
     if w.ndim != 2:
-        raise _Skip(f"MatMul weight has rank {w.ndim}, expected 2")
+        raise FoldSkipped(f"MatMul weight has rank {w.ndim}, expected 2")
     n = w.shape[1]
-    if stats[0].numel() != n:
-        raise _Skip(f"shapes disagree: MatMul produces {n} channels, BatchNormalization normalizes {stats[0].numel()}")
-    mean, var, gamma, beta = stats
+    (mean, var, gamma, beta), eps = norm.per_channel(2, 1, n, "MatMul")
     b_name, b = None, None
     if add is not None:
         b_name = add.input[1] if add.input[0] in matmul.output else add.input[0]
         b = g.const(b_name, "Add bias")
         if b.size not in (1, n) or b.ndim > 2 or (b.ndim and b.shape[-1] != b.size):
-            raise _Skip(f"Add bias of shape {list(b.shape)} is not a per-column bias of {n} columns")
+            raise FoldSkipped(f"Add bias of shape {list(b.shape)} is not a per-column bias of {n} columns")
     bias = None if b is None else _t(np.broadcast_to(b.reshape(-1), (n,)))
     new_rows, new_b = fold_bn_after(_t(w.T), bias, mean, var, eps, gamma, beta)
     new_w_name = g.add_initializer(matmul.input[1], _cast(new_rows.T.contiguous(), w))
@@ -348,45 +445,67 @@ def _fold_matmul(g: _Graph, matmul: onnx.NodeProto, add: onnx.NodeProto | None, 
         add.input[0 if add.input[0] == b_name else 1] = bias_name
         return None
     bias_name = g.add_initializer(f"{matmul.input[1]}_bias", _cast(new_b, w))
-    return helper.make_node("Add", [matmul.output[0], bias_name], [bn.output[0]],
-                            name=f"{bn.name or matmul.name}_bias")
+    return helper.make_node("Add", [matmul.output[0], bias_name], [norm.output],
+                            name=f"{norm.nodes[0].name or matmul.name}_bias")
 
 
-def _fold_one(g: _Graph, bn: onnx.NodeProto) -> tuple[str, list[onnx.NodeProto]]:
-    """Fold `bn`; returns the producer's name and nodes to insert. `_Skip` when it cannot."""
-    x = bn.input[0]
-    producer = g.producer.get(x)
+def _fold_matmul(g: _Graph, matmul: onnx.NodeProto, norm: _Norm) -> tuple[str, list[onnx.NodeProto]]:
+    # The BN becomes an Add of its shift; the MatMul's output keeps its name.
+    return matmul.name or matmul.output[0], [_fold_matmul_into(g, matmul, None, norm)]
+
+
+def _fold_matmul_add(g: _Graph, add: onnx.NodeProto, norm: _Norm) -> tuple[str, list[onnx.NodeProto]]:
+    matmul = next((node for name in add.input if (node := g.producer.get(name)) is not None
+                   and node.op_type == "MatMul"), None)
+    if matmul is None:
+        raise FoldSkipped(f"its producer is Add {add.name!r}, not the bias Add of a MatMul")
+    g.only_consumer(matmul.output[0], add)
+    _fold_matmul_into(g, matmul, add, norm)
+    add.output[0] = norm.output
+    return matmul.name or matmul.output[0], []
+
+
+# A fold function: (graph, producer node, the affine node(s) it feeds) -> (the layer's name for
+# the report, nodes to insert where the affine node was); it rewires the producer to write the
+# affine node's output, or raises FoldSkipped with the reason.
+OnnxFoldFn = Callable[[_Graph, onnx.NodeProto, _Norm], tuple[str, list[onnx.NodeProto]]]
+
+ONNX_FOLDERS: Mapping[str, OnnxFoldFn] = MappingProxyType({
+    "Conv": _fold_conv,
+    "ConvTranspose": _fold_conv,
+    "Gemm": _fold_gemm,
+    "MatMul": _fold_matmul,
+    "Add": _fold_matmul_add,  # MatMul + bias Add, as exporters write nn.Linear on N-D inputs
+})
+
+
+def _merge(folders: Mapping[str, OnnxFoldFn | None] | None) -> dict[str, OnnxFoldFn]:
+    table = dict(ONNX_FOLDERS)
+    for op, fn in (folders or {}).items():
+        if not isinstance(op, str):
+            raise BnfoldError(f"folders keys must be ONNX op types (str), got {op!r}")
+        if fn is None:
+            table.pop(op, None)
+        elif not callable(fn):
+            raise BnfoldError(f"folders[{op!r}] must be callable, got {fn!r}")
+        else:
+            table[op] = fn
+    return table
+
+
+def _fold_one(g: _Graph, norm: _Norm, table: Mapping[str, OnnxFoldFn]) -> tuple[str, list[onnx.NodeProto]]:
+    """Fold `norm` into the node producing its input; `FoldSkipped` when it cannot."""
+    producer = g.producer.get(norm.input)
     if producer is None:
-        raise _Skip(f"its input {x!r} is a graph input or initializer, not a node output")
-    stats = _bn_tensors(g, bn)
-    eps = float(_attr(bn, "epsilon", 1e-5))
-    g.only_consumer(x, bn)
+        raise FoldSkipped(f"its input {norm.input!r} is a graph input or initializer, not a node output")
+    g.only_consumer(norm.input, norm.nodes[0])
     if producer.domain not in ("", "ai.onnx"):
-        raise _Skip(f"its producer {producer.op_type} is in domain {producer.domain!r}")
-    name = producer.name or producer.output[0]
-    if producer.op_type in ("Conv", "ConvTranspose"):
-        _fold_conv(g, producer, stats, eps)
-    elif producer.op_type == "Gemm":
-        _fold_gemm(g, producer, stats, eps)
-    elif producer.op_type == "MatMul":
-        # The BN becomes an Add of its shift; the MatMul's output keeps its name.
-        return name, [_fold_matmul(g, producer, None, stats, eps, bn)]
-    elif producer.op_type == "Add" and (matmul := _matmul_feeding(g, producer)) is not None:
-        g.only_consumer(matmul.output[0], producer)
-        _fold_matmul(g, matmul, producer, stats, eps, bn)
-        name = matmul.name or matmul.output[0]
-    else:
-        raise _Skip(f"its producer is {producer.op_type} {producer.name!r}, not Conv, ConvTranspose, Gemm or MatMul")
-    producer.output[0] = bn.output[0]  # the producer now writes the BN's output directly
-    return name, []
-
-
-def _matmul_feeding(g: _Graph, add: onnx.NodeProto) -> onnx.NodeProto | None:
-    for name in add.input:
-        node = g.producer.get(name)
-        if node is not None and node.op_type == "MatMul":
-            return node
-    return None
+        raise FoldSkipped(f"its producer {producer.op_type} is in domain {producer.domain!r}")
+    fn = table.get(producer.op_type)
+    if fn is None:
+        raise FoldSkipped(f"its producer is {producer.op_type} {producer.name!r}, not one of "
+                          f"{', '.join(sorted(table))}")
+    return fn(g, producer, norm)
 
 
 def _used_names(model: onnx.ModelProto) -> set[str]:
@@ -417,29 +536,42 @@ def _clean(model: onnx.ModelProto, originally_used: set[str]) -> None:
     graph.value_info.extend(infos)
 
 
-def fold_onnx(model_or_path: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, FoldReport]:
-    """Fold every inference-mode BatchNormalization that follows Conv, ConvTranspose, Gemm or MatMul(+Add).
+def fold_onnx(model_or_path: onnx.ModelProto | str | os.PathLike, *,
+              folders: Mapping[str, OnnxFoldFn | None] | None = None) -> tuple[onnx.ModelProto, FoldReport]:
+    """Fold every inference-mode BatchNormalization, and every constant per-channel Mul(+Add), that
+    follows Conv, ConvTranspose, Gemm or MatMul(+Add) (the affine map: Conv, ConvTranspose, Gemm).
 
     Returns `(folded_model, report)`; the input `ModelProto` is not modified. The result passes
-    `onnx.checker.check_model`. BatchNormalization nodes in subgraphs (If/Loop bodies) are left
+    `onnx.checker.check_model`. `folders` extends or overrides `ONNX_FOLDERS` by producer op type
+    (a value of None removes one). BatchNormalization nodes in subgraphs (If/Loop bodies) are left
     alone and noted.
     """
+    table = _merge(folders)
     model = load_onnx(model_or_path)
     g = _Graph(model)
     report = FoldReport()
     originally_used = _used_names(model)
-    for bn in [n for n in g.graph.node if _is_batchnorm(n)]:
-        bn_name = bn.name or bn.output[0]
+    position = 0
+    while position < len(g.graph.node):
+        # One pass in graph order: a fold can make the next node a candidate (a frozen BN's Mul
+        # after a BatchNormalization just folded into its conv).
+        node = g.graph.node[position]
+        position += 1
         try:
-            layer_name, new_nodes = _fold_one(g, bn)
-        except _Skip as exc:
-            report.skipped.append((bn_name, str(exc)))
+            norm = _batchnorm(g, node) if _is_batchnorm(node) else _affine(g, node)
+            if norm is None:
+                continue
+            layer_name, new_nodes = _fold_one(g, norm, table)
+        except FoldSkipped as exc:
+            report.skipped.append((node.name or node.output[0], str(exc)))
             continue
-        index = list(g.graph.node).index(bn)
-        g.graph.node.remove(bn)
-        for offset, node in enumerate(new_nodes):
-            g.graph.node.insert(index + offset, node)
-        report.folded.append((layer_name, bn_name))
+        position -= 1
+        for old in norm.nodes:
+            g.graph.node.remove(old)
+        for offset, new in enumerate(new_nodes):
+            g.graph.node.insert(position + offset, new)
+        position += len(new_nodes)
+        report.folded.append((layer_name, norm.name))
         g = _Graph(model, g.ranks)  # the tables changed; rebuilding is cheap next to the weights
     _clean(model, originally_used)
     if any(n.op_type in ("If", "Loop", "Scan") for n in model.graph.node):

@@ -241,3 +241,71 @@ def test_initializer_dtype_is_kept(dtype) -> None:
     assert new[gemm.input[1]].dtype == dtype and new[gemm.input[2]].dtype == dtype
     expected = (w.astype(np.float64) * scale[:, None]).astype(dtype)
     np.testing.assert_array_equal(new[gemm.input[1]], expected)  # float64 math, one rounding
+
+
+# -- constant per-channel affine maps (frozen BatchNorm) and the folders table --------------------
+
+
+class _FrozenNet(nn.Module):
+    """torchvision's FrozenBatchNorm2d after a conv and a transposed conv, a Linear with a frozen
+    per-feature scale and shift: what detection backbones export as."""
+
+    def __init__(self) -> None:
+        from torchvision.ops.misc import FrozenBatchNorm2d
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), FrozenBatchNorm2d(4), nn.ReLU(),
+                                      nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2), FrozenBatchNorm2d(6))
+        self.fc = nn.Linear(6, 3)
+        self.register_buffer("s", torch.rand(3) + 0.5)
+        self.register_buffer("t", torch.randn(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3))) * self.s + self.t
+
+
+@pytest.mark.parametrize("dynamo", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_frozen_batchnorm_exported_as_mul_add_is_folded(dynamo: bool, tmp_path: Path, randomize_bn) -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(_FrozenNet()).eval()
+    kwargs = {"dynamo": True, "optimize": False} if dynamo else {"dynamo": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 1, 6, 6),), str(tmp_path / "f.onnx"), input_names=["input"],
+                          **kwargs)
+    original = onnx.load(str(tmp_path / "f.onnx"))
+    muls = sum(n.op_type == "Mul" for n in original.graph.node)
+    assert count_onnx_batchnorm(original) == 0 and muls >= 3
+    folded, report = fold_onnx(original)
+    assert len(report.folded) == 3 and report.ok, str(report)
+    ops = {n.name: n.op_type for n in folded.graph.node}
+    assert sorted(ops[layer] for layer, _ in report.folded) == ["Conv", "ConvTranspose", "Gemm"]
+    # Every data-path Mul is gone; what Muls remain only compute constants nobody reads.
+    assert sum(n.op_type == "Mul" for n in folded.graph.node) == 0, [n.op_type for n in folded.graph.node]
+    _assert_parity(original, folded, np.random.default_rng(12).standard_normal((2, 1, 6, 6)).astype(np.float32))
+
+
+def test_affine_that_is_not_per_channel_is_left() -> None:
+    rng = np.random.default_rng(13)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal((1, 1, 3, 3)).astype(np.float32), "S")]  # per pixel
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"), helper.make_node("Mul", ["h", "S"], ["y"], name="mul")]
+    folded, report = fold_onnx(_model(nodes, inits, [1, 3, 5, 5], [1, 4, 3, 3]))
+    assert report.folded == [] and [n for n, _ in report.skipped] == ["mul"]
+    assert "not one value per channel" in report.skipped[0][1]
+
+
+def test_onnx_folders_table_can_remove_and_add(tmp_path: Path) -> None:
+    original = _conv_graph()
+    _, report = fold_onnx(original, folders={"Conv": None})
+    assert report.folded == [] and "not one of" in report.skipped[0][1]
+    calls = []
+
+    def spy(g, layer, norm):
+        calls.append((layer.op_type, norm.name))
+        from bnfold.onnx_fold import ONNX_FOLDERS
+        return ONNX_FOLDERS["Conv"](g, layer, norm)
+
+    folded, report = fold_onnx(original, folders={"Conv": spy})
+    assert calls == [("Conv", "bn")] and report.folded == [("conv", "bn")]
+    with pytest.raises(BnfoldError, match="op types"):
+        fold_onnx(original, folders={1: spy})
