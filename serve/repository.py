@@ -112,12 +112,15 @@ def parse_pbtxt(text: str, path: Path) -> dict[str, list[Any]]:
     return message(None)
 
 
+_KINDS = {int: "an integer", str: "a string"}
+
+
 def _one(fields: dict[str, list[Any]], key: str, kind: type, path: Path, where: str = "") -> Any:
     values = fields.get(key, [])
     if len(values) > 1:
         raise _start_error(path, f"{where}{key} is given {len(values)} times")
     if values and not isinstance(values[0], kind):
-        raise _start_error(path, f"{where}{key} must be a {kind.__name__}, got {values[0]!r}")
+        raise _start_error(path, f"{where}{key} must be {_KINDS[kind]}, got {values[0]!r}")
     return values[0] if values else None
 
 

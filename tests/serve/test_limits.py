@@ -294,6 +294,37 @@ def test_batch_over_max_batch_size_is_refused_and_config_reports_it(url: str) ->
         assert client.post("/v2/models/tiny/infer", content=content, headers=headers).status_code == 200
 
 
+def test_the_batch_decides_per_request_whether_the_model_runs_on_the_loop(tiny_onnx: Path) -> None:
+    """In-process: batches up to `inline_batch` run on the event loop's thread, larger ones in a worker."""
+    import asyncio
+
+    from bnfold.serve.app import AccessLog, InferenceApp
+    from bnfold.serve.runtime import INLINE_THRESHOLD_MS, open_session
+
+    runtime = open_session(tiny_onnx, threads=1)
+    assert runtime.inline_batch == int(INLINE_THRESHOLD_MS // runtime.warmup_ms) >= 1
+    runtime.inline_batch = 4          # as if batch 1 took a quarter of the threshold
+    seen: list[tuple[int, int]] = []
+    run_all = runtime.run_all
+
+    def recording(x: np.ndarray) -> list[np.ndarray]:
+        seen.append((x.shape[0], threading.get_ident()))
+        return run_all(x)
+
+    runtime.run_all = recording       # type: ignore[method-assign]
+    app = InferenceApp({"tiny": runtime}, access_log=AccessLog(enabled=False))
+
+    async def drive() -> int:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
+            for batch in (1, 4, 5, 32):
+                content, headers = _binary(_digits(batch, batch))
+                assert (await client.post("/v2/models/tiny/infer", content=content, headers=headers)).status_code == 200
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(drive())
+    assert [(batch, thread == loop_thread) for batch, thread in seen] == [(1, True), (4, True), (5, False), (32, False)]
+
+
 # ------------------------------------------------------------------------------- client mistakes
 
 
