@@ -1,8 +1,9 @@
 """Compare two models on the same inputs: torch modules, onnxruntime sessions or numpy callables."""
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Union
 
@@ -57,13 +58,26 @@ def _is_ort_session(obj: object) -> bool:
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """`module` in eval mode for the duration, each submodule's own mode restored after: a module
+    in training mode would normalize with batch statistics and update its running statistics."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def _module_fn(module: nn.Module) -> Callable[[np.ndarray], list[np.ndarray]]:
     param = next((p for p in module.parameters() if p.is_floating_point()), None)
     dtype = param.dtype if param is not None else torch.float32
     device = param.device if param is not None else torch.device("cpu")
 
     def run(x: np.ndarray) -> list[np.ndarray]:
-        with torch.no_grad():
+        with torch.no_grad(), _eval_mode(module):
             out = module(torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=dtype))
         return _flatten(out)
     return run
@@ -125,8 +139,9 @@ def _batches(inputs: ArrayLike | Sequence[ArrayLike]) -> list[np.ndarray]:
 def compare(reference: Any, candidate: Any, inputs: ArrayLike | Sequence[ArrayLike]) -> Parity:
     """Run `reference` and `candidate` on `inputs` (one batch or a list of batches) and compare.
 
-    Each model may be an `nn.Module` (run under `torch.no_grad`, inputs cast to its parameters'
-    dtype and device), an onnxruntime `InferenceSession` (inputs cast to its first input's type),
+    Each model may be an `nn.Module` (run under `torch.no_grad` and in eval mode, as it is deployed:
+    a module given in training mode is switched to eval for the comparison and back after, so
+    its running statistics are never touched; inputs cast to its parameters' dtype and device), an onnxruntime `InferenceSession` (inputs cast to its first input's type),
     or a callable taking a numpy batch. Outputs that are tuples/lists/dicts are compared
     element by element; their shapes must agree.
     """
