@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from bnfold.bench.run import BenchResult
+from bnfold.bench.timing import BenchRow
 from bnfold.models.plotting import pyplot
 
 LATENCY_CHART = "latency.png"
+# Largest p90 over smallest p50 beyond which the latency chart's axis is logarithmic.
+WIDE_SPREAD = 10.0
 THROUGHPUT_CHART = "throughput.png"
 
 
@@ -78,6 +81,8 @@ def latency_table(result: BenchResult, batch_size: int = 1) -> str:
         if row.batch_size != batch_size:
             continue
         status = row.status if row.ok else f"{row.status} (reason below)"
+        if row.warning:
+            status += f" ⚠ {row.warning}"
         lines.append(f"| {row.backend} | {row.device} | {_ms(row.p50_ms)} | {_ms(row.p90_ms)} | "
                      f"{_ms(row.p99_ms)} | {_ms(row.mean_ms)} | {row.iterations} | {status} |")
     return "\n".join(lines)
@@ -144,6 +149,7 @@ def render_markdown(result: BenchResult, chart_names: list[str] | None = None, *
         f"{heading} Benchmark: {_title(env)}",
         "Figures are per call (one batch). Ratios compare rows measured interleaved in the same "
         "process; absolute CPU figures from a shared machine are noisy, the ratios less so.",
+        *([f"**Warning: {env['warning']}.**"] if env.get("warning") else []),
         f"{h2} Environment", environment_table(env),
         f"{h2} Latency at batch size 1", latency_table(result, 1),
         f"{h2} Speed-ups at batch size 1", speedup_table(result),
@@ -159,6 +165,17 @@ def render_markdown(result: BenchResult, chart_names: list[str] | None = None, *
 
 # ---------------------------------------------------------------------------------------------
 # Charts
+
+
+def latency_scale(rows: list[BenchRow]) -> str:
+    """"log" when the largest p90 is over `WIDE_SPREAD` times the smallest p50, else "linear".
+
+    A fast ONNX row beside a slow eager one, or p90 whiskers far past p50 on a busy machine: on a
+    linear axis the short bars vanish.
+    """
+    lows = [r.p50_ms for r in rows if r.p50_ms]
+    highs = [max(r.p90_ms or 0.0, r.p50_ms) for r in rows if r.p50_ms]  # type: ignore[type-var]
+    return "log" if lows and max(highs) / min(lows) > WIDE_SPREAD else "linear"
 
 
 def plot_latency(result: BenchResult, path: Path) -> Path:
@@ -185,9 +202,7 @@ def plot_latency(result: BenchResult, path: Path) -> Path:
                 ax.text(v + w, y, f"  {_ms(v)}", va="center", fontsize=8)
     ax.set_yticks(range(len(backends)), backends)
     ax.invert_yaxis()
-    values = [r.p50_ms for r in rows if r.p50_ms]
-    if values and max(values) / min(values) > 30:
-        ax.set_xscale("log")
+    ax.set_xscale(latency_scale(rows))
     ax.set_xlabel("latency at batch size 1, ms (bar: p50, whisker: p90)")
     env = result.environment
     ax.set_title(f"{_title(env)}: {env.get('cpu')}" + (f" / {env['gpu']}" if env.get("gpu") else "")
@@ -252,22 +267,30 @@ def write_report(result: BenchResult, out_dir: str | os.PathLike) -> ReportFiles
 
 def summary_lines(result: BenchResult) -> list[str]:
     """A few lines for the terminal: batch-1 p50 per measured row, then the headline ratios."""
-    lines = []
+    env = result.environment
+    lines = [f"model: {env['source']}, input {'x'.join(map(str, env.get('input_shape', [])))}, "
+             f"{env.get('threads')} thread(s)"] if env.get("source") else []
     not_measured: dict[tuple[str, str, str], list[str]] = {}
     for row in result.rows:
         if row.batch_size != 1:
             continue
         if row.ok:
             lines.append(f"  {row.backend:<14} {row.device:<5} p50 {_ms(row.p50_ms):>8} ms  "
-                         f"p90 {_ms(row.p90_ms):>8} ms  n={row.iterations}")
+                         f"p90 {_ms(row.p90_ms):>8} ms  n={row.iterations}"
+                         + (f"  warning: {row.warning}" if row.warning else ""))
         else:
             not_measured.setdefault((row.device, row.status, row.reason), []).append(row.backend)
     for (device, status, reason), backends in not_measured.items():
         lines.append(f"  {status} on {device} ({', '.join(backends)}): {reason}")
+    noisy = {(r.backend, r.device) for r in result.rows if r.batch_size == 1 and r.warning}
     for s in result.speedups:
-        lines.append(f"  {s.label}: {s.factor:.2f}x")
+        parts = [tuple(side.split("@", 1)) for side in (s.baseline, s.candidate)]
+        caveat = "  (from a noisy row: not a result)" if any(p in noisy for p in parts) else ""
+        lines.append(f"  {s.label}: {s.factor:.2f}x{caveat}")
+    if result.environment.get("warning"):
+        lines.append(f"  warning: {result.environment['warning']}")
     return lines
 
 
 __all__ = ["ReportFiles", "write_report", "render_markdown", "latency_table", "speedup_table",
-           "throughput_table", "environment_table", "summary_lines", "plot_latency", "plot_throughput"]
+           "throughput_table", "environment_table", "summary_lines", "plot_latency", "plot_throughput", "latency_scale"]

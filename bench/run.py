@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,6 +40,15 @@ from bnfold.bench.backends import (BACKENDS, DEFAULT_BACKENDS, DEVICES, BackendC
                                    requestable)
 from bnfold.bench.environment import available_cpus, collect_environment
 from bnfold.bench.timing import FAILED, SKIPPED, BenchRow, TimedCall, measure_interleaved, warm_up
+
+if TYPE_CHECKING:
+    from bnfold.models.loader import LoadedModel
+
+
+# A ratio from a handful of calls is noise; every row gets at least this many.
+MIN_ITERATIONS = 30
+# A row whose p90 is this many times its p50 was disturbed (other processes, frequency changes).
+NOISY_P90_OVER_P50 = 3.0
 
 
 class BenchError(BnfoldError):
@@ -50,15 +59,23 @@ class BenchError(BnfoldError):
 class BenchConfig:
     """Everything `bnfold bench` takes (the report folder aside: writing is `bench.report`'s job)."""
 
-    checkpoint: str | os.PathLike
+    checkpoint: str | os.PathLike             # any model models.load_model reads (ONNX: ort and HTTP rows only)
     devices: Sequence[str] = ("cpu", "cuda")
     backends: Sequence[str] = DEFAULT_BACKENDS
     batch_sizes: Sequence[int] = (1, 8, 32)   # 1 is the latency headline; HTTP rows run at 1 only
-    threads: int | None = None                # every backend's threads; None: the CPUs this process may use
+    # One thread by default, as the pipeline: with every core, a busy machine gave p90 = 100x p50.
+    threads: int | None = 1                   # every backend's threads; None or 0: the CPUs this process may use
+    min_iterations: int = MIN_ITERATIONS      # calls per row at least, however long they take
     seconds: float = 2.0                      # measured time per backend and batch size (warm-up on top)
     progress: bool = True
     export_dir: str | os.PathLike | None = None  # reuse model.onnx / model.ts / model.pt2 found here
     seed: int = 0                             # of the random benchmark inputs
+    # A model from elsewhere (models.loader): how to build and read it.
+    model_class: str | None = None
+    model_args: str | dict | list | None = None
+    weights: str | os.PathLike | None = None
+    trust_pickle: bool = False
+    input_shape: tuple[int, ...] | None = None   # batch first; where the file does not say it
 
 
 @dataclass
@@ -172,8 +189,10 @@ def _validate(config: BenchConfig) -> None:
         raise BenchError("devices, backends and batch sizes must each name at least one value")
     if any(int(b) < 1 for b in config.batch_sizes):
         raise BenchError(f"batch sizes must be positive, got {list(config.batch_sizes)}")
-    if config.threads is not None and config.threads < 1:
-        raise BenchError(f"threads must be at least 1, got {config.threads}")
+    if config.threads is not None and config.threads < 0:
+        raise BenchError(f"threads must be 1 or more (0: the CPUs this process may use), got {config.threads}")
+    if config.min_iterations < 1:
+        raise BenchError(f"min_iterations must be at least 1, got {config.min_iterations}")
     if not config.seconds > 0:
         raise BenchError(f"seconds must be positive, got {config.seconds}")
 
@@ -210,6 +229,8 @@ def _build_calls(ctx: BackendContext, devices: Sequence[str], backends: Sequence
         row = BenchRow(name, device, batch_size, note=backend.note)
         rows.append(row)
         try:
+            if ctx.model is None and backend.needs != "onnx":
+                raise Unavailable("the model is an ONNX file: only the onnxruntime and HTTP rows can run it")
             timed = TimedCall(row, backend.build(ctx, device, batch_size))  # type: ignore[misc]
             warm_up(timed, warmup_s)
             calls.append(timed)
@@ -223,14 +244,15 @@ def _build_calls(ctx: BackendContext, devices: Sequence[str], backends: Sequence
 def run_bench(config: BenchConfig) -> BenchResult:
     """Measure every requested backend on every requested device at each batch size.
 
-    `config.checkpoint` is a bnfold checkpoint; `config.seconds` is the measured time per backend
+    `config.checkpoint` is any model `models.load_model` reads (a bnfold checkpoint, a state_dict
+    with `config.model_class`, an ONNX file, ...); `config.seconds` is the measured time per backend
     and batch size (warm-up comes on top). `config.export_dir` holds already exported files
     (`export.WRITERS`' file names) to reuse, as `bnfold pipeline` does; missing ones are exported
     into a temporary folder. HTTP rows exist only at batch size 1.
     """
     import torch
 
-    from bnfold import models
+    from bnfold.models.loader import load_model
 
     _validate(config)
     devices = list(dict.fromkeys(config.devices))
@@ -238,13 +260,15 @@ def run_bench(config: BenchConfig) -> BenchResult:
     batch_sizes = sorted({int(b) for b in config.batch_sizes})
     seconds = config.seconds
     threads = config.threads or available_cpus()
-    model, spec = models.load_checkpoint(config.checkpoint)
-    model.eval()
+    loaded = load_model(config.checkpoint, model_class=config.model_class, model_args=config.model_args,
+                        weights=config.weights, trust_pickle=config.trust_pickle, input_shape=config.input_shape)
+    model, spec = loaded.module, loaded.spec
+    sample_shape = loaded.require_shape()[1:]
 
     rng = np.random.default_rng(config.seed)
-    inputs = {b: rng.standard_normal((b, *spec.input_shape)).astype(np.float32) for b in batch_sizes}
+    inputs = {b: rng.standard_normal((b, *sample_shape)).astype(np.float32) for b in batch_sizes}
     if 1 not in inputs:
-        inputs[1] = rng.standard_normal((1, *spec.input_shape)).astype(np.float32)
+        inputs[1] = rng.standard_normal((1, *sample_shape)).astype(np.float32)
     warmup_s = min(1.0, max(0.1, seconds / 4))
 
     rows: list[BenchRow] = []
@@ -252,16 +276,20 @@ def run_bench(config: BenchConfig) -> BenchResult:
         wanted = backends + [extra for name in backends for extra in BACKENDS[name].with_on_cuda]
         kinds = {BACKENDS[name].needs for name in wanted if BACKENDS[name].needs}
         export_dir = Path(config.export_dir) if config.export_dir is not None else None
-        artifacts, errors = _prepare_artifacts(model, spec, kinds, Path(tmp), export_dir, config.checkpoint)
+        if model is None:  # an ONNX file: it is its own artifact, and nothing else can be made from it
+            artifacts, errors = {"onnx": loaded.onnx_path}, {}
+        else:
+            artifacts, errors = _prepare_artifacts(model, spec or _export_spec(loaded), kinds, Path(tmp),
+                                                   export_dir, config.checkpoint)
         ctx = BackendContext(model, spec, threads, artifacts, errors, inputs)
-        if "folded" in backends:
+        if "folded" in backends and model is not None:
             ctx.prepare_folded()
         for batch_size in batch_sizes:
             with torch.inference_mode():
                 calls, built = _build_calls(ctx, devices, backends, batch_size, warmup_s, config.progress)
                 with _progress(seconds * len(calls), f"measure bs={batch_size}", config.progress) as bar:
                     if calls:
-                        measure_interleaved(calls, seconds, progress=bar)
+                        measure_interleaved(calls, seconds, min_iterations=config.min_iterations, progress=bar)
             rows += built
             del calls
         for name in backends:
@@ -271,11 +299,58 @@ def run_bench(config: BenchConfig) -> BenchResult:
                     rows += measure(ctx, device, seconds)
 
     environment = collect_environment(threads=threads, spec=spec, checkpoint=config.checkpoint)
+    environment["source"] = loaded.description  # what the file turned out to be
+    if spec is None:
+        environment.update({"model": loaded.name, "input_shape": list(sample_shape)})
     environment.update({"seconds_per_backend": seconds, "batch_sizes": batch_sizes,
                         "devices": devices, "backends": backends, "warmup_s": warmup_s,
+                        "min_iterations": config.min_iterations,
                         "method": "interleaved bursts in one process; per-call perf_counter_ns; "
                                   "CUDA synchronized; HTTP rows measured after, by bench.loadtest"})
+    warning = flag_untrustworthy(rows, environment, config.min_iterations)
+    if warning:
+        environment["warning"] = warning
     return BenchResult(rows, environment, compute_speedups(rows))
+
+
+def _export_spec(loaded: LoadedModel) -> Any:
+    """A spec for exporting a model that came without one: its shape; names and labels are not needed here."""
+    from bnfold.models.spec_options import SpecOptions, build_spec
+
+    shape = loaded.require_shape()
+    if len(shape) == 4 and shape[1] in (1, 3):
+        return loaded.spec_with(SpecOptions())
+    # Not an image model: a spec that carries the shape is all the writers read.
+    from bnfold.models.spec import ModelSpec, Preprocess
+
+    return ModelSpec(arch=loaded.name, arch_kwargs={}, task="unknown", input_shape=list(shape[1:]),
+                     preprocess=Preprocess("RGB", 0, None, [], []), labels=[], dataset="")
+
+
+def flag_untrustworthy(rows: Sequence[BenchRow], environment: dict[str, Any], min_iterations: int) -> str:
+    """Mark rows whose figures should not be read as results; return a warning for the whole run, if any.
+
+    A row is noisy when its p90 is `NOISY_P90_OVER_P50` times its p50 or it has fewer than
+    `min_iterations` calls; the whole run is suspect when the 1-minute load average exceeds the
+    CPUs this process may use (other processes competed for the cores).
+    """
+    for row in rows:
+        if not row.ok or not row.p50_ms or row.p90_ms is None:
+            continue
+        notes = []
+        ratio = row.p90_ms / row.p50_ms
+        if ratio >= NOISY_P90_OVER_P50:
+            notes.append(f"p90 is {ratio:.1f}x p50 (calls were disturbed)")
+        if row.iterations < min_iterations:
+            notes.append(f"only {row.iterations} calls")
+        if notes:
+            row.warning = "; ".join(notes) + ": do not read ratios from this row"
+    load = environment.get("load_average")
+    cpus = environment.get("cpus_available") or environment.get("cpu_count") or 1
+    if load and load[0] > cpus:
+        return (f"load average {load[0]:.1f} over {cpus} available CPU(s): other processes competed for the "
+                "cores, so figures and ratios from this run are not trustworthy; rerun on a quiet machine")
+    return ""
 
 
 __all__ = ["BenchConfig", "BenchError", "BenchResult", "Speedup", "compute_speedups", "run_bench"]

@@ -32,6 +32,7 @@ class BenchRow:
     iterations: int = 0
     items_per_s: float | None = None
     note: str = ""
+    warning: str = ""          # why this row's figures should not be trusted (noisy, too few calls)
 
     @property
     def ok(self) -> bool:

@@ -42,6 +42,8 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+# The registry's names (models.list_models), written out: --help should not import torch to list them.
+_ARCHITECTURES = "lenet, resnet20, resnet32, resnet56, resnet18, resnet34, resnet50 or unet"
 _MODEL_HELP = ("the model: a bnfold checkpoint (from `bnfold train`), a state_dict (with --model-class), "
                "a torch.save'd module (with --trust-pickle), a TorchScript file, a torch.export .pt2, an "
                "ONNX file, or torchvision:NAME / timm:NAME (with --weights FILE)")
@@ -206,7 +208,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     config = BenchConfig(args.checkpoint, devices=args.device, backends=args.backends,
                          batch_sizes=args.batch_sizes, threads=args.threads, seconds=args.seconds,
-                         export_dir=args.export_dir)
+                         export_dir=args.export_dir, min_iterations=args.min_iterations,
+                         model_class=args.model_class, model_args=args.model_args, weights=args.weights,
+                         trust_pickle=args.trust_pickle, input_shape=args.input_shape)
     result = run_bench(config)
     files = write_report(result, args.out)
     print("\n".join(summary_lines(result)))
@@ -281,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=8, help="random inputs in the parity check")
 
     p = _add(sub, "train", _cmd_train, "train a model with BatchNorm into a self-describing checkpoint")
-    p.add_argument("--model", default="lenet", help="lenet, resnet20, resnet32, resnet56, resnet18, resnet34, resnet50 or unet")
+    p.add_argument("--model", default="lenet", help=_ARCHITECTURES)
     p.add_argument("--dataset", default="digits",
                    help="digits (bundled), mnist, fashion-mnist, cifar10, or imagefolder:PATH")
     p.add_argument("--data-root", default="data", help="folder holding torchvision datasets")
@@ -382,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "loadtest", _cmd_loadtest, "drive a running server and report latency and throughput")
     p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", default=None, help="model name on the server (required unless --reference)")
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=8, help="connections sending requests at the same time")
     p.add_argument("--requests", type=int, default=2000, help="total requests over all connections")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--binary", dest="binary", action="store_true", default=True,
@@ -395,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input shape, batch included (default: from the model's metadata; 1,1,28,28 with --reference)")
 
     p = _add(sub, "bench", _cmd_bench, "measure batch-1 latency of eager, folded, TorchScript, torch.export, onnxruntime and HTTP")
-    p.add_argument("checkpoint", help="a bnfold checkpoint")
+    p.add_argument("checkpoint", metavar="model", help=_MODEL_HELP + "; an ONNX file gets the onnxruntime "
+                                                                   "and HTTP rows only")
+    _add_model_options(p)
     p.add_argument("--device", type=_csv, default=["cpu", "cuda"], help="comma-separated: cpu, cuda")
     from bnfold.bench.backends import DEFAULT_BACKENDS, REQUESTABLE  # the table; no torch import
 
@@ -405,15 +411,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 32],
                    help="comma-separated batch sizes: 1 is the latency headline, larger ones give "
                         "throughput (HTTP rows run at 1 only)")
-    p.add_argument("--threads", type=int, default=None, help="threads for every backend (default: the CPUs this process may use)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads for every backend; 0 = the CPUs this process may use (on a busy machine "
+                        "that makes p90 many times p50)")
     p.add_argument("--seconds", type=float, default=2.0, help="measuring time per backend and batch size")
+    p.add_argument("--min-iterations", type=int, default=30,
+                   help="calls per row at least, however long --seconds is (a ratio from a few calls is noise)")
     p.add_argument("--export-dir", default=None,
                    help="reuse model.onnx / model.ts / model.pt2 from this folder (as `bnfold export` "
                         "writes it); missing files are exported into a temporary folder")
     p.add_argument("--out", required=True, help="folder for report.json, report.md and charts")
 
     p = _add(sub, "pipeline", _cmd_pipeline, "train -> fold -> export -> verify -> bench, on the bundled digits by default")
-    p.add_argument("--model", default="lenet", help="architecture name (see models.list_models)")
+    p.add_argument("--model", default="lenet", help=_ARCHITECTURES)
     p.add_argument("--dataset", default="digits",
                    help="digits (bundled, no download), or a dataset already under --data-root")
     p.add_argument("--data-root", default="data", help="folder holding torchvision datasets")

@@ -136,12 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="experiment", required=True)
     p = sub.add_parser("bn-effect", help="LeNet-sigmoid with and without BN at a low and a high learning rate")
     p.add_argument("--out", default="docs", help="folder for bn_effect.md, bn_effect.png, bn_effect.json")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=10, help="epochs of each of the four runs")
     p.add_argument("--lrs", type=lambda s: [float(v) for v in s.split(",")], default=[0.01, 0.5],
                    help="comma-separated learning rates, low first")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the same seed for all four runs")
     p.add_argument("--runs", default=None, help="keep the four training runs here (default: a temporary folder)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     command = "python -m bnfold.models.experiments " + " ".join(sys.argv[1:] if argv is None else argv)
     try:

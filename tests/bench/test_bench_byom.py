@@ -1,0 +1,81 @@
+"""`bnfold bench` on the user's own models, and figures it refuses to present as results."""
+from __future__ import annotations
+
+import json
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bnfold.bench.report import latency_scale, summary_lines
+from bnfold.bench.run import BenchConfig, BenchResult, Speedup, flag_untrustworthy, run_bench
+from bnfold.bench.timing import BenchRow
+from bnfold.cli import main
+
+NET = textwrap.dedent("""
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self, classes=3):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+
+        def forward(self, x):
+            return self.body(x)
+""")
+
+
+def test_state_dict_with_model_class_benches_eager_folded_and_ort(tmp_path, capsys, randomize_bn):
+    file = tmp_path / "benchnet.py"
+    file.write_text(NET)
+    from bnfold.models.loader import import_class
+
+    torch.save(randomize_bn(import_class(f"{file}:Net")(classes=3)).state_dict(), tmp_path / "sd.pt")
+    out = tmp_path / "bench"
+    code = main(["bench", str(tmp_path / "sd.pt"), "--model-class", f"{file}:Net", "--input-shape", "1,3,16,16",
+                 "--device", "cpu", "--backends", "eager,folded,ort", "--batch-sizes", "1", "--seconds", "0.05",
+                 "--min-iterations", "20", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "model: a state_dict loaded into" in captured.out  # what the file turned out to be
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["backend"]: r for r in report["results"]}
+    assert {"eager", "folded", "ort"} <= set(rows)
+    assert all(rows[b]["status"] == "ok" and rows[b]["iterations"] >= 20 for b in ("eager", "folded", "ort"))
+    assert report["environment"]["threads"] == 1  # the default now
+    assert report["environment"]["input_shape"] == [3, 16, 16]
+
+
+def test_an_onnx_file_benches_without_a_checkpoint(tmp_path, tiny_onnx):
+    result = run_bench(BenchConfig(tiny_onnx, devices=("cpu",), backends=("eager", "ort"), batch_sizes=(1, 2),
+                                   seconds=0.05, progress=False, min_iterations=10))
+    ort_row, eager_row = result.row("ort"), result.row("eager")
+    assert ort_row.ok and ort_row.iterations >= 10 and ort_row.p50_ms > 0
+    assert eager_row.status == "skipped" and "ONNX file" in eager_row.reason
+    assert result.environment["input_shape"] == [1, 28, 28]
+
+
+def test_noisy_rows_and_busy_machines_are_flagged_not_reported_as_results():
+    rows = [BenchRow("eager", "cpu", 1, p50_ms=1.0, p90_ms=1.2, iterations=200),
+            BenchRow("folded", "cpu", 1, p50_ms=1.0, p90_ms=100.0, iterations=200),
+            BenchRow("ort", "cpu", 1, p50_ms=0.5, p90_ms=0.6, iterations=7)]
+    env = {"load_average": [9.5, 4.0, 2.0], "cpus_available": 2}
+    warning = flag_untrustworthy(rows, env, min_iterations=30)
+    assert rows[0].warning == ""
+    assert "p90 is 100.0x p50" in rows[1].warning and "only 7 calls" in rows[2].warning
+    assert "load average 9.5 over 2" in warning
+    env["warning"] = warning
+    result = BenchResult(rows, env, [Speedup("folded vs unfolded eager (cpu)", "eager@cpu", "folded@cpu", 1, 1.0)])
+    text = "\n".join(summary_lines(result))
+    assert "(from a noisy row: not a result)" in text and "load average 9.5" in text
+    assert flag_untrustworthy(rows[:1], {"load_average": [0.5, 0.5, 0.5], "cpus_available": 2}, 30) == ""
+
+
+def test_latency_axis_turns_logarithmic_when_the_spread_is_wide():
+    close = [BenchRow("eager", "cpu", 1, p50_ms=1.0, p90_ms=1.3), BenchRow("ort", "cpu", 1, p50_ms=0.4, p90_ms=0.5)]
+    wide = [BenchRow("eager", "cpu", 1, p50_ms=1.0, p90_ms=100.0), BenchRow("ort", "cpu", 1, p50_ms=0.4, p90_ms=0.5)]
+    assert latency_scale(close) == "linear" and latency_scale(wide) == "log"
