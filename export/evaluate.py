@@ -196,10 +196,11 @@ def load_artifact(path: str | os.PathLike, threads: int | None = None, *,
     module = loaded.module
     if module is None:  # pragma: no cover - the loader gives a module for every non-ONNX kind
         raise EvaluationError(f"{str(path)!r}: nothing to run")
+    # The loader hands out eval-mode modules (a torch.export module refuses .eval() altogether).
     dtype = "float32" if loaded.kind == "checkpoint" else _module_dtype(module)
     if loaded.kind == "checkpoint":
         module = module.float()
-    return LoadedArtifact(path, _KIND_NAMES.get(loaded.kind, loaded.kind), dtype, module_runner(module.eval()),
+    return LoadedArtifact(path, _KIND_NAMES.get(loaded.kind, loaded.kind), dtype, module_runner(module),
                           loaded.spec)
 
 

@@ -29,7 +29,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -46,6 +46,9 @@ from bnfold.export.evaluate import (EvalSplit, load_eval_split, metric_name, onn
 from bnfold.export.onnx import (INPUT_NAME, VERSION_METADATA_KEY, bnfold_version, count_ops, export_onnx,
                                 model_opset, set_metadata)
 from bnfold.export.report import ArtifactReport
+
+if TYPE_CHECKING:
+    from bnfold.export.config import ExportConfig
 
 INT8_FILE = "model.int8.onnx"
 CALIBRATIONS: tuple[str, ...] = ("minmax", "percentile", "entropy")
@@ -357,7 +360,8 @@ def export_int8(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *,
                 config: Int8Config | None = None, data_root: str | os.PathLike = "data",
                 calibration_data: np.ndarray | torch.Tensor | None = None,
                 eval_split: EvalSplit | None = None, fp32_onnx: str | os.PathLike | None = None,
-                fold: bool = True, opset: int | None = None, verbose: bool = False) -> ArtifactReport:
+                fold: bool = True, opset: int | None = None, legacy: bool = False,
+                verbose: bool = False) -> ArtifactReport:
     """Write `model` as an accuracy-gated INT8 (QDQ) ONNX file at `path`.
 
     `calibration_data` replaces the training-split samples (an array of the spec's shape);
@@ -386,7 +390,7 @@ def export_int8(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *,
         work = Path(work)
         if fp32_onnx is None:
             # Parity inputs: real eval images, as export_checkpoint uses.
-            fp32_report = export_onnx(model, spec, work / "model.onnx", fold=fold, opset=opset,
+            fp32_report = export_onnx(model, spec, work / "model.onnx", fold=fold, opset=opset, legacy=legacy,
                                       samples=torch.from_numpy(split.inputs[:32]), verbose=verbose)
             fp32_onnx, fold_report = fp32_report.path, fp32_report.fold_report
         else:
@@ -428,6 +432,10 @@ def export_int8(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *,
             size = tmp.stat().st_size
         quantization["size_bytes"] = size
         quantization["size_ratio"] = round(fp32_size / size, 3)
+    notes.insert(0, f"{gate.metric} on the {gate.samples} eval samples of {gate.dataset!r}: FP32 {gate.fp32:.4f}, "
+                    f"INT8 {gate.int8:.4f} (drop {gate.drop_points:.2f} points, allowed {gate.max_drop_points:.1f}); "
+                    f"{config.calibration} calibration on {calibration_source}; reduce_range={reduce_range}, "
+                    f"{activation} activations ({cpu.note.split(':')[0]})")
     if quantized.float_layers:
         notes.append(f"{len(quantized.float_layers)} layer(s) stay float: {', '.join(quantized.float_layers)}")
     return ArtifactReport(format="int8", path=path, exporter="onnxruntime.quantization.quantize_static (QDQ)",
@@ -440,6 +448,37 @@ def export_int8(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *,
                           notes=notes, details={"int8": quantization})
 
 
+def load_calibration_file(path: str | os.PathLike) -> np.ndarray:
+    """Calibration inputs saved with `numpy.save` (N, C, H, W), already preprocessed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"calibration data {str(path)!r} does not exist")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ExportError(f"calibration data {str(path)!r} is not a .npy array file: {exc}") from None
+
+
+def export_from_config(model: nn.Module, spec: ModelSpec, path: Path, config: "ExportConfig",
+                       samples: torch.Tensor | None) -> ArtifactReport:
+    """`export_int8` with the options of an `ExportConfig` (the "int8" entry in `export.WRITERS`).
+
+    When the same run already wrote a dynamic-batch FP32 `model.onnx` beside `path`, that file is
+    quantized instead of exporting the model a second time.
+    """
+    int8 = Int8Config(calibration=config.calibration, calibration_samples=config.calibration_samples,
+                      max_accuracy_drop=config.max_accuracy_drop, per_channel=not config.per_tensor)
+    int8.check()
+    calibration = load_calibration_file(config.calibration_data) if config.calibration_data else None
+    sibling = path.with_name("model.onnx")
+    # The INT8 file keeps a dynamic batch axis (the gate runs batches); a static or float16
+    # model.onnx cannot be its source.
+    reuse = sibling if sibling.is_file() and config.fold and not config.fp16 and not config.static_batch else None
+    return export_int8(model, spec, path, config=int8, data_root=config.data_root, calibration_data=calibration,
+                       fp32_onnx=reuse, fold=config.fold, opset=config.opset, legacy=config.legacy_onnx,
+                       verbose=config.verbose)
+
+
 def _cpu_name() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -449,5 +488,5 @@ def _cpu_name() -> str:
 
 
 __all__ = ["AccuracyGateError", "CALIBRATIONS", "CpuInt8Support", "Gate", "INT8_FILE", "Int8Config",
-           "Quantized", "accuracy_gate", "calibration_inputs", "cpu_int8_support", "export_int8",
-           "quantize_onnx"]
+           "Quantized", "accuracy_gate", "calibration_inputs", "cpu_int8_support", "export_from_config",
+           "export_int8", "load_calibration_file", "quantize_onnx"]

@@ -1,0 +1,107 @@
+"""`bnfold evaluate`: every kind of artifact scored on the whole eval split, in one table."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bnfold import models
+from bnfold.cli import main
+from bnfold.export.evaluate import evaluate_artifacts, load_eval_split, score
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("lenet_eval")
+    result = models.train(models.TrainConfig(model="lenet", dataset="digits", epochs=1, steps_per_epoch=40,
+                                             out=str(out), device="cpu", seed=0, progress=False, threads=1))
+    return Path(result.best)
+
+
+@pytest.fixture(scope="module")
+def exported(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("lenet_eval_export") / "export"
+    assert main(["export", str(trained), "--format", "onnx,torchscript,program,int8", "--out", str(out),
+                 "--calibration-samples", "64", "--no-progress"]) == 0
+    return out
+
+
+def test_evaluate_agrees_with_the_training_logs_test_accuracy(trained: Path, capfd: pytest.CaptureFixture) -> None:
+    code = main(["evaluate", str(trained), "--json"])
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    row = json.loads(out)["results"][0]
+    logged = [json.loads(line) for line in (trained.parent / "metrics.jsonl").read_text().splitlines()]
+    assert row["kind"] == "checkpoint" and row["metric"] == "accuracy" and row["samples"] == 360
+    # best.pt is the epoch with the best test accuracy; the figure is recomputed, not copied.
+    assert row["value"] == pytest.approx(max(r["test_accuracy"] for r in logged), abs=1e-12)
+    assert row["logged"] == pytest.approx(row["value"], abs=1e-12)
+
+
+def test_every_artifact_kind_in_one_table(trained: Path, exported: Path, capfd: pytest.CaptureFixture) -> None:
+    files = [trained, exported / "model.onnx", exported / "model.ts", exported / "model.pt2",
+             exported / "model.int8.onnx"]
+    code = main(["evaluate", *map(str, files)])
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 2 + len(files)  # header, rule, one row each
+    for name, kind in [("best.pt", "checkpoint"), ("model.onnx", "onnx"), ("model.ts", "torchscript"),
+                       ("model.pt2", "program"), ("model.int8.onnx", "onnx")]:
+        assert any(name in line and kind in line for line in lines[2:]), (name, out)
+
+    report = evaluate_artifacts(files)
+    by_name = {row.artifact.name: row for row in report.rows}
+    assert by_name["model.int8.onnx"].dtype == "int8" and by_name["model.onnx"].dtype == "float32"
+    assert by_name["model.onnx"].spec_source == "ONNX metadata"
+    assert by_name["model.ts"].spec_source == "export.json beside it"
+    reference = by_name["best.pt"].value
+    for name in ("model.onnx", "model.ts", "model.pt2"):
+        # Folded FP32: at most one of the 360 digits may flip on a rounding-level difference.
+        assert abs(by_name[name].value - reference) <= 1 / 360 + 1e-12, name
+    record = json.loads((exported / "export.json").read_text())
+    int8 = next(a for a in record["artifacts"] if a["format"] == "int8")["int8"]["accuracy"]
+    assert by_name["model.int8.onnx"].value == pytest.approx(int8["int8"], abs=1e-12)
+    assert by_name["model.onnx"].value == pytest.approx(int8["fp32"], abs=1e-12)
+
+
+def test_a_file_without_a_spec_needs_the_checkpoint(trained: Path, exported: Path, tmp_path: Path,
+                                                     capfd: pytest.CaptureFixture) -> None:
+    alone = tmp_path / "model.ts"
+    shutil.copy(exported / "model.ts", alone)   # no export.json beside it
+    assert main(["evaluate", str(alone)]) == 2
+    err = capfd.readouterr().err
+    assert "--checkpoint" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["evaluate", str(alone), "--checkpoint", str(trained), "--json"]) == 0
+    row = json.loads(capfd.readouterr().out)["results"][0]
+    assert row["spec_source"] == "--checkpoint" and row["kind"] == "torchscript"
+
+
+def test_missing_and_foreign_files_are_one_line_errors(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model at all")
+    for target in (tmp_path / "missing.onnx", junk):
+        assert main(["evaluate", str(target)]) == 2
+        err = capfd.readouterr().err
+        assert err.startswith("bnfold evaluate: error:") and "Traceback" not in err
+        assert str(target) in err
+
+
+def test_score_is_the_training_loops_metric() -> None:
+    logits = np.array([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]], dtype=np.float32)
+    assert score("classification", logits, np.array([0, 1, 1])) == pytest.approx(2 / 3)
+    # IoU is summed over the whole split, not averaged per image: 2 shared of 4 in the union.
+    masks = np.array([[[[1, 1], [0, 0]]], [[[0, 0], [0, 1]]]], dtype=np.float32)
+    outputs = np.where(np.array([[[[1, 0], [0, 0]]], [[[0, 0], [1, 1]]]]) > 0, 5.0, -5.0)
+    assert score("segmentation", outputs, masks) == pytest.approx(2 / 4)
+
+
+def test_unet_iou_matches_its_training_log(tmp_path: Path) -> None:
+    result = models.train(models.TrainConfig(model="unet", dataset="digits", epochs=1, steps_per_epoch=5,
+                                             out=str(tmp_path / "unet"), device="cpu", progress=False, threads=1))
+    row = evaluate_artifacts([result.best]).rows[0]
+    assert row.metric == "iou" and row.samples == len(load_eval_split(result.spec).inputs)
+    assert row.value == pytest.approx(result.history[-1]["test_iou"], abs=1e-12)
