@@ -1,7 +1,7 @@
 """Architectures, datasets, augmentation, training and checkpoints.
 
     model = models.build("resnet20", num_classes=10)
-    model, spec = models.create("lenet", "digits")           # untrained, sized for the data
+    model, spec = models.build_for_dataset("lenet", "digits")  # untrained, sized for the data, + spec
     result = models.train(models.TrainConfig(model="lenet", out="runs/lenet"))
     model, spec = models.load_checkpoint(result.best)          # eval mode, spec filled
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from bnfold.models.checkpoint import CheckpointError, is_checkpoint, load_checkpoint, save_checkpoint
     from bnfold.models.data import DatasetError, digit_image, load_datasets, sample_inputs
-    from bnfold.models.factory import create
+    from bnfold.models.factory import build_for_dataset
     from bnfold.models.preprocess import preprocess_image
     from bnfold.models.registry import UnknownModelError, build, list_models, register
     from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec, Preprocess
@@ -27,7 +27,7 @@ _LAZY = {
     "load_checkpoint": "bnfold.models.checkpoint", "save_checkpoint": "bnfold.models.checkpoint",
     "DatasetError": "bnfold.models.data", "digit_image": "bnfold.models.data", "load_datasets": "bnfold.models.data",
     "sample_inputs": "bnfold.models.data",
-    "create": "bnfold.models.factory",
+    "build_for_dataset": "bnfold.models.factory",
     "preprocess_image": "bnfold.models.preprocess",
     "UnknownModelError": "bnfold.models.registry", "build": "bnfold.models.registry", "list_models": "bnfold.models.registry",
     "register": "bnfold.models.registry",

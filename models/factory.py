@@ -1,4 +1,4 @@
-"""`create`: an untrained model sized for a dataset, with its filled spec."""
+"""`build_for_dataset`: an untrained model sized for a dataset, with its filled spec (`build` makes the bare module)."""
 from __future__ import annotations
 
 from typing import Any
@@ -36,7 +36,7 @@ def default_input_size(arch: str, dataset: str) -> int:
     return 32
 
 
-def create(arch: str, dataset: str = "digits", *, input_size: int | None = None, data_root: str = "data",
+def build_for_dataset(arch: str, dataset: str = "digits", *, input_size: int | None = None, data_root: str = "data",
            **arch_kwargs: Any) -> tuple[nn.Module, ModelSpec]:
     """An untrained `arch` sized for `dataset` and its spec (epoch 0).
 

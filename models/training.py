@@ -25,7 +25,7 @@ from bnfold.errors import BnfoldError
 from bnfold.models.checkpoint import model_from_payload, read_checkpoint, save_checkpoint, spec_from_payload
 from bnfold.models.data import load_datasets
 from bnfold.models.distributed import DistContext, from_sync_batchnorm, to_sync_batchnorm
-from bnfold.models.factory import create
+from bnfold.models.factory import build_for_dataset
 from bnfold.models.metrics import headline_metric
 from bnfold.models.spec import ModelSpec
 
@@ -394,7 +394,7 @@ def train(config: TrainConfig) -> TrainResult:
 def _train(config: TrainConfig, dist: DistContext, device: torch.device) -> TrainResult:
     seed_everything(config.seed)
     out = Path(config.out)
-    model, spec = create(config.model, config.dataset, input_size=config.input_size, data_root=config.data_root,
+    model, spec = build_for_dataset(config.model, config.dataset, input_size=config.input_size, data_root=config.data_root,
                          norm=config.norm, activation=config.activation, bn_momentum=config.bn_momentum,
                          bn_eps=config.bn_eps)
     task = _Task(spec.task)

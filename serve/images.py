@@ -94,7 +94,7 @@ def decode_image(data: bytes) -> Image.Image:
     return image
 
 
-def preprocess(image: Image.Image, spec: ModelSpec) -> np.ndarray:
+def image_to_input(image: Image.Image, spec: ModelSpec) -> np.ndarray:
     """(1, C, H, W) float32 input following `spec.preprocess`, with the same code training used.
 
     `models.preprocess_image` is the one replay of the spec's transform (resize, crop, scale,
@@ -116,7 +116,7 @@ def prepare_upload(body: bytes, content_type: str | None, spec: ModelSpec, dtype
                    max_parts: int = 16) -> np.ndarray:
     """Upload body to model input: the file part, decoded, preprocessed, cast (blocking work)."""
     data = extract_upload(body, content_type, max_parts)
-    return preprocess(decode_image(data), spec).astype(dtype, copy=False)
+    return image_to_input(decode_image(data), spec).astype(dtype, copy=False)
 
 
 def top_k(logits: np.ndarray, labels: list[str], k: int) -> list[dict[str, Any]]:

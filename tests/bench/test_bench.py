@@ -24,7 +24,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def bench_checkpoint(tmp_path_factory: pytest.TempPathFactory, randomize_bn) -> Path:
-    model, spec = models.create("lenet", "digits")
+    model, spec = models.build_for_dataset("lenet", "digits")
     randomize_bn(model)
     return models.save_checkpoint(tmp_path_factory.mktemp("bench-ckpt") / "lenet.pt", model.eval(), spec)
 

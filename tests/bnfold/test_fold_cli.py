@@ -44,7 +44,7 @@ def test_fold_saved_module(saved_module: Path, tmp_path: Path, capsys) -> None:
 
 def test_fold_bnfold_checkpoint_takes_the_shape_from_its_spec(tmp_path: Path, capsys, randomize_bn) -> None:
     from bnfold import models
-    model, spec = models.create("lenet", "digits")
+    model, spec = models.build_for_dataset("lenet", "digits")
     ckpt = models.save_checkpoint(tmp_path / "ckpt.pt", randomize_bn(model), spec)
     assert main(["fold", str(ckpt), "--out", str(tmp_path / "folded.pt")]) == 0
     printed = capsys.readouterr().out

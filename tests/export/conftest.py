@@ -17,7 +17,7 @@ from bnfold import models
 
 @pytest.fixture(scope="module")
 def lenet(randomize_bn) -> tuple[nn.Module, models.ModelSpec]:
-    model, spec = models.create("lenet", "digits")
+    model, spec = models.build_for_dataset("lenet", "digits")
     return randomize_bn(model, seed=1).eval(), spec
 
 

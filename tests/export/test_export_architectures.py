@@ -51,7 +51,7 @@ class Exported:
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
              randomize_bn) -> Exported:
     arch, kwargs = request.param
-    model, spec = models.create(arch, "digits", **kwargs)
+    model, spec = models.build_for_dataset(arch, "digits", **kwargs)
     model = randomize_bn(model, seed=7).eval()
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
     bn_before = bnfold.count_batchnorm(model)

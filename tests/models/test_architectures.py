@@ -143,7 +143,7 @@ def test_bn_running_stats_change_in_train_and_not_in_eval():
 def test_create_sizes_models_for_digits():
     cases = {"lenet": [1, 28, 28], "resnet20": [3, 32, 32], "resnet18": [3, 32, 32], "unet": [1, 32, 32]}
     for arch, shape in cases.items():
-        model, spec = models.create(arch, "digits")
+        model, spec = models.build_for_dataset(arch, "digits")
         assert spec.input_shape == shape and spec.epoch == 0 and spec.dataset == "digits"
         assert len(spec.preprocess.mean) == shape[0] == len(spec.preprocess.std)
         rebuilt = models.build(spec.arch, **spec.arch_kwargs)
@@ -151,16 +151,16 @@ def test_create_sizes_models_for_digits():
         with torch.no_grad():
             out = model.eval()(torch.zeros(1, *shape))
         assert out.shape == ((1, 1, 32, 32) if arch == "unet" else (1, 10))
-    _, spec = models.create("unet")
+    _, spec = models.build_for_dataset("unet")
     assert spec.task == "segmentation" and spec.labels == ["background", "foreground"]
-    _, spec = models.create("resnet18")
+    _, spec = models.build_for_dataset("resnet18")
     assert spec.arch_kwargs["small_input"] is True
 
 
 def test_create_input_size_override():
-    model, spec = models.create("resnet18", input_size=224)  # ImageNet-style stem above 64 pixels
+    model, spec = models.build_for_dataset("resnet18", input_size=224)  # ImageNet-style stem above 64 pixels
     assert spec.input_shape == [3, 224, 224] and spec.arch_kwargs["small_input"] is False
     assert model.stem[0].kernel_size == (7, 7)
-    model, spec = models.create("lenet", input_size=32)
+    model, spec = models.build_for_dataset("lenet", input_size=32)
     assert spec.input_shape == [1, 32, 32]
     assert model.eval()(torch.zeros(1, 1, 32, 32)).shape == (1, 10)

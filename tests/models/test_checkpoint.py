@@ -11,7 +11,7 @@ from bnfold.models.checkpoint import FORMAT
 
 @pytest.fixture
 def lenet_checkpoint(tmp_path, randomize_bn):
-    model, spec = models.create("lenet", "digits")
+    model, spec = models.build_for_dataset("lenet", "digits")
     randomize_bn(model)
     spec.epoch, spec.metrics = 3, {"test_accuracy": 0.5}
     path = models.save_checkpoint(tmp_path / "ck.pt", model, spec, extra={"note": "hello"})
@@ -20,7 +20,7 @@ def lenet_checkpoint(tmp_path, randomize_bn):
 
 @pytest.mark.parametrize("arch", ["lenet", "resnet20", "unet"])
 def test_round_trip_rebuilds_the_same_model(tmp_path, randomize_bn, arch):
-    model, spec = models.create(arch, "digits")
+    model, spec = models.build_for_dataset(arch, "digits")
     randomize_bn(model, seed=3)
     model.eval()
     path = models.save_checkpoint(tmp_path / f"{arch}.pt", model, spec)
@@ -44,7 +44,7 @@ def test_file_layout_is_the_contract(lenet_checkpoint):
 
 
 def test_bn_eps_survives_the_round_trip(tmp_path):
-    model, spec = models.create("lenet", bn_eps=1e-3, bn_momentum=0.2)
+    model, spec = models.build_for_dataset("lenet", bn_eps=1e-3, bn_momentum=0.2)
     loaded, _ = models.load_checkpoint(models.save_checkpoint(tmp_path / "eps.pt", model, spec))
     bns = [m for m in loaded.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(m.eps == 1e-3 and m.momentum == 0.2 for m in bns)
@@ -144,7 +144,7 @@ def test_truncated_and_garbage_bytes(tmp_path, lenet_checkpoint):
 
 
 def test_extra_cannot_overwrite_own_entries(tmp_path):
-    model, spec = models.create("lenet")
+    model, spec = models.build_for_dataset("lenet")
     with pytest.raises(models.CheckpointError, match="state_dict"):
         models.save_checkpoint(tmp_path / "x.pt", model, spec, extra={"state_dict": {}})
 

@@ -37,7 +37,7 @@ def test_digit_image_is_a_grey_test_digit_at_the_asked_size():
 
 def test_digits_loaders_for_each_architecture():
     for arch, shape in (("lenet", (1, 28, 28)), ("resnet20", (3, 32, 32))):
-        _, spec = models.create(arch, "digits")
+        _, spec = models.build_for_dataset(arch, "digits")
         train, test = load_datasets(spec)
         assert len(train) == 1437 and len(test) == 360
         x, y = test[5]
@@ -45,14 +45,14 @@ def test_digits_loaders_for_each_architecture():
         xt, _ = train[5]
         assert tuple(xt.shape) == shape
     # Normalization with the train split's statistics: train inputs come out near zero mean, unit std.
-    _, spec = models.create("lenet")
+    _, spec = models.build_for_dataset("lenet")
     train, _ = load_datasets(spec, augment=False)
     batch = torch.stack([train[i][0] for i in range(0, 1437, 7)])
     assert abs(float(batch.mean())) < 0.1 and abs(float(batch.std()) - 1) < 0.1
 
 
 def test_unet_digits_masks_follow_the_image_through_augmentation():
-    _, spec = models.create("unet", "digits")
+    _, spec = models.build_for_dataset("unet", "digits")
     train, test = load_datasets(spec)
     x, mask = test[3]
     assert x.shape == (1, 32, 32) and mask.shape == (1, 32, 32)
@@ -69,12 +69,12 @@ def test_unet_digits_masks_follow_the_image_through_augmentation():
 
 
 def test_train_transform_presets():
-    _, spec = models.create("lenet", "digits")
+    _, spec = models.build_for_dataset("lenet", "digits")
     text = " ".join(spec.train_transform)
     for step in ("RandomResizedCrop", "RandomRotation", "ColorJitter", "ToTensor", "Normalize"):
         assert step in text
     assert "Flip" not in text  # a flipped 2 is not a 2
-    _, cifar = models.create("resnet20", "cifar10")
+    _, cifar = models.build_for_dataset("resnet20", "cifar10")
     assert "RandomHorizontalFlip" in " ".join(cifar.train_transform)
     assert cifar.labels[0] == "airplane" and cifar.preprocess.mean[0] == pytest.approx(0.4914)
     tf, _ = train_transform(spec)
@@ -85,7 +85,7 @@ def test_train_transform_presets():
 
 def test_eval_preprocess_replays_with_pil_and_numpy():
     """The spec alone reproduces the eval inputs: what a server computes is what the model saw."""
-    _, spec = models.create("resnet20", "digits")
+    _, spec = models.build_for_dataset("resnet20", "digits")
     _, test = load_datasets(spec)
     img, _ = models.digit_image(9, size=32)
     expected = test[9][0].numpy()
@@ -110,7 +110,7 @@ def test_preprocess_resize_and_center_crop_match_torchvision():
                                          ("cifar10", "cifar-10-batches-py")])
 def test_torchvision_dataset_missing_folder_says_where_and_download(tmp_path, name, folder):
     arch = "resnet20" if name == "cifar10" else "lenet"
-    _, spec = models.create(arch, name)  # labels and statistics need no files
+    _, spec = models.build_for_dataset(arch, name)  # labels and statistics need no files
     with pytest.raises(models.DatasetError) as info:
         load_datasets(spec, tmp_path / "nowhere")
     message = str(info.value)
@@ -120,7 +120,7 @@ def test_torchvision_dataset_missing_folder_says_where_and_download(tmp_path, na
 
 def test_unknown_dataset_lists_the_choices():
     with pytest.raises(BnfoldError) as info:
-        models.create("lenet", "svhn")
+        models.build_for_dataset("lenet", "svhn")
     assert "svhn" in str(info.value) and "digits" in str(info.value) and "imagefolder:PATH" in str(info.value)
 
 
@@ -136,7 +136,7 @@ def _image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_cla
 
 def test_imagefolder_classes_split_and_statistics(tmp_path):
     root = _image_folder(tmp_path / "pets")
-    model, spec = models.create("resnet20", f"imagefolder:{root}")
+    model, spec = models.build_for_dataset("resnet20", f"imagefolder:{root}")
     assert spec.labels == ["cat", "dog"] and spec.arch_kwargs["num_classes"] == 2
     assert spec.preprocess.crop == [32, 32] and spec.input_shape == [3, 32, 32]
     assert 0.2 < spec.preprocess.mean[0] < 0.8  # computed from the images, not a default
@@ -150,17 +150,17 @@ def test_imagefolder_classes_split_and_statistics(tmp_path):
 
 def test_imagefolder_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(models.DatasetError, match="does not exist"):
-        models.create("resnet20", f"imagefolder:{tmp_path / 'absent'}")
+        models.build_for_dataset("resnet20", f"imagefolder:{tmp_path / 'absent'}")
     (tmp_path / "one" / "only").mkdir(parents=True)
     with pytest.raises(models.DatasetError, match="two class"):
-        models.create("resnet20", f"imagefolder:{tmp_path / 'one'}")
+        models.build_for_dataset("resnet20", f"imagefolder:{tmp_path / 'one'}")
 
 
 def test_unet_refuses_other_datasets_and_odd_sizes():
     with pytest.raises(BnfoldError, match="digits"):
-        models.create("unet", "cifar10")
+        models.build_for_dataset("unet", "cifar10")
     with pytest.raises(BnfoldError, match="multiple of 4"):
-        models.create("unet", input_size=30)
+        models.build_for_dataset("unet", input_size=30)
 
 
 def _write_idx(root: Path, folder: str, n_train: int = 20, n_test: int = 10) -> None:
@@ -181,7 +181,7 @@ def _write_idx(root: Path, folder: str, n_train: int = 20, n_test: int = 10) -> 
 def test_torchvision_loaders_read_files_under_the_data_root(tmp_path, name, folder):
     _write_idx(tmp_path, folder)
     for arch, shape in (("lenet", (1, 28, 28)), ("resnet20", (3, 32, 32))):
-        _, spec = models.create(arch, name)
+        _, spec = models.build_for_dataset(arch, name)
         train, test = load_datasets(spec, tmp_path)
         assert (len(train), len(test)) == (20, 10)
         x, y = train[3]

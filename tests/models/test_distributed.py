@@ -16,7 +16,7 @@ from bnfold.models.distributed import DistContext, from_sync_batchnorm, to_sync_
 
 @pytest.mark.parametrize("arch", ["lenet", "resnet20", "unet"])
 def test_sync_batchnorm_conversion_round_trip_keeps_stats_and_params(randomize_bn, arch):
-    model, spec = models.create(arch)
+    model, spec = models.build_for_dataset(arch)
     randomize_bn(model, seed=11)
     original = {name: type(m) for name, m in model.named_modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm)}

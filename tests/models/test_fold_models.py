@@ -12,7 +12,7 @@ from bnfold import models
     ("resnet18", {}), ("unet", {}),
 ])
 def test_architectures_fold_completely(randomize_bn, arch, kwargs):
-    model, spec = models.create(arch, "digits", **kwargs)
+    model, spec = models.build_for_dataset(arch, "digits", **kwargs)
     randomize_bn(model, seed=2)
     model.eval()
     folded, report = bnfold.fold(model)

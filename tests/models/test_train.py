@@ -40,7 +40,7 @@ def test_train_writes_checkpoints_metrics_and_curves(tmp_path):
     assert int(bn.num_batches_tracked) == 4
     assert not torch.allclose(bn.running_mean, torch.zeros_like(bn.running_mean))
     # Training changed the weights.
-    fresh, _ = models.create("lenet")
+    fresh, _ = models.build_for_dataset("lenet")
     assert not torch.equal(fresh.state_dict()["features.0.weight"], model.state_dict()["features.0.weight"])
 
 
