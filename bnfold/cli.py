@@ -190,7 +190,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from bnfold.serve.config import from_args
     from bnfold.serve.launch import serve
 
+    _refuse_pytorch_file(args.model)
     return serve(from_args(args))
+
+
+def _refuse_pytorch_file(model: str) -> None:
+    """serve runs ONNX: a PyTorch file gets the command that makes one, not a protobuf parse error."""
+    import zipfile
+    from pathlib import Path
+
+    path = Path(model)
+    if not path.is_file():
+        return
+    with path.open("rb") as handle:
+        head = handle.read(1)
+    if zipfile.is_zipfile(path) or head == b"\x80":  # torch.save / TorchScript / .pt2, or a legacy pickle
+        raise BnfoldError(f"{model!r} is a PyTorch file; `bnfold serve` runs ONNX: export it first with "
+                          f"`bnfold export {model} --format onnx --out DIR` (plus --model-class or --trust-pickle "
+                          "if export asks), then serve DIR/model.onnx")
 
 
 def _cmd_loadtest(args: argparse.Namespace) -> int:

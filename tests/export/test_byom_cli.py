@@ -165,19 +165,21 @@ def test_onnx_from_elsewhere_gets_a_spec_and_predictions_answer_its_labels(tmp_p
     assert body["predictions"][0]["label"] in ["N", "E", "S", "W"]
 
 
-def test_export_paper_cuts(tmp_path, capsys, lenet_checkpoint):
+def test_export_paper_cuts(tmp_path, capsys, untrained_lenet_checkpoint):
     err = lambda: capsys.readouterr().err  # noqa: E731
-    assert main(["export", str(lenet_checkpoint.parent), "--out", str(tmp_path / "x")]) == 2
+    assert main(["export", str(untrained_lenet_checkpoint.parent), "--out", str(tmp_path / "x")]) == 2
     assert "is a folder, not a model file" in err()
-    assert main(["export", str(lenet_checkpoint), "--format", "pt2", "--out", str(tmp_path / "p"),
+    assert main(["export", str(untrained_lenet_checkpoint), "--format", "pt2", "--out", str(tmp_path / "p"),
                  "--no-progress"]) == 0  # the file is model.pt2: the name works as a format
     assert (tmp_path / "p" / "model.pt2").is_file()
-    data = lenet_checkpoint.read_bytes()
+    data = untrained_lenet_checkpoint.read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 3])
     assert main(["export", str(tmp_path / "cut.pt"), "--out", str(tmp_path / "y")]) == 2
     assert "truncated or corrupt" in err()
     assert main(["bench", str(tmp_path / "cut.pt"), "--out", str(tmp_path / "b")]) == 2
     assert "truncated or corrupt" in err()  # the same words in bench as in export
+    assert main(["serve", str(untrained_lenet_checkpoint), "--port", "0"]) == 2
+    assert "is a PyTorch file; `bnfold serve` runs ONNX: export it first" in err()
 
 
 def _console_script() -> str:
