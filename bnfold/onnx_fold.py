@@ -51,7 +51,7 @@ def load_onnx(model_or_path: onnx.ModelProto | str | os.PathLike, *,
     try:
         model = onnx.load(str(path), load_external_data=load_external_data)
     except Exception as exc:  # protobuf raises DecodeError, onnx raises its own; both mean unreadable
-        raise BnfoldError(f"{str(path)!r} is not a readable ONNX file ({type(exc).__name__}: {exc})") from None
+        raise BnfoldError(f"{str(path)!r} is not an ONNX model, or not a readable one ({type(exc).__name__}: {exc})") from None
     if not model.graph.node:
         raise BnfoldError(f"{str(path)!r} holds no ONNX graph (is it an ONNX file?)")
     return model

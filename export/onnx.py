@@ -8,10 +8,11 @@ from pathlib import Path
 
 import onnx
 import torch
-from google.protobuf.message import DecodeError
 from torch import nn
 
 import bnfold
+from bnfold.errors import BnfoldError
+from bnfold.onnx_fold import load_onnx as _read_onnx
 from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec, SpecVersionError
 from bnfold.versions import __version__
 
@@ -99,14 +100,12 @@ def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
 
 
 def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
-    """An ONNX file's model (external weights not loaded); an ExportError naming a missing or foreign file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"ONNX file {str(path)!r} does not exist")
+    """An ONNX file's model (external weights not loaded): `bnfold.onnx_fold.load_onnx`, its error
+    for a missing or foreign file raised as an ExportError."""
     try:
-        return onnx.load(os.fspath(path), load_external_data=False)
-    except DecodeError as exc:
-        raise ExportError(f"{str(path)!r} is not an ONNX model: {exc}") from None
+        return _read_onnx(path, load_external_data=False)
+    except BnfoldError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def read_spec(model_or_path: onnx.ModelProto | str | os.PathLike) -> ModelSpec:

@@ -201,7 +201,7 @@ def test_unreadable_files(tmp_path: Path) -> None:
         fold_onnx(tmp_path / "missing.onnx")
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x00\xffnot a protobuf at all" * 10)
-    with pytest.raises(BnfoldError, match="not a readable ONNX file|holds no ONNX graph"):
+    with pytest.raises(BnfoldError, match="not an ONNX model|holds no ONNX graph"):
         fold_onnx(bad)
 
 
