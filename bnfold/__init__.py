@@ -12,24 +12,25 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from bnfold.errors import BnfoldError, ParityError
+from bnfold.errors import BnfoldError, FoldSkipped, ParityError
 
 if TYPE_CHECKING:
+    from bnfold.adapters import BNStats
     from bnfold.graph import count_batchnorm, fold
-    from bnfold.modules import DEFAULT_FOLDERS, FoldSkipped
-    from bnfold.onnx_fold import count_onnx_batchnorm, fold_onnx
+    from bnfold.modules import DEFAULT_FOLDERS
+    from bnfold.onnx_fold import ONNX_FOLDERS, count_onnx_batchnorm, fold_onnx
     from bnfold.parity import Parity, compare
     from bnfold.report import FoldReport
 
 _LAZY = {
     "fold": "bnfold.graph", "count_batchnorm": "bnfold.graph",
-    "DEFAULT_FOLDERS": "bnfold.modules", "FoldSkipped": "bnfold.modules",
-    "fold_onnx": "bnfold.onnx_fold", "count_onnx_batchnorm": "bnfold.onnx_fold",
+    "DEFAULT_FOLDERS": "bnfold.modules", "BNStats": "bnfold.adapters",
+    "fold_onnx": "bnfold.onnx_fold", "count_onnx_batchnorm": "bnfold.onnx_fold", "ONNX_FOLDERS": "bnfold.onnx_fold",
     "compare": "bnfold.parity", "Parity": "bnfold.parity",
     "FoldReport": "bnfold.report",
 }
 
-__all__ = ["BnfoldError", "ParityError", *_LAZY]
+__all__ = ["BnfoldError", "FoldSkipped", "ParityError", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
