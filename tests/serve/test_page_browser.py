@@ -181,6 +181,7 @@ def test_page_is_self_contained_and_locked_down(server: str) -> None:
         style = client.get("/static/page.css")
         missing = client.get("/static/../app.py")
         post = client.post("/")
+        answer = client.post("/predictions/lenet", content=_png(models.digit_image(0)[0]))
     assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
     assert script.headers["content-type"].startswith("text/javascript") and "textContent" in script.text
     assert style.status_code == 200 and style.headers["content-type"].startswith("text/css")
@@ -190,6 +191,9 @@ def test_page_is_self_contained_and_locked_down(server: str) -> None:
     assert not re.search(r"\.(inner|outer)HTML\s*=|insertAdjacentHTML\(|document\.write|eval\(", script.text)
     assert missing.status_code == 404 and "error" in missing.json()
     assert post.status_code == 405 and post.headers["allow"].startswith("GET")
+    # The latency the page shows is the server's own, from the standard Server-Timing header.
+    timing = dict(re.findall(r"(\w+);dur=([\d.]+)", answer.headers["server-timing"]))
+    assert answer.status_code == 200 and 0 < float(timing["model"]) <= float(timing["total"])
 
 
 def test_every_model_has_a_card_with_what_its_metadata_knows(browser, server: str) -> None:
