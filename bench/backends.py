@@ -197,6 +197,22 @@ def _build_ort(ctx: BackendContext, device: str, batch_size: int) -> Callable[[]
     return lambda: runtime.run(x)
 
 
+def _build_ort_quantized(kind: str) -> Builder:
+    """onnxruntime on an INT8 or FP16 file (`export.WRITERS` kind), host to host, as the "ort" row."""
+    def build(ctx: BackendContext, device: str, batch_size: int) -> Callable[[], Any]:
+        if kind == "int8" and device == "cuda":
+            # QDQ int8 runs on onnxruntime's CPU kernels; on a GPU it needs TensorRT, not the CUDA EP.
+            raise Unavailable("INT8 QDQ is a CPU row: onnxruntime's CUDA provider has no int8 convolutions "
+                              "(TensorRT does)")
+        check_cuda_ort(device)
+        from bnfold.serve.runtime import open_session
+
+        runtime = open_session(ctx.artifact(kind), device, threads=ctx.threads)
+        x = ctx.inputs[batch_size]
+        return lambda: runtime.run(x)
+    return build
+
+
 def _ort_cuda_session(ctx: BackendContext, cuda_graph: bool, batch_size: int) -> tuple[Any, np.ndarray]:
     """A CUDA session with no CPU fallback, and the CPU session's output for the benchmark input."""
     import onnxruntime
@@ -325,6 +341,12 @@ BACKENDS: dict[str, Backend] = {
                              lambda ctx, d, b: _build_ort_bound(ctx, d, b, cuda_graph=True),
                              needs="onnx", requestable=False, versus_eager="ort-cudagraph vs eager",
                              speedups=(("ort CUDA graph vs ort IO binding", "ort-iobinding", "ort-cudagraph"),)),
+    "ort-int8": Backend("onnxruntime CPU on model.int8.onnx (QDQ, calibrated, accuracy-gated), host to host",
+                        _build_ort_quantized("int8"), needs="int8", default=False, versus_eager="ort-int8 vs eager",
+                        speedups=(("ort INT8 vs ort FP32", "ort", "ort-int8"),)),
+    "ort-fp16": Backend("onnxruntime on model.fp16.onnx (float16 weights, float32 edges), host to host",
+                        _build_ort_quantized("fp16"), needs="fp16", default=False, versus_eager="ort-fp16 vs eager",
+                        speedups=(("ort FP16 vs ort FP32", "ort", "ort-fp16"),)),
     "http": Backend("bnfold serve on loopback, one connection, binary tensors (bench.loadtest)",
                     measure_apart=_measure_http, needs="onnx",
                     speedups=(("ort vs http, in-process against one HTTP hop", "http", "ort"),)),

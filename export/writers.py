@@ -7,6 +7,7 @@ reader loads such a file on CPU.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,15 @@ from bnfold.export import int8 as _int8, onnx as _onnx, program as _program, tor
 from bnfold.export.config import ExportConfig
 from bnfold.export.errors import UnknownFormatError
 from bnfold.export.report import ArtifactReport
+
+
+def _fp16_onnx(model: nn.Module, spec: ModelSpec, path: Path, config: ExportConfig,
+               samples: "torch.Tensor | None") -> ArtifactReport:
+    """The ONNX writer with float16 weights whatever `config.fp16` says, so that one run can
+    write FP32, FP16 and INT8 files side by side (`--format onnx,fp16,int8`)."""
+    report = _onnx.export_from_config(model, spec, path, dataclasses.replace(config, fp16=True), samples)
+    report.format = "fp16"
+    return report
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,8 @@ WRITERS: dict[str, Writer] = {
                           "traced and frozen TorchScript, needs only torch"),
     "program": Writer("model.pt2", _program.export_from_config, _program.load_program,
                       "torch.export program with a dynamic batch Dim"),
+    "fp16": Writer("model.fp16.onnx", _fp16_onnx, _onnx.load_onnx,
+                   "ONNX with float16 weights beside the FP32 model.onnx (what --fp16 makes of model.onnx)"),
     "int8": Writer(_int8.INT8_FILE, _int8.export_from_config, _onnx.load_onnx,
                    "INT8 QDQ ONNX calibrated on the training split, gated on eval-split accuracy"),
 }
