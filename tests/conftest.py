@@ -72,6 +72,18 @@ def _randomize_bn_like(m: torch.nn.Module, g: torch.Generator) -> None:
             break
 
 
+def max_rel_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """max |candidate - reference| / max |reference| in float64: the figure every tolerance is stated in."""
+    reference, candidate = reference.double(), candidate.double()
+    return float((candidate - reference).abs().max() / reference.abs().max())
+
+
+@pytest.fixture(scope="session")
+def rel_err() -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """`rel_err(reference, candidate)`: `max_rel_error`, for the fold and export tests."""
+    return max_rel_error
+
+
 @pytest.fixture(scope="session")
 def randomize_bn():
     """`randomize_bn(model, seed=0) -> model`: random BN statistics and affine parameters, in place."""
@@ -131,7 +143,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def lenet_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained_lenet_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LeNet-BN trained for 2 short epochs on the bundled digits: enough to label digits."""
     from bnfold import models
 
@@ -142,12 +154,12 @@ def lenet_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def lenet_onnx(lenet_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def lenet_onnx(trained_lenet_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The trained LeNet exported (BN folded) to model.onnx with the spec in its metadata."""
     from bnfold import export
     from bnfold import models
 
-    model, spec = models.load_checkpoint(lenet_checkpoint)
+    model, spec = models.load_checkpoint(trained_lenet_checkpoint)
     path = tmp_path_factory.mktemp("lenet_export") / "model.onnx"
     export.export_onnx(model, spec, path)
     return path

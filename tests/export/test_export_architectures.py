@@ -19,7 +19,6 @@ import pytest
 import torch
 from google.protobuf import text_format
 from torch import nn
-from tritonclient.grpc import model_config_pb2
 
 import bnfold
 from bnfold import export
@@ -111,12 +110,12 @@ def test_reported_parity_is_within_fp32_tolerance(exported: Exported) -> None:
     assert sorted(p.name for p in exported.folder.iterdir()) == ["model.onnx", "model.pt2", "model.ts"]
 
 
-def test_onnx_matches_the_unfolded_model_at_other_batch_sizes(exported: Exported, rel_error) -> None:
+def test_onnx_matches_the_unfolded_model_at_other_batch_sizes(exported: Exported, rel_err) -> None:
     session = ort.InferenceSession(str(exported.folder / "model.onnx"), providers=["CPUExecutionProvider"])
     for batch in (1, 3):
         x = fresh_input(exported.spec, batch)
         out = session.run(None, {"input": x.numpy()})[0]
-        assert rel_error(expected_output(exported, x), torch.from_numpy(out)) <= 1e-5
+        assert rel_err(expected_output(exported, x), torch.from_numpy(out)) <= 1e-5
 
 
 def test_onnx_metadata_round_trips_the_spec(exported: Exported) -> None:
@@ -133,13 +132,13 @@ def test_onnx_metadata_round_trips_the_spec(exported: Exported) -> None:
     assert fold["folded"] > 0 and fold["skipped"] == []
 
 
-def test_program_loads_and_keeps_a_dynamic_batch(exported: Exported, rel_error) -> None:
+def test_program_loads_and_keeps_a_dynamic_batch(exported: Exported, rel_err) -> None:
     program = torch.export.load(str(exported.folder / "model.pt2"))
     module = program.module()
     for batch in (1, 5):
         x = fresh_input(exported.spec, batch, seed=batch)
         with torch.no_grad():
-            assert rel_error(expected_output(exported, x), module(x)) <= 1e-5
+            assert rel_err(expected_output(exported, x), module(x)) <= 1e-5
 
 
 # A long-lived interpreter in which bnfold is NOT importable. bnfold is installed (editable) in
@@ -211,7 +210,7 @@ def test_torchscript_loads_in_a_process_without_bnfold(exported: Exported, clean
     assert same_shape and rel <= 1e-5
 
 
-def test_triton_repository_config_parses(exported: Exported, tmp_path: Path) -> None:
+def test_triton_repository_config_parses(exported: Exported, tmp_path: Path, model_config_pb2) -> None:
     spec = exported.spec
     model_dir = export.write_triton_repo(exported.folder / "model.onnx", spec, tmp_path / "repo",
                                          max_batch_size=16)

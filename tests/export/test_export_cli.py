@@ -7,7 +7,6 @@ from pathlib import Path
 import onnx
 import torch
 from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
 
 from bnfold import export
 from bnfold.cli import main
@@ -19,10 +18,10 @@ def _no_staging_left(folder: Path) -> None:
 
 
 def test_bnfold_export_writes_verified_files_export_json_and_a_triton_model(
-        lenet, lenet_checkpoint, tmp_path, capfd) -> None:
+        lenet, untrained_lenet_checkpoint, tmp_path, capfd, model_config_pb2) -> None:
     model, spec = lenet
     out, repo = tmp_path / "export", tmp_path / "repo"
-    code = main(["export", str(lenet_checkpoint), "--out", str(out), "--triton-repo", str(repo),
+    code = main(["export", str(untrained_lenet_checkpoint), "--out", str(out), "--triton-repo", str(repo),
                  "--no-progress"])
     stdout, stderr = capfd.readouterr()
     assert code == 0, stderr
@@ -54,9 +53,9 @@ def test_bnfold_export_writes_verified_files_export_json_and_a_triton_model(
     _no_staging_left(repo)
 
     # A second run needs --force; with it, the folder is replaced as a whole.
-    assert main(["export", str(lenet_checkpoint), "--out", str(out), "--no-progress"]) == 2
+    assert main(["export", str(untrained_lenet_checkpoint), "--out", str(out), "--no-progress"]) == 2
     assert "--force" in capfd.readouterr().err
-    code = main(["export", str(lenet_checkpoint), "--out", str(out), "--format", "onnx",
+    code = main(["export", str(untrained_lenet_checkpoint), "--out", str(out), "--format", "onnx",
                  "--static-batch", "--triton-repo", str(repo), "--triton-device", "cuda",
                  "--force", "--no-progress"])
     capfd.readouterr()
@@ -72,8 +71,8 @@ def test_bnfold_export_writes_verified_files_export_json_and_a_triton_model(
     _no_staging_left(tmp_path)
 
 
-def test_export_checkpoint_returns_a_summary_matching_the_files(lenet_checkpoint, tmp_path) -> None:
-    summary = export.export_checkpoint(export.ExportConfig(lenet_checkpoint, tmp_path / "out",
+def test_export_checkpoint_returns_a_summary_matching_the_files(untrained_lenet_checkpoint, tmp_path) -> None:
+    summary = export.export_checkpoint(export.ExportConfig(untrained_lenet_checkpoint, tmp_path / "out",
                                                            formats="torchscript,program", progress=False))
     assert [a.format for a in summary.artifacts] == ["torchscript", "program"]
     assert summary.export_json == tmp_path / "out" / "export.json" and summary.export_json.is_file()
@@ -84,12 +83,12 @@ def test_export_checkpoint_returns_a_summary_matching_the_files(lenet_checkpoint
     assert "model.ts" in text and "model.pt2" in text and "folded" in text.lower()
 
 
-def test_a_new_format_is_one_entry_in_the_writers_table(lenet_checkpoint, tmp_path, monkeypatch) -> None:
+def test_a_new_format_is_one_entry_in_the_writers_table(untrained_lenet_checkpoint, tmp_path, monkeypatch) -> None:
     # A format written by the TorchScript writer under another file name: export_checkpoint, the
     # format check and the file-name lookup all follow the table, with no other edit.
     monkeypatch.setitem(export.WRITERS, "ts-copy", export.Writer(
         "model.copy.ts", export.WRITERS["torchscript"].write, export.load_torchscript, "a test format"))
-    summary = export.export_checkpoint(export.ExportConfig(lenet_checkpoint, tmp_path / "out",
+    summary = export.export_checkpoint(export.ExportConfig(untrained_lenet_checkpoint, tmp_path / "out",
                                                            formats="ts-copy", progress=False))
     assert [a.format for a in summary.artifacts] == ["torchscript"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["export.json", "model.copy.ts"]

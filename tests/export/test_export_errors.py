@@ -56,30 +56,30 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_unknown_format_lists_the_valid_ones(lenet_checkpoint, tmp_path, capsys) -> None:
-    code, _, err = _run(capsys, lenet_checkpoint, "--format", "onnx,tflite", "--out", tmp_path / "out")
+def test_unknown_format_lists_the_valid_ones(untrained_lenet_checkpoint, tmp_path, capsys) -> None:
+    code, _, err = _run(capsys, untrained_lenet_checkpoint, "--format", "onnx,tflite", "--out", tmp_path / "out")
     assert code == 2
     assert "'tflite'" in err and "onnx, torchscript, program" in err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
     with pytest.raises(export.UnknownFormatError, match="choose from"):
-        export.export_checkpoint(export.ExportConfig(lenet_checkpoint, tmp_path / "out", formats=()))
+        export.export_checkpoint(export.ExportConfig(untrained_lenet_checkpoint, tmp_path / "out", formats=()))
 
 
-def test_existing_output_folder_needs_force(lenet_checkpoint, tmp_path, capsys) -> None:
+def test_existing_output_folder_needs_force(untrained_lenet_checkpoint, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    code, _, err = _run(capsys, lenet_checkpoint, "--out", out)
+    code, _, err = _run(capsys, untrained_lenet_checkpoint, "--out", out)
     assert code == 2
     assert str(out) in err and "--force" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
-def test_force_never_replaces_the_folder_holding_the_checkpoint(lenet_checkpoint, tmp_path, capsys) -> None:
-    code, _, err = _run(capsys, lenet_checkpoint, "--out", lenet_checkpoint.parent, "--force")
+def test_force_never_replaces_the_folder_holding_the_checkpoint(untrained_lenet_checkpoint, tmp_path, capsys) -> None:
+    code, _, err = _run(capsys, untrained_lenet_checkpoint, "--out", untrained_lenet_checkpoint.parent, "--force")
     assert code == 2 and "holds the checkpoint" in err
-    assert lenet_checkpoint.is_file()
+    assert untrained_lenet_checkpoint.is_file()
 
 
 def test_a_file_that_is_not_a_bnfold_checkpoint_is_refused(tmp_path, capsys) -> None:
@@ -97,12 +97,12 @@ def test_a_file_that_is_not_a_bnfold_checkpoint_is_refused(tmp_path, capsys) -> 
     assert not (tmp_path / "out").exists()
 
 
-def test_opset_outside_the_supported_range_says_the_range(lenet, lenet_checkpoint, tmp_path, capsys) -> None:
+def test_opset_outside_the_supported_range_says_the_range(lenet, untrained_lenet_checkpoint, tmp_path, capsys) -> None:
     low, high = DYNAMO_OPSETS
-    code, _, err = _run(capsys, lenet_checkpoint, "--opset", "5", "--out", tmp_path / "out")
+    code, _, err = _run(capsys, untrained_lenet_checkpoint, "--opset", "5", "--out", tmp_path / "out")
     assert code == 2 and "5" in err and f"{low} to {high}" in err
     low, high = LEGACY_OPSETS
-    code, _, err = _run(capsys, lenet_checkpoint, "--legacy-onnx", "--opset", str(high + 1),
+    code, _, err = _run(capsys, untrained_lenet_checkpoint, "--legacy-onnx", "--opset", str(high + 1),
                         "--out", tmp_path / "out")
     assert code == 2 and f"{low} to {high}" in err and "legacy" in err
     model, spec = lenet
@@ -167,14 +167,14 @@ def test_parity_error_carries_the_figures(lenet, tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["overflow.pt"]
 
 
-def test_triton_repository_needs_onnx_and_refuses_an_existing_model(lenet_checkpoint, tmp_path) -> None:
+def test_triton_repository_needs_onnx_and_refuses_an_existing_model(untrained_lenet_checkpoint, tmp_path) -> None:
     with pytest.raises(export.ExportError, match="onnx"):
-        export.export_checkpoint(export.ExportConfig(lenet_checkpoint, tmp_path / "out", formats=["torchscript"],
+        export.export_checkpoint(export.ExportConfig(untrained_lenet_checkpoint, tmp_path / "out", formats=["torchscript"],
                                                      triton_repo=tmp_path / "repo"))
     (tmp_path / "repo" / "lenet").mkdir(parents=True)
     (tmp_path / "repo" / "lenet" / "config.pbtxt").write_text("kept")
     with pytest.raises(export.OutputExistsError, match="lenet"):
-        export.export_checkpoint(export.ExportConfig(lenet_checkpoint, tmp_path / "out", triton_repo=tmp_path / "repo"))
+        export.export_checkpoint(export.ExportConfig(untrained_lenet_checkpoint, tmp_path / "out", triton_repo=tmp_path / "repo"))
     assert (tmp_path / "repo" / "lenet" / "config.pbtxt").read_text() == "kept"
     assert not (tmp_path / "out").exists()
 

@@ -21,7 +21,7 @@ def _x(spec, batch: int, seed: int = 5) -> torch.Tensor:
     return torch.randn(batch, *spec.input_shape, generator=torch.Generator().manual_seed(seed))
 
 
-def test_fp16_onnx_keeps_float32_edges_and_states_its_tolerance(lenet, tmp_path, rel_error) -> None:
+def test_fp16_onnx_keeps_float32_edges_and_states_its_tolerance(lenet, tmp_path, rel_err) -> None:
     model, spec = lenet
     report = export.export_onnx(model, spec, tmp_path / "model.onnx", fp16=True)
     assert report.dtype == "float16"
@@ -39,7 +39,7 @@ def test_fp16_onnx_keeps_float32_edges_and_states_its_tolerance(lenet, tmp_path,
     out = _session(tmp_path / "model.onnx").run(None, {"input": x.numpy()})[0]
     assert out.dtype == np.float32
     with torch.no_grad():
-        error = rel_error(model(x), torch.from_numpy(out))
+        error = rel_err(model(x), torch.from_numpy(out))
     # float16 really is in there (not a float32 file mislabelled), and within the stated tolerance.
     assert 1e-6 < error <= 1e-2
 
@@ -130,7 +130,7 @@ def test_given_samples_are_used_and_checked(lenet, tmp_path) -> None:
 
 
 @pytest.mark.gpu
-def test_a_model_on_cuda_exports_to_cpu_files_and_stays_on_cuda(lenet, tmp_path, rel_error) -> None:
+def test_a_model_on_cuda_exports_to_cpu_files_and_stays_on_cuda(lenet, tmp_path, rel_err) -> None:
     import copy
 
     model, spec = lenet
@@ -141,4 +141,4 @@ def test_a_model_on_cuda_exports_to_cpu_files_and_stays_on_cuda(lenet, tmp_path,
     x = _x(spec, 2)
     out = _session(tmp_path / "model.onnx").run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
-        assert rel_error(model(x), torch.from_numpy(out)) <= 1e-5
+        assert rel_err(model(x), torch.from_numpy(out)) <= 1e-5

@@ -10,7 +10,7 @@ from bnfold.models.checkpoint import FORMAT
 
 
 @pytest.fixture
-def lenet_checkpoint(tmp_path, randomize_bn):
+def saved_lenet(tmp_path, randomize_bn):
     model, spec = models.build_for_dataset("lenet", "digits")
     randomize_bn(model)
     spec.epoch, spec.metrics = 3, {"test_accuracy": 0.5}
@@ -34,8 +34,8 @@ def test_round_trip_rebuilds_the_same_model(tmp_path, randomize_bn, arch):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
-def test_file_layout_is_the_contract(lenet_checkpoint):
-    path, _, spec = lenet_checkpoint
+def test_file_layout_is_the_contract(saved_lenet):
+    path, _, spec = saved_lenet
     payload = torch.load(path, weights_only=True)
     assert payload["format"] == FORMAT == "bnfold-checkpoint" and payload["format_version"] == 1
     assert payload["spec"] == spec.to_dict() and payload["note"] == "hello"
@@ -63,8 +63,8 @@ def test_missing_file(tmp_path):
     assert not models.is_checkpoint(tmp_path / "absent.pt")
 
 
-def test_state_dict_that_does_not_match_the_spec(lenet_checkpoint):
-    path, _, _ = lenet_checkpoint
+def test_state_dict_that_does_not_match_the_spec(saved_lenet):
+    path, _, _ = saved_lenet
 
     def widen(payload):
         payload["state_dict"]["features.0.weight"] = torch.zeros(8, 1, 5, 5)
@@ -73,8 +73,8 @@ def test_state_dict_that_does_not_match_the_spec(lenet_checkpoint):
         models.load_checkpoint(path)
 
 
-def test_missing_key_and_non_tensor_values(lenet_checkpoint):
-    path, _, _ = lenet_checkpoint
+def test_missing_key_and_non_tensor_values(saved_lenet):
+    path, _, _ = saved_lenet
     _rewrite(path, lambda p: p["state_dict"].pop("classifier.1.weight"))
     with pytest.raises(models.CheckpointError, match="classifier.1.weight"):
         models.load_checkpoint(path)
@@ -104,19 +104,19 @@ def test_code_in_a_pickle_never_runs(tmp_path):
     assert not marker.exists()
 
 
-def test_foreign_state_dict_and_wrong_version(tmp_path, lenet_checkpoint):
+def test_foreign_state_dict_and_wrong_version(tmp_path, saved_lenet):
     plain = tmp_path / "plain.pt"
     torch.save(models.build("lenet").state_dict(), plain)  # a bare state dict: someone else's format
     with pytest.raises(models.CheckpointError, match="bnfold-checkpoint"):
         models.load_checkpoint(plain)
-    path, _, _ = lenet_checkpoint
+    path, _, _ = saved_lenet
     _rewrite(path, lambda p: p.__setitem__("format_version", 99))
     with pytest.raises(models.CheckpointError, match="99"):
         models.load_checkpoint(path)
 
 
-def test_spec_naming_an_unknown_architecture(lenet_checkpoint):
-    path, _, _ = lenet_checkpoint
+def test_spec_naming_an_unknown_architecture(saved_lenet):
+    path, _, _ = saved_lenet
     _rewrite(path, lambda p: p["spec"].__setitem__("arch", "alexnet"))
     with pytest.raises(models.CheckpointError, match="alexnet"):
         models.load_checkpoint(path)
@@ -125,8 +125,8 @@ def test_spec_naming_an_unknown_architecture(lenet_checkpoint):
         models.load_checkpoint(path)
 
 
-def test_truncated_and_garbage_bytes(tmp_path, lenet_checkpoint):
-    path, _, _ = lenet_checkpoint
+def test_truncated_and_garbage_bytes(tmp_path, saved_lenet):
+    path, _, _ = saved_lenet
     data = path.read_bytes()
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(data[: len(data) // 2])
@@ -149,12 +149,12 @@ def test_extra_cannot_overwrite_own_entries(tmp_path):
         models.save_checkpoint(tmp_path / "x.pt", model, spec, extra={"state_dict": {}})
 
 
-def test_randomly_damaged_bytes_are_a_checkpoint_error(tmp_path, lenet_checkpoint):
+def test_randomly_damaged_bytes_are_a_checkpoint_error(tmp_path, saved_lenet):
     # torch.load reports damaged archives with many exception types (IndexError among them);
     # every one must reach the user as a CheckpointError, and is_checkpoint must say False.
     import random
 
-    path, _, _ = lenet_checkpoint
+    path, _, _ = saved_lenet
     raw = path.read_bytes()
     rng = random.Random(0)
     for i in range(30):
@@ -171,12 +171,12 @@ def test_randomly_damaged_bytes_are_a_checkpoint_error(tmp_path, lenet_checkpoin
             assert models.is_checkpoint(damaged)  # the damage missed everything that matters
 
 
-def test_a_spec_from_a_newer_bnfold_is_refused_by_name(lenet_checkpoint, capsys):
+def test_a_spec_from_a_newer_bnfold_is_refused_by_name(saved_lenet, capsys):
     """A newer spec may carry fields (or meanings) this bnfold does not know: say so, not "unreadable"."""
     from bnfold.cli import main
     from bnfold.models.spec import SPEC_VERSION, SpecVersionError
 
-    path, _, _ = lenet_checkpoint
+    path, _, _ = saved_lenet
     newer = SPEC_VERSION + 1
 
     def newer_spec(payload):

@@ -126,17 +126,17 @@ def test_file_kinds_are_detected_from_bytes_not_names(tmp_path, tiny_onnx):
     assert load_model(tmp_path / "b.pt2").input_shape == (1, 1, 8, 8)
 
 
-def test_folders_truncated_and_foreign_files_are_one_line_errors(tmp_path, lenet_checkpoint):
+def test_folders_truncated_and_foreign_files_are_one_line_errors(tmp_path, trained_lenet_checkpoint):
     with pytest.raises(LoaderError, match="is a folder, not a model file.*best.pt"):
-        load_model(lenet_checkpoint.parent)
-    data = lenet_checkpoint.read_bytes()
+        load_model(trained_lenet_checkpoint.parent)
+    data = trained_lenet_checkpoint.read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(LoaderError, match="truncated or corrupt"):
         load_model(tmp_path / "cut.pt")
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(LoaderError, match="not a model file bnfold can read"):
         load_model(tmp_path / "notes.txt")
-    loaded = load_model(lenet_checkpoint)
+    loaded = load_model(trained_lenet_checkpoint)
     assert loaded.kind == "checkpoint" and loaded.spec.arch == "lenet" and loaded.input_shape == (1, 1, 28, 28)
 
 
