@@ -240,7 +240,8 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
     config = PipelineConfig(model=args.model, dataset=args.dataset, data_root=args.data_root,
                             epochs=args.epochs, bench_seconds=args.bench_seconds, devices=args.device,
-                            out=args.out, force=args.force, threads=args.threads or None)
+                            out=args.out, force=args.force, threads=args.threads or None,
+                            int8=not args.no_int8)
     run_pipeline(config)
     return 0
 
@@ -453,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folder: train/, export/, bench/ and REPORT.md")
     p.add_argument("--force", action="store_true",
                    help="reuse an existing output folder (its train/, export/ and bench/ are overwritten)")
+    p.add_argument("--no-int8", action="store_true",
+                   help="skip model.int8.onnx (calibrated on the training split, refused when it loses more "
+                        "than 1 point of eval accuracy) and its ort-int8 bench row")
     return parser
 
 

@@ -1,11 +1,11 @@
-"""`bnfold pipeline`: the whole job in one call, train -> fold -> export -> verify -> bench -> REPORT.md.
+"""`bnfold pipeline`: the whole job in one call, train -> fold -> export (+ INT8) -> evaluate -> bench -> REPORT.md.
 
 Each stage is one call into the package that owns it (`models.train`, `bnfold.fold` and
-`bnfold.compare`, `export.export_checkpoint`, `bench.run.run_bench`), with plain values passed
-between them. The run folder ends up holding:
+`bnfold.compare`, `export.export_checkpoint`, `export.evaluate.evaluate_artifacts`,
+`bench.run.run_bench`), with plain values passed between them. The run folder ends up holding:
 
     OUT/train/    best.pt, last.pt, metrics.jsonl, curves.png   (models.train)
-    OUT/export/   model.onnx, model.ts, model.pt2, export.json   (export.export_checkpoint)
+    OUT/export/   model.onnx, model.ts, model.pt2, model.int8.onnx, export.json   (export.export_checkpoint)
     OUT/bench/    report.json, report.md, latency.png, throughput.png
     OUT/REPORT.md accuracy, fold report, parity table, latency table and charts
 """
@@ -28,6 +28,7 @@ from bnfold.bench.report import ReportFiles, render_markdown, summary_lines, wri
 if TYPE_CHECKING:  # the stages import their packages when they run
     from bnfold import FoldReport, Parity
     from bnfold.export import ExportSummary
+    from bnfold.export.evaluate import EvaluationReport
     from bnfold.models import ModelSpec, TrainResult
 
 # The folded module must match the original to this max relative error (as `bnfold fold --rtol`).
@@ -51,6 +52,7 @@ class PipelineResult:
     bench_files: ReportFiles
     report: Path
     timings: dict[str, float] = field(default_factory=dict)
+    evaluation: EvaluationReport | None = None   # every artifact's accuracy on the eval split
 
     @property
     def accuracy(self) -> float | None:
@@ -91,12 +93,26 @@ def _fold(checkpoint: Path, data_root: str) -> tuple[FoldReport, Parity, int, in
     return report, parity, bnfold.count_batchnorm(model), bnfold.count_batchnorm(folded)
 
 
-def _export(checkpoint: Path, out: Path, data_root: str, progress: bool) -> ExportSummary:
+def _export(checkpoint: Path, out: Path, data_root: str, progress: bool, int8: bool) -> ExportSummary:
     from bnfold import export
+    from bnfold.export.config import DEFAULT_FORMATS
 
+    formats = [*DEFAULT_FORMATS, "int8"] if int8 else list(DEFAULT_FORMATS)
     # The export folder belongs to this run: overwrite it when the run folder is reused.
-    return export.export_checkpoint(export.ExportConfig(checkpoint, out, data_root=data_root, force=True,
-                                                        progress=progress))
+    return export.export_checkpoint(export.ExportConfig(checkpoint, out, formats=formats, data_root=data_root,
+                                                        force=True, progress=progress))
+
+
+def _evaluate(checkpoint: Path, summary: ExportSummary, data_root: str) -> EvaluationReport:
+    """The checkpoint and every exported file scored on the whole eval split."""
+    from bnfold.export.evaluate import evaluate_artifacts
+
+    return evaluate_artifacts([checkpoint, *(a.path for a in summary.artifacts)], data_root=data_root)
+
+
+# Which bench row measures which artifact, for the REPORT.md artifact table.
+_BENCH_ROW = {"checkpoint": "eager", "onnx": "ort", "torchscript": "torchscript", "program": "program",
+              "int8": "ort-int8", "fp16": "ort-fp16"}
 
 
 def _fmt(value: float | int | None) -> str:
@@ -110,13 +126,38 @@ def parity_table(export_summary: ExportSummary, fold_parity: Parity) -> str:
     lines = ["| artifact | max abs error | max rel error | cosine | top-1 agreement | samples | tolerance |",
              "|---|---:|---:|---:|---:|---:|---:|"]
 
-    def add(name: str, p: Parity, tolerance: float) -> None:
+    def add(name: str, p: Parity, tolerance: float | None) -> None:
+        # INT8 has no output tolerance: it is held to the accuracy gate (see the artifact table).
+        limit = "accuracy gate" if tolerance is None else f"{tolerance:.0e}"
         lines.append(f"| {name} | {_fmt(p.max_abs_error)} | {_fmt(p.max_rel_error)} | {_fmt(p.cosine)} | "
-                     f"{_fmt(p.top1_agreement)} | {p.samples} | {tolerance:.0e} |")
+                     f"{_fmt(p.top1_agreement)} | {p.samples} | {limit} |")
 
     add("folded module (bnfold.fold)", fold_parity, FOLD_RTOL)
     for artifact in export_summary.artifacts:
         add(artifact.path.name, artifact.parity, artifact.tolerance)
+    return "\n".join(lines)
+
+
+def artifact_table(result: PipelineResult) -> str:
+    """One row per artifact: eval-split accuracy (or IoU), file size, CPU p50 at batch 1, speed-up vs eager."""
+    if result.evaluation is None:
+        return "_Not evaluated._"
+    formats = {a.path.name: a.format for a in result.export_summary.artifacts}
+    eager = result.bench.row("eager", "cpu", 1)
+    eager_p50 = eager.p50_ms if eager is not None and eager.ok else None
+    metric = result.evaluation.rows[0].metric if result.evaluation.rows else "accuracy"
+    lines = [f"| artifact | weights | {metric} | size | p50 batch 1, CPU | speed-up vs eager |",
+             "|---|---|---:|---:|---:|---:|"]
+    from bnfold.export.evaluate import format_size
+
+    for row in result.evaluation.rows:
+        kind = "checkpoint" if row.kind == "checkpoint" else formats.get(row.artifact.name, row.kind)
+        bench = result.bench.row(_BENCH_ROW.get(kind, ""), "cpu", 1)
+        p50 = bench.p50_ms if bench is not None and bench.ok else None
+        speedup = f"{eager_p50 / p50:.2f}x" if p50 and eager_p50 else "–"
+        name = "checkpoint (eager PyTorch)" if kind == "checkpoint" else row.artifact.name
+        lines.append(f"| {name} | {row.dtype} | {row.value:.4f} | {format_size(row.size_bytes)} | "
+                     f"{f'{p50:.3f} ms' if p50 else '–'} | {speedup} |")
     return "\n".join(lines)
 
 
@@ -144,6 +185,10 @@ def render_report(result: PipelineResult, *, command: str, train_dir: Path) -> s
         parts.append(f"![training curves]({os.path.relpath(curves, result.out)})")
     parts += [
         "## Fold report", "```\n" + str(result.fold_report).rstrip() + "\n```",
+        "## Artifacts: accuracy, size, latency", artifact_table(result),
+        f"{result.evaluation.rows[0].metric.capitalize() if result.evaluation and result.evaluation.rows else 'Accuracy'} "
+        f"on the whole eval split ({result.evaluation.rows[0].samples if result.evaluation and result.evaluation.rows else 0} "
+        "samples, `bnfold evaluate`); p50 from the benchmark below (eager, ort, torchscript, program, ort-int8 rows).",
         "## Parity against the trained PyTorch model", parity_table(result.export_summary, result.fold_parity),
         f"The folded module was compared on {result.fold_parity.samples} eval-split inputs (random "
         f"inputs when the dataset files are absent); the exported files on "
@@ -172,12 +217,14 @@ class PipelineConfig:
     # second torch thread spinning for a busy core multiplies eager latency.
     threads: int | None = 1
     progress: bool = True
+    int8: bool = True                    # also write model.int8.onnx (calibrated, accuracy-gated) and bench it
 
     def command(self) -> str:
         """The `bnfold pipeline` command line that runs this configuration (quoted in REPORT.md)."""
         return (f"bnfold pipeline --model {self.model} --dataset {self.dataset} --epochs {self.epochs} "
                 f"--bench-seconds {self.bench_seconds} --device {','.join(self.devices)} "
-                f"--threads {self.threads if self.threads is not None else 0} --out {self.out}")
+                f"--threads {self.threads if self.threads is not None else 0} --out {self.out}"
+                + ("" if self.int8 else " --no-int8"))
 
 
 def run_pipeline(config: PipelineConfig, *, log: Callable[[str], None] = print) -> PipelineResult:
@@ -215,23 +262,33 @@ def run_pipeline(config: PipelineConfig, *, log: Callable[[str], None] = print) 
     log(str(fold_report))
     log(f"parity, folded against trained: {fold_parity}")
 
-    done = stage("export")
-    summary = _export(checkpoint, out_dir / "export", data_root, progress)
+    done = stage("export + int8" if config.int8 else "export")
+    summary = _export(checkpoint, out_dir / "export", data_root, progress, config.int8)
     done()
     for artifact in summary.artifacts:
         p = artifact.parity
         log(f"exported {artifact.path.name}: max rel error {p.max_rel_error:.2e}, top-1 agreement "
             f"{_fmt(p.top1_agreement)} over {p.samples} samples")
+        if artifact.format == "int8":
+            log(f"  {artifact.notes[0]}")
 
+    done = stage("evaluate")
+    evaluation = _evaluate(checkpoint, summary, data_root)
+    done()
+    log(str(evaluation))
+
+    backends = list(config.backends)
+    if config.int8 and "ort-int8" not in backends:
+        backends.append("ort-int8")
     done = stage("bench")
-    bench = run_bench(BenchConfig(checkpoint, devices=config.devices, backends=config.backends,
+    bench = run_bench(BenchConfig(checkpoint, devices=config.devices, backends=backends,
                                   batch_sizes=config.batch_sizes, threads=config.threads,
                                   seconds=config.bench_seconds, progress=progress, export_dir=out_dir / "export"))
     files = write_report(bench, out_dir / "bench")
     done()
 
     result = PipelineResult(out_dir, checkpoint, spec, metrics, fold_report, fold_parity, bn_before,
-                            bn_after, summary, bench, files, out_dir / "REPORT.md", timings)
+                            bn_after, summary, bench, files, out_dir / "REPORT.md", timings, evaluation)
     result.report.write_text(render_report(result, command=config.command(), train_dir=out_dir / "train"))
     log("== summary")
     log(f"{spec.arch} on {spec.dataset}: {headline}; BatchNorm {bn_before} -> {bn_after}; "
@@ -243,4 +300,5 @@ def run_pipeline(config: PipelineConfig, *, log: Callable[[str], None] = print) 
     return result
 
 
-__all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "render_report", "parity_table", "headline_metric"]
+__all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "render_report", "parity_table", "artifact_table",
+           "headline_metric"]

@@ -70,3 +70,22 @@ def test_pipeline_refuses_a_used_folder_without_force(pipeline_run: Path,
     err = capsys.readouterr().err
     assert code == 2 and "--force" in err and str(out) in err and "Traceback" not in err
     assert (out / "REPORT.md").stat().st_mtime_ns == before
+
+
+def test_pipeline_int8_stage_and_artifact_table(pipeline_run: Path) -> None:
+    out = pipeline_run
+    assert (out / "export" / "model.int8.onnx").is_file()
+    record = json.loads((out / "export" / "export.json").read_text())
+    gate = next(a for a in record["artifacts"] if a["format"] == "int8")["int8"]["accuracy"]
+    assert gate["passed"] and gate["eval_samples"] == 360
+    report = (out / "REPORT.md").read_text()
+    table = report.split("## Artifacts: accuracy, size, latency")[1].split("\n## ")[0]
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| artifact | weights | accuracy | size | p50 batch 1, CPU | speed-up vs eager |")
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[1:]}
+    assert set(rows) == {"checkpoint (eager PyTorch)", "model.onnx", "model.ts", "model.pt2", "model.int8.onnx"}
+    # The INT8 row carries the gate's own figure and a measured latency (ort-int8 bench row).
+    assert f"| int8 | {gate['int8']:.4f} |" in rows["model.int8.onnx"]
+    assert rows["model.int8.onnx"].rstrip(" |").endswith("x") and " ms |" in rows["model.int8.onnx"]
+    bench = json.loads((out / "bench" / "report.json").read_text())["results"]
+    assert any(r["backend"] == "ort-int8" and r["device"] == "cpu" and r["status"] == "ok" for r in bench)
