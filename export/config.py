@@ -8,11 +8,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from bnfold.models.spec import MAX_BATCH_SIZE
 from bnfold.models.spec_options import SpecOptions
 
 # The largest batch Triton may form from queued requests when the model's batch axis is dynamic
-# (`max_batch_size` in config.pbtxt, and in the config document `bnfold serve` answers).
-TRITON_MAX_BATCH_SIZE = 32
+# (`max_batch_size` in config.pbtxt): the one constant `bnfold serve` also enforces and reports,
+# kept in the spec module both packages read (serve must not import export, which imports torch).
+TRITON_MAX_BATCH_SIZE = MAX_BATCH_SIZE
 
 DEFAULT_FORMATS: tuple[str, ...] = ("onnx", "torchscript", "program")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from bnfold.models.spec import ModelSpec
+from bnfold.models.spec import MODEL_NAME_PATTERN, ModelSpec
 
 from bnfold.export._common import staging_path
 from bnfold.export.config import TRITON_MAX_BATCH_SIZE
@@ -29,7 +29,7 @@ _TRITON_TYPES = {
     onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.BOOL: "TYPE_BOOL",
 }
 _KINDS = {"cpu": "KIND_CPU", "cuda": "KIND_GPU", "gpu": "KIND_GPU"}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NAME = re.compile(MODEL_NAME_PATTERN)   # the rule serve.repository holds a repository's names to
 LABELS_FILE = "labels.txt"
 
 
@@ -95,7 +95,7 @@ def triton_config(model: onnx.ModelProto, name: str, *, device: str = "cpu",
 
 
 def check_model_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):   # fullmatch: `$` let "name\n" through
         raise ExportError(f"invalid Triton model name {name!r}: use letters, digits, '_', '-', '.'")
     return name
 
