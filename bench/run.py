@@ -276,11 +276,17 @@ def run_bench(config: BenchConfig) -> BenchResult:
         wanted = backends + [extra for name in backends for extra in BACKENDS[name].with_on_cuda]
         kinds = {BACKENDS[name].needs for name in wanted if BACKENDS[name].needs}
         export_dir = Path(config.export_dir) if config.export_dir is not None else None
-        if model is None:  # an ONNX file: it is its own artifact, and nothing else can be made from it
+        # A TorchScript, torch.export or ONNX file is its own artifact for the rows that run that kind.
+        own = {"onnx": loaded.onnx_path, "torchscript": Path(loaded.source),
+               "program": Path(loaded.source)}.get(loaded.kind)
+        own_kind = {"onnx": "onnx", "torchscript": "torchscript", "program": "program"}.get(loaded.kind)
+        if model is None:  # an ONNX file: nothing else can be made from it
             artifacts, errors = {"onnx": loaded.onnx_path}, {}
         else:
-            artifacts, errors = _prepare_artifacts(model, spec or _export_spec(loaded), kinds, Path(tmp),
-                                                   export_dir, config.checkpoint)
+            artifacts, errors = _prepare_artifacts(model, spec or _export_spec(loaded), kinds - {own_kind},
+                                                   Path(tmp), export_dir, config.checkpoint)
+            if own_kind is not None and own is not None:
+                artifacts[own_kind] = own
         ctx = BackendContext(model, spec, threads, artifacts, errors, inputs)
         if "folded" in backends and model is not None:
             ctx.prepare_folded()
