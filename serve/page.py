@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bnfold.serve.runtime import ServeError
+from bnfold.serve.errors import ServeError
+from bnfold.serve.routes import Headers, Response
 
 STATIC = Path(__file__).with_name("static")
 
@@ -24,8 +25,6 @@ CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'se
 _TYPES = {".html": b"text/html; charset=utf-8", ".js": b"text/javascript; charset=utf-8",
           ".css": b"text/css; charset=utf-8"}
 _FILES = ("index.html", "page.js", "page.css")
-
-Headers = list[tuple[bytes, bytes]]
 
 
 class PageAssets:
@@ -47,7 +46,7 @@ class PageAssets:
                        (b"cache-control", b"no-cache")]
             self.files[name] = (headers, body)
 
-    def get(self, name: str) -> tuple[int, Headers, bytes]:
+    def get(self, name: str) -> Response:
         """(200, headers, body) for one of the page's files; a 404 `ServeError` for anything else.
 
         Only the names read at start-up exist: a path never reaches the file system, so `..`
@@ -59,5 +58,5 @@ class PageAssets:
         headers, body = entry
         return 200, headers, body
 
-    def index(self) -> tuple[int, Headers, bytes]:
+    def index(self) -> Response:
         return self.get("index.html")

@@ -174,28 +174,6 @@ def _clear_answer(driver, card) -> None:
     driver.execute_script("arguments[0].querySelector('.bars').replaceChildren();", card)
 
 
-def test_page_is_self_contained_and_locked_down(server: str) -> None:
-    with httpx.Client(base_url=server) as client:
-        page = client.get("/")
-        script = client.get("/static/page.js")
-        style = client.get("/static/page.css")
-        missing = client.get("/static/../app.py")
-        post = client.post("/")
-        answer = client.post("/predictions/lenet", content=_png(models.digit_image(0)[0]))
-    assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
-    assert script.headers["content-type"].startswith("text/javascript") and "textContent" in script.text
-    assert style.status_code == 200 and style.headers["content-type"].startswith("text/css")
-    # No CDN, no inline script: the policy allows only the page's own files and API.
-    assert "script-src 'self'" in page.headers["content-security-policy"]
-    assert not re.search(r"(src|href)=\"(https?:)?//", page.text) and "<script>" not in page.text
-    assert not re.search(r"\.(inner|outer)HTML\s*=|insertAdjacentHTML\(|document\.write|eval\(", script.text)
-    assert missing.status_code == 404 and "error" in missing.json()
-    assert post.status_code == 405 and post.headers["allow"].startswith("GET")
-    # The latency the page shows is the server's own, from the standard Server-Timing header.
-    timing = dict(re.findall(r"(\w+);dur=([\d.]+)", answer.headers["server-timing"]))
-    assert answer.status_code == 200 and 0 < float(timing["model"]) <= float(timing["total"])
-
-
 def test_every_model_has_a_card_with_what_its_metadata_knows(browser, server: str) -> None:
     _open(browser, server)
     names = [c.get_attribute("data-model") for c in browser.find_elements("css selector", "section.card")]
