@@ -24,7 +24,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def exported(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("lenet_eval_export") / "export"
-    assert main(["export", str(trained), "--format", "onnx,torchscript,program,int8", "--out", str(out),
+    assert main(["export", str(trained), "--format", "onnx,torchscript,program,fp16,int8", "--out", str(out),
                  "--calibration-samples", "64", "--no-progress"]) == 0
     return out
 
@@ -43,24 +43,25 @@ def test_evaluate_agrees_with_the_training_logs_test_accuracy(trained: Path, cap
 
 def test_every_artifact_kind_in_one_table(trained: Path, exported: Path, capfd: pytest.CaptureFixture) -> None:
     files = [trained, exported / "model.onnx", exported / "model.ts", exported / "model.pt2",
-             exported / "model.int8.onnx"]
+             exported / "model.fp16.onnx", exported / "model.int8.onnx"]
     code = main(["evaluate", *map(str, files)])
     out, err = capfd.readouterr()
     assert code == 0, err
     lines = out.strip().splitlines()
     assert len(lines) == 2 + len(files)  # header, rule, one row each
     for name, kind in [("best.pt", "checkpoint"), ("model.onnx", "onnx"), ("model.ts", "torchscript"),
-                       ("model.pt2", "program"), ("model.int8.onnx", "onnx")]:
+                       ("model.pt2", "program"), ("model.fp16.onnx", "onnx"), ("model.int8.onnx", "onnx")]:
         assert any(name in line and kind in line for line in lines[2:]), (name, out)
 
     report = evaluate_artifacts(files)
     by_name = {row.artifact.name: row for row in report.rows}
     assert by_name["model.int8.onnx"].dtype == "int8" and by_name["model.onnx"].dtype == "float32"
+    assert by_name["model.fp16.onnx"].dtype == "float16"
     assert by_name["model.onnx"].spec_source == "ONNX metadata"
     assert by_name["model.ts"].spec_source == "export.json beside it"
     reference = by_name["best.pt"].value
-    for name in ("model.onnx", "model.ts", "model.pt2"):
-        # Folded FP32: at most one of the 360 digits may flip on a rounding-level difference.
+    for name in ("model.onnx", "model.ts", "model.pt2", "model.fp16.onnx"):
+        # Folded FP32 (and FP16): at most one of the 360 digits may flip on a rounding-level difference.
         assert abs(by_name[name].value - reference) <= 1 / 360 + 1e-12, name
     record = json.loads((exported / "export.json").read_text())
     int8 = next(a for a in record["artifacts"] if a["format"] == "int8")["int8"]["accuracy"]
