@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnfold.serve.launch import _ready, free_port, running_server
+from bnfold.serve.launch import free_port, running_server, server_process
 from bnfold.bench.loadtest import LoadtestResult, run_loadtest
 from bnfold.bench.timing import latency_stats
 from bnfold.serve.runtime import ServeError, open_session
@@ -40,26 +39,9 @@ def reference_server(onnx_path: str | os.PathLike, port: int | None = None, star
     port = free_port() if port is None else port
     command = [sys.executable, "-m", "uvicorn", "plain_fastapi_service:app", "--app-dir", str(REFERENCE_DIR),
                "--host", "127.0.0.1", "--port", str(port)]
-    env = {**os.environ, "BNFOLD_REF_MODEL": str(Path(onnx_path).resolve())}
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            deadline = time.monotonic() + startup_timeout
-            while not _ready("127.0.0.1", port, path="/openapi.json"):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise ServeError(f"reference service did not start: {log.read()[-1500:].decode(errors='replace')}")
-                time.sleep(0.05)
-            if on_ready is not None:
-                on_ready(process)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with server_process(command, port, ready_path="/openapi.json", startup_timeout=startup_timeout,
+                        env={"BNFOLD_REF_MODEL": str(Path(onnx_path).resolve())}, on_ready=on_ready) as url:
+        yield url
 
 
 def cpu_seconds(pid: int) -> float:

@@ -95,39 +95,31 @@ def _ready(host: str, port: int, timeout: float = 1.0, path: str = "/v2/health/r
 
 
 @contextlib.contextmanager
-def running_server(model_path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
-                   port: int | None = None, name: str | None = None, extra_args: Sequence[str] = (),
-                   log_path: str | os.PathLike | None = None, startup_timeout: float = 120.0,
-                   env: dict[str, str] | None = None,
+def server_process(command: Sequence[str], port: int, *, ready_path: str = "/v2/health/ready",
+                   env: dict[str, str] | None = None, log_path: str | os.PathLike | None = None,
+                   startup_timeout: float = 120.0,
                    on_ready: Callable[[subprocess.Popen], None] | None = None) -> Iterator[str]:
-    """`python -m bnfold.serve` (= `bnfold serve`) as a subprocess on 127.0.0.1; yields its URL once ready.
+    """Run an HTTP server `command` listening on 127.0.0.1:`port`; yield its URL once GET `ready_path` is 200.
 
-    Its output goes to `log_path` (default: a temporary file) rather than a pipe nobody reads,
-    which would stall the server once full. On exit it is sent SIGTERM and waited for. A server
-    that dies during start-up raises `ServeError` with the tail of its log. `on_ready` is
-    handed the process once it is ready (a benchmark reads its CPU time).
+    Its output goes to `log_path` (default: a temporary file, removed afterwards) rather than a
+    pipe nobody reads, which would stall the server once full. A server that exits or is not
+    ready within `startup_timeout` raises `ServeError` with the tail of its log. On exit it is
+    sent SIGTERM and waited for (killed after 30 s). `on_ready` is handed the process once it is
+    ready (a benchmark reads its CPU time). Used for `bnfold serve` and the reference service.
     """
-    port = free_port() if port is None else port
-    command = [sys.executable, "-m", "bnfold.serve", str(model_path), "--device", device,
-               "--host", "127.0.0.1", "--port", str(port)]
-    if threads is not None:
-        command += ["--threads", str(threads)]
-    if name is not None:
-        command += ["--name", name]
-    command += list(extra_args)
     owned_log = log_path is None
     if owned_log:
-        fd, temp_name = tempfile.mkstemp(prefix="bnfold-serve-", suffix=".log")
+        fd, temp_name = tempfile.mkstemp(prefix="bnfold-server-", suffix=".log")
         os.close(fd)   # reopened below by name; mkstemp's descriptor would otherwise leak
         log_file = Path(temp_name)
     else:
         log_file = Path(log_path)
     with open(log_file, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT,
                                    env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.monotonic() + startup_timeout
-        while not _ready("127.0.0.1", port):
+        while not _ready("127.0.0.1", port, path=ready_path):
             if process.poll() is not None:
                 tail = log_file.read_text(errors="replace")[-2000:]
                 raise ServeError(f"`{' '.join(command)}` exited with code {process.returncode} before it was "
@@ -150,3 +142,26 @@ def running_server(model_path: str | os.PathLike, *, device: str = "cpu", thread
         if owned_log:
             with contextlib.suppress(OSError):
                 log_file.unlink()
+
+
+@contextlib.contextmanager
+def running_server(model_path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
+                   port: int | None = None, name: str | None = None, extra_args: Sequence[str] = (),
+                   log_path: str | os.PathLike | None = None, startup_timeout: float = 120.0,
+                   env: dict[str, str] | None = None,
+                   on_ready: Callable[[subprocess.Popen], None] | None = None) -> Iterator[str]:
+    """`python -m bnfold.serve` (= `bnfold serve`) as a subprocess on 127.0.0.1; yields its URL once ready.
+
+    The process, its log and its stop are `server_process`'s; the arguments are `bnfold serve`'s.
+    """
+    port = free_port() if port is None else port
+    command = [sys.executable, "-m", "bnfold.serve", str(model_path), "--device", device,
+               "--host", "127.0.0.1", "--port", str(port)]
+    if threads is not None:
+        command += ["--threads", str(threads)]
+    if name is not None:
+        command += ["--name", name]
+    command += list(extra_args)
+    with server_process(command, port, env=env, log_path=log_path, startup_timeout=startup_timeout,
+                        on_ready=on_ready) as url:
+        yield url
