@@ -105,3 +105,20 @@ _X = np.arange(784, dtype=np.float32).reshape(1, 1, 28, 28) / 7 - 50
 def test_json_bodies_decode_like_json_loads(runtime, body: str) -> None:
     expected = np.asarray(json.loads(body)["inputs"][0]["data"], dtype=np.float32).reshape(1, 1, 28, 28)
     np.testing.assert_array_equal(parse_infer(runtime, body.encode(), None).array, expected)
+
+
+def test_the_plan_cache_is_bounded_in_entries_and_bytes(runtime) -> None:
+    """Padded or varied headers cannot make the parser hold more than its bounds (issue 12)."""
+    parser = RequestParser(runtime, capacity=8, max_key_bytes=1024, max_bytes=4096)
+    x = np.ones((1, 1, 28, 28), np.float32)
+    body, n = _binary(x)
+    for pad in range(50):                        # 50 different small headers: at most 8 kept, oldest dropped
+        padded = body[:n] + b" " * pad + body[n:]
+        np.testing.assert_array_equal(parser.parse(padded, n + pad).array, x)
+        assert len(parser._plans) <= 8 and parser.cached_bytes <= 4096
+    long_pad = body[:n] + b" " * 2000 + body[n:]   # over max_key_bytes: parsed every time, never kept
+    before = dict(parser._plans)
+    np.testing.assert_array_equal(parser.parse(long_pad, n + 2000).array, x)
+    assert parser._plans == before
+    np.testing.assert_array_equal(parser.parse(body, n).array, x)   # a plain header still gets a plan
+    assert body[:n] in parser._plans
