@@ -8,47 +8,36 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
-from bnfold.models.spec import MODEL_NAME_PATTERN, ModelSpec
+from bnfold.models.spec import MAX_BATCH_SIZE, MODEL_NAME_PATTERN, ModelSpec, triton_model_config
 
 from bnfold.export._common import staging_path
-from bnfold.export.config import TRITON_MAX_BATCH_SIZE
 from bnfold.export.errors import ExportError
 from bnfold.export.onnx import load_onnx
 
-# ONNX TensorProto element type -> Triton model-config DataType.
-_TRITON_TYPES = {
-    onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
-    onnx.TensorProto.DOUBLE: "TYPE_FP64", onnx.TensorProto.BFLOAT16: "TYPE_BF16",
-    onnx.TensorProto.INT8: "TYPE_INT8", onnx.TensorProto.INT16: "TYPE_INT16",
-    onnx.TensorProto.INT32: "TYPE_INT32", onnx.TensorProto.INT64: "TYPE_INT64",
-    onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.BOOL: "TYPE_BOOL",
+# ONNX TensorProto element type -> the datatype name Triton's ModelConfig uses after "TYPE_".
+_DATATYPES = {
+    onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16", onnx.TensorProto.DOUBLE: "FP64",
+    onnx.TensorProto.BFLOAT16: "BF16", onnx.TensorProto.INT8: "INT8", onnx.TensorProto.INT16: "INT16",
+    onnx.TensorProto.INT32: "INT32", onnx.TensorProto.INT64: "INT64", onnx.TensorProto.UINT8: "UINT8",
+    onnx.TensorProto.BOOL: "BOOL",
 }
-_KINDS = {"cpu": "KIND_CPU", "cuda": "KIND_GPU", "gpu": "KIND_GPU"}
+_DEVICES = {"cpu": "cpu", "cuda": "cuda", "gpu": "cuda"}
 _NAME = re.compile(MODEL_NAME_PATTERN)   # the rule serve.repository holds a repository's names to
 LABELS_FILE = "labels.txt"
 
 
-@dataclass
-class TensorConfig:
-    name: str
-    data_type: str
-    dims: list[int]          # batch excluded when the model batches; -1 for a free dimension
-
-
-def _tensor_config(value: onnx.ValueInfoProto, batching: bool) -> TensorConfig:
+def _tensor(value: onnx.ValueInfoProto) -> tuple[str, str, list[int]]:
+    """(name, datatype, shape with -1 for a free dimension) of a graph input or output."""
     tensor = value.type.tensor_type
-    if tensor.elem_type not in _TRITON_TYPES:
+    if tensor.elem_type not in _DATATYPES:
         raise ExportError(f"tensor {value.name!r} has ONNX element type {tensor.elem_type}, "
                           "which has no Triton data type here")
     dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
-    if batching:
-        dims = dims[1:]
-    return TensorConfig(value.name, _TRITON_TYPES[tensor.elem_type], dims)
+    return value.name, _DATATYPES[tensor.elem_type], dims
 
 
 def _is_batching(model: onnx.ModelProto) -> bool:
@@ -57,11 +46,11 @@ def _is_batching(model: onnx.ModelProto) -> bool:
     return bool(dims) and not dims[0].HasField("dim_value")
 
 
-def _tensor_block(kind: str, tensors: list[TensorConfig], label_file: str | None) -> str:
+def _tensor_block(kind: str, tensors: list[dict], label_file: str | None) -> str:
     entries = []
     for t in tensors:
-        lines = [f'    name: "{t.name}"', f"    data_type: {t.data_type}",
-                 f"    dims: [ {', '.join(str(d) for d in t.dims)} ]"]
+        lines = [f'    name: "{t["name"]}"', f"    data_type: {t['data_type']}",
+                 f"    dims: [ {', '.join(str(d) for d in t['dims'])} ]"]
         if label_file is not None:
             lines.append(f'    label_filename: "{label_file}"')
         entries.append("  {\n" + "\n".join(lines) + "\n  }")
@@ -69,27 +58,31 @@ def _tensor_block(kind: str, tensors: list[TensorConfig], label_file: str | None
 
 
 def triton_config(model: onnx.ModelProto, name: str, *, device: str = "cpu",
-                  max_batch_size: int = TRITON_MAX_BATCH_SIZE, labels: bool = False) -> str:
+                  max_batch_size: int = MAX_BATCH_SIZE, labels: bool = False) -> str:
     """The `config.pbtxt` text for an ONNX model (Triton's ModelConfig in protobuf text format).
 
-    A model whose batch axis is fixed gets `max_batch_size: 0` and full dims, as Triton requires.
+    The fields are `models.spec.triton_model_config`'s (what `bnfold serve` answers at /config);
+    this adds the label file, dynamic batching and the version policy. A model whose batch axis
+    is fixed gets `max_batch_size: 0` and full dims, as Triton requires.
     """
-    kind = _KINDS.get(device.split(":")[0].lower()) if isinstance(device, str) else None
-    if kind is None:
+    target = _DEVICES.get(device.split(":")[0].lower()) if isinstance(device, str) else None
+    if target is None:
         raise ExportError(f"unknown Triton device {device!r}; choose from: cpu, cuda")
     if not isinstance(max_batch_size, int) or max_batch_size < 0:
         raise ExportError(f"max_batch_size must be a non-negative integer, got {max_batch_size!r}")
     batching = _is_batching(model) and max_batch_size > 0
-    inputs = [_tensor_config(v, batching) for v in model.graph.input]
-    outputs = [_tensor_config(v, batching) for v in model.graph.output]
-    parts = [f'name: "{name}"', 'platform: "onnxruntime_onnx"',
-             f"max_batch_size: {max_batch_size if batching else 0}",
-             _tensor_block("input", inputs, None),
-             _tensor_block("output", outputs, LABELS_FILE if labels else None)]
+    config = triton_model_config(name, [_tensor(v) for v in model.graph.input],
+                                 [_tensor(v) for v in model.graph.output],
+                                 max_batch_size=max_batch_size if batching else 0, device=target)
+    [group] = config["instance_group"]
+    parts = [f'name: "{config["name"]}"', f'platform: "{config["platform"]}"',
+             f"max_batch_size: {config['max_batch_size']}",
+             _tensor_block("input", config["input"], None),
+             _tensor_block("output", config["output"], LABELS_FILE if labels else None)]
     if batching:
         # A short queue delay lets concurrent batch-1 requests share one run.
         parts.append("dynamic_batching {\n  max_queue_delay_microseconds: 100\n}")
-    parts.append(f"instance_group [\n  {{\n    count: 1\n    kind: {kind}\n  }}\n]")
+    parts.append(f"instance_group [\n  {{\n    count: {group['count']}\n    kind: {group['kind']}\n  }}\n]")
     parts.append("version_policy: { latest: { num_versions: 1 } }")
     return "\n".join(parts) + "\n"
 
@@ -105,7 +98,7 @@ def default_model_name(spec: ModelSpec) -> str:
 
 
 def write_triton_model(onnx_path: str | os.PathLike, spec: ModelSpec, model_dir: str | os.PathLike,
-                       *, name: str, device: str = "cpu", max_batch_size: int = TRITON_MAX_BATCH_SIZE) -> Path:
+                       *, name: str, device: str = "cpu", max_batch_size: int = MAX_BATCH_SIZE) -> Path:
     """Write one Triton model folder at `model_dir` (which must not exist yet); no staging."""
     onnx_path, model_dir = Path(onnx_path), Path(model_dir)
     model = load_onnx(onnx_path)
@@ -122,7 +115,7 @@ def write_triton_model(onnx_path: str | os.PathLike, spec: ModelSpec, model_dir:
 
 def write_triton_repo(onnx_path: str | os.PathLike, spec: ModelSpec, repo_dir: str | os.PathLike,
                       *, name: str | None = None, device: str = "cpu",
-                      max_batch_size: int = TRITON_MAX_BATCH_SIZE) -> Path:
+                      max_batch_size: int = MAX_BATCH_SIZE) -> Path:
     """Add the ONNX model to a Triton model repository and return `repo_dir/<name>`.
 
     `name` defaults to the spec's architecture. An existing `repo_dir/<name>` is replaced as a

@@ -7,6 +7,7 @@ preprocess an image and name the classes without the checkpoint or bnfold's trai
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,6 +23,28 @@ MAX_BATCH_SIZE = 32
 # A served model's name (a URL segment and a Triton repository folder): export.triton and
 # serve.repository both hold names to it.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+Tensor = tuple[str, str, Sequence[int]]   # (name, v2 datatype such as "FP32", shape with the batch axis, -1 free)
+
+
+def triton_model_config(name: str, inputs: Sequence[Tensor], outputs: Sequence[Tensor], *,
+                        max_batch_size: int, device: str = "cpu") -> dict[str, Any]:
+    """Triton's ModelConfig of an ONNX model, as the dict `GET /v2/models/{m}/config` answers.
+
+    `export.triton` writes the same fields as config.pbtxt (with its own additions: label file,
+    dynamic batching, version policy). With `max_batch_size` > 0 the batch axis is the model's,
+    so Triton leaves it out of `dims`; 0 means a fixed batch axis and full shapes.
+    """
+    batching = max_batch_size > 0
+
+    def tensors(items: Sequence[Tensor]) -> list[dict[str, Any]]:
+        return [{"name": tensor_name, "data_type": "TYPE_" + datatype,
+                 "dims": list(shape[1:] if batching else shape)} for tensor_name, datatype, shape in items]
+
+    return {"name": name, "platform": "onnxruntime_onnx", "max_batch_size": max_batch_size,
+            "input": tensors(inputs), "output": tensors(outputs),
+            "instance_group": [{"count": 1, "kind": "KIND_GPU" if device == "cuda" else "KIND_CPU"}]}
 
 
 class SpecVersionError(BnfoldError):

@@ -27,6 +27,7 @@ import numpy as np
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, ProcessCollector,
                                generate_latest)
 
+from bnfold.models.spec import triton_model_config
 from bnfold.serve import images
 from bnfold.serve.config import ServeConfig
 from bnfold.serve.errors import ServeError, client_text, limit_error
@@ -172,15 +173,11 @@ class InferenceApp:
 
     @staticmethod
     def _config(m: Runtime) -> dict[str, Any]:
-        batching = m.max_batch_size > 0
-
-        def dims(t):  # Triton's config leaves the batch out when max_batch_size > 0
-            return t.shape[1:] if batching else t.shape
-        return {"name": m.name, "platform": m.platform, "backend": "onnxruntime",
-                "max_batch_size": m.max_batch_size,
-                "input": [{"name": t.name, "data_type": "TYPE_" + t.datatype, "dims": dims(t)} for t in m.inputs],
-                "output": [{"name": t.name, "data_type": "TYPE_" + t.datatype, "dims": dims(t)} for t in m.outputs],
-                "instance_group": [{"kind": "KIND_GPU" if m.device == "cuda" else "KIND_CPU", "count": 1}]}
+        # The same fields export.triton writes into config.pbtxt, from the one builder.
+        config = triton_model_config(m.name, [(t.name, t.datatype, t.shape) for t in m.inputs],
+                                     [(t.name, t.datatype, t.shape) for t in m.outputs],
+                                     max_batch_size=m.max_batch_size, device=m.device)
+        return {**config, "platform": m.platform, "backend": "onnxruntime"}
 
     # ------------------------------------------------------------------ ASGI entry
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -94,3 +94,25 @@ def test_a_new_format_is_one_entry_in_the_writers_table(untrained_lenet_checkpoi
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["export.json", "model.copy.ts"]
     loaded = export.WRITERS["ts-copy"].read(tmp_path / "out" / "model.copy.ts")
     assert loaded(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_the_served_config_and_config_pbtxt_are_the_same_document(tiny_onnx, model_config_pb2) -> None:
+    """One ModelConfig builder: `GET /v2/models/{m}/config` and the config.pbtxt export writes agree."""
+    from google.protobuf import json_format
+
+    from bnfold.export.triton import triton_config
+    from bnfold.serve.app import InferenceApp
+    from bnfold.serve.runtime import open_session
+
+    runtime = open_session(tiny_onnx, threads=1)
+    served = InferenceApp._config(runtime)
+    written = json_format.MessageToDict(
+        text_format.Parse(triton_config(onnx.load(str(tiny_onnx)), runtime.name), model_config_pb2.ModelConfig()),
+        preserving_proto_field_name=True)
+    for key in ("name", "platform", "max_batch_size"):
+        assert served[key] == written[key], key
+    for key in ("input", "output"):
+        assert [(t["name"], t["data_type"], t["dims"]) for t in served[key]] == [
+            (t["name"], t["data_type"], [int(d) for d in t["dims"]]) for t in written[key]], key
+    assert served["instance_group"] == written["instance_group"]
+    assert served["max_batch_size"] == 32 and served["input"][0]["dims"] == [1, 28, 28]
