@@ -12,6 +12,7 @@ from torch import nn
 
 from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec, Preprocess
 from bnfold.serve.launch import free_port as _free_port
+from bnfold.zoo import randomize_batchnorm
 
 # CI has 2 cores; torch's default pool fights pytest, onnxruntime and the HTTP server for them.
 torch.set_num_threads(1)
@@ -30,46 +31,10 @@ def _randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Random running mean/var and gamma/beta in every BatchNorm(-like) module of `model`, in place.
 
     A fresh BatchNorm is the identity in eval mode (mean 0, var 1, gamma 1, beta 0), so folding
-    it proves nothing: every test that checks a fold or an export randomizes these first.
+    it proves nothing: every test that checks a fold or an export randomizes these first. The
+    zoo (`python -m bnfold.zoo`) uses the same function.
     """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if not isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                _randomize_bn_like(m, g)
-                continue
-            n = m.num_features
-            if m.running_mean is not None:
-                m.running_mean.copy_((torch.rand(n, generator=g) * 2 - 1).to(m.running_mean.dtype))
-                m.running_var.copy_((torch.rand(n, generator=g) * 1.5 + 0.25).to(m.running_var.dtype))
-                m.num_batches_tracked.fill_(7)
-            if m.affine:
-                m.weight.copy_((torch.rand(n, generator=g) + 0.5).to(m.weight.dtype))
-                m.bias.copy_((torch.rand(n, generator=g) * 2 - 1).to(m.bias.dtype))
-    return model
-
-
-def _randomize_bn_like(m: torch.nn.Module, g: torch.Generator) -> None:
-    """The same for a BatchNorm-like module that is not a torch BatchNorm (torchvision's and timm's
-    FrozenBatchNorm2d, a from-scratch class): running_mean / running_var and weight / bias or
-    gamma / beta, whether buffers, parameters or plain tensors; anything else is left alone."""
-    def tensor(name: str) -> torch.Tensor | None:
-        value = getattr(m, name, None)  # (C,) or a tutorial's (1, C, 1, 1): a view of C values
-        ok = isinstance(value, torch.Tensor) and value.dim() >= 1 and sum(d != 1 for d in value.shape) <= 1
-        return value.view(-1) if ok else None
-
-    mean, var = tensor("running_mean"), tensor("running_var")
-    if mean is None or var is None or not hasattr(m, "eps"):
-        return
-    n = mean.numel()
-    mean.copy_((torch.rand(n, generator=g) * 2 - 1).to(mean.dtype))
-    var.copy_((torch.rand(n, generator=g) * 1.5 + 0.25).to(var.dtype))
-    for w_name, b_name in (("weight", "bias"), ("gamma", "beta")):
-        w, b = tensor(w_name), tensor(b_name)
-        if w is not None and b is not None:
-            w.copy_((torch.rand(n, generator=g) + 0.5).to(w.dtype))
-            b.copy_((torch.rand(n, generator=g) * 2 - 1).to(b.dtype))
-            break
+    return randomize_batchnorm(model, seed)
 
 
 def max_rel_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
