@@ -1,22 +1,12 @@
 """What a benchmark ran on: device names, library versions, threads, load, date, model and input."""
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import os
 import platform
-from pathlib import Path
 from typing import Any
 
-from bnfold.versions import __version__ as bnfold_version, package_version
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+from bnfold.versions import __version__ as bnfold_version, cpu_name, package_version
 
 
 def available_cpus() -> int:

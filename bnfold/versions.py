@@ -1,8 +1,12 @@
-"""Version strings, looked up in one place (export.json, ONNX metadata, bench reports, the HTTP service)."""
+"""What ran, looked up in one place: version strings (export.json, ONNX metadata, bench reports, the
+HTTP service) and the CPU's name (bench reports, the INT8 record)."""
 from __future__ import annotations
 
+import contextlib
 import importlib
+import platform
 from importlib import metadata
+from pathlib import Path
 
 
 def package_version(name: str) -> str | None:
@@ -28,4 +32,14 @@ def _bnfold_version() -> str:
 
 __version__ = _bnfold_version()
 
-__all__ = ["__version__", "package_version"]
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what `platform` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+__all__ = ["__version__", "cpu_name", "package_version"]

@@ -20,7 +20,6 @@ may not be faster than FP32 there.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -38,6 +37,7 @@ from torch import nn
 
 import bnfold
 from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec
+from bnfold.versions import cpu_name
 
 from bnfold.export._common import first_line, output_name, quiet, staged_file
 from bnfold.export.errors import ExportError
@@ -414,7 +414,7 @@ def export_int8(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *,
             "calibration": config.calibration, "calibration_samples": int(len(calibration)),
             "calibration_inputs": calibration_source,
             "percentile": PERCENTILE if config.calibration == "percentile" else None,
-            "cpu": {"model": _cpu_name(), **cpu.to_dict()},
+            "cpu": {"model": cpu_name(), **cpu.to_dict()},
             "accuracy": gate.to_dict(),
             "parity_vs_fp32": {"top1_agreement": gate.parity.top1_agreement,
                                "max_abs_error": gate.parity.max_abs_error,
@@ -477,14 +477,6 @@ def export_from_config(model: nn.Module, spec: ModelSpec, path: Path, config: "E
     return export_int8(model, spec, path, config=int8, data_root=config.data_root, calibration_data=calibration,
                        fp32_onnx=reuse, fold=config.fold, opset=config.opset, legacy=config.legacy_onnx,
                        verbose=config.verbose)
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 __all__ = ["AccuracyGateError", "CALIBRATIONS", "CpuInt8Support", "Gate", "INT8_FILE", "Int8Config",

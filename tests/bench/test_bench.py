@@ -68,20 +68,20 @@ def test_measure_interleaved_alternates_and_fills_rows() -> None:
     def fast() -> None:
         order.append("fast")
 
-    cases = [TimedCall(BenchRow("slow", "cpu", 1), slow), TimedCall(BenchRow("fast", "cpu", 4), fast)]
-    measure_interleaved(cases, seconds=0.1, burst_s=0.002)
+    calls = [TimedCall(BenchRow("slow", "cpu", 1), slow), TimedCall(BenchRow("fast", "cpu", 4), fast)]
+    measure_interleaved(calls, seconds=0.1, burst_s=0.002)
     switches = sum(1 for a, b in zip(order, order[1:]) if a != b)
     # Interleaved: alternating blocks, not one block of each (one switch). About 40 rounds on an
     # idle machine; even if a loaded one stretched every 1 ms sleep to 20 ms there would be 5.
     assert switches >= 4, switches
-    slow_row, fast_row = cases[0].row, cases[1].row
+    slow_row, fast_row = calls[0].row, calls[1].row
     assert slow_row.iterations == order.count("slow") >= 5
     assert fast_row.iterations == order.count("fast") > slow_row.iterations
     assert 0.95 <= slow_row.min_ms <= slow_row.p50_ms <= slow_row.p90_ms <= slow_row.p99_ms
     assert fast_row.p50_ms < slow_row.p50_ms
     assert fast_row.items_per_s == pytest.approx(4 / (fast_row.mean_ms / 1e3))
-    # Each case was measured for at least its budget.
-    assert all(case.measured_ns >= 0.1e9 for case in cases)
+    # Each call was measured for at least its budget.
+    assert all(timed.measured_ns >= 0.1e9 for timed in calls)
 
 
 def test_speedups_are_ratios_of_p50() -> None:
