@@ -37,7 +37,7 @@ from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd
 
 from bnfold.adapters import Adapter, BatchNormReader, BNStats
-from bnfold.errors import BnfoldError, FoldSkipped
+from bnfold.errors import BnfoldError, FoldSkipped, first_line
 from bnfold.modules import PASSTHROUGH, FoldFn, check_hooks, find_fold_fn, layer_kind, merge_folders
 from bnfold.report import FoldReport
 
@@ -250,9 +250,8 @@ class _FoldPass:
             graph = tracer.trace(module)
             traced = fx.GraphModule(tracer.root, graph, class_name=type(module).__name__)
         except Exception as exc:  # FX raises many types: TraceError, TypeError, NotImplementedError...
-            first_line = (str(exc).strip().splitlines() or [""])[0][:160]
             self.report.notes.append(
-                f"FX could not trace {prefix or 'the model'} ({type(exc).__name__}: {first_line}); "
+                f"FX could not trace {prefix or 'the model'} ({first_line(exc, with_type=True, limit=200)}); "
                 "folded its children one by one")
             self._walk(module, prefix)
             return module

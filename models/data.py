@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_line
 from bnfold.models.preprocess import preprocess_image
 from bnfold.models.spec import ModelSpec, Preprocess
 
@@ -298,7 +298,7 @@ class _ReadableImage:
             with Image.open(path) as image:
                 image.verify()  # reads the whole file: catches truncated and non-image bytes
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
-            self.unreadable.append((path, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"))
+            self.unreadable.append((path, first_line(exc, with_type=True, limit=160)))
             return False
         return True
 
