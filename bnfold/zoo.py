@@ -30,7 +30,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.adapters import BatchNormReader
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_line
 from bnfold.graph import count_batchnorm, fold
 from bnfold.parity import compare
 
@@ -149,10 +149,6 @@ def _build(spec: str) -> tuple[nn.Module, nn.Module | None, list[tuple[int, ...]
     return tvm.get_model(name, **kwargs), None, [(1, 3, s, s) for s in _IMAGE_SIZES]
 
 
-def _first_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or [""])[0][:150]
-
-
 def _inputs(model: nn.Module, shapes: Sequence[tuple[int, ...]]) -> torch.Tensor:
     """The first of `shapes` the model runs on."""
     generator = torch.Generator().manual_seed(0)
@@ -164,7 +160,7 @@ def _inputs(model: nn.Module, shapes: Sequence[tuple[int, ...]]) -> torch.Tensor
                 model(x)
             return x
         except Exception as exc:  # the wrong input size for this model: try the next
-            errors.append(f"{list(shape)}: {_first_line(exc)}")
+            errors.append(f"{list(shape)}: {first_line(exc, with_type=True, limit=200)}")
     raise BnfoldError("the model runs on none of the input shapes tried (" + "; ".join(errors) + ")")
 
 
@@ -181,14 +177,14 @@ def _fx_fuse(model: nn.Module, part: nn.Module | None, x: torch.Tensor, row: Zoo
         traced = fx.symbolic_trace(copy.deepcopy(model))
         fused = fuse(traced)
     except Exception as exc:  # FX fails on many real models: that is the figure
-        row.fx_left, row.fx_error = row.batchnorms, _first_line(exc)
+        row.fx_left, row.fx_error = row.batchnorms, first_line(exc, with_type=True, limit=200)
         return
     row.fx_left = row.batchnorms - (_bn_calls(traced) - _bn_calls(fused))
     try:
         reference, candidate = (model, fused) if part is None else (part, fused.get_submodule("backbone"))
         row.fx_max_rel_error = compare(reference, candidate, x).max_rel_error
     except Exception as exc:
-        row.fx_error = _first_line(exc)
+        row.fx_error = first_line(exc, with_type=True, limit=200)
 
 
 def run_model(spec: str, *, seed: int = 0) -> ZooRow:
@@ -205,7 +201,7 @@ def run_model(spec: str, *, seed: int = 0) -> ZooRow:
         row.input_shape = tuple(x.shape)
         row.batchnorms = count_batchnorm(model)
     except Exception as exc:
-        row.error = f"build: {_first_line(exc)}"
+        row.error = f"build: {first_line(exc, with_type=True, limit=200)}"
         row.seconds = time.perf_counter() - start
         return row
     try:
@@ -216,7 +212,7 @@ def run_model(spec: str, *, seed: int = 0) -> ZooRow:
         reference, candidate = (model, folded) if part is None else (part, folded.get_submodule("backbone"))
         row.max_rel_error = compare(reference, candidate, x).max_rel_error
     except Exception as exc:
-        row.error = _first_line(exc)
+        row.error = first_line(exc, with_type=True, limit=200)
     _fx_fuse(model, part, x, row)
     row.seconds = time.perf_counter() - start
     return row
