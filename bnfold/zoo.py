@@ -187,19 +187,39 @@ def _fx_fuse(model: nn.Module, part: nn.Module | None, x: torch.Tensor, row: Zoo
         row.fx_error = first_line(exc, with_type=True, limit=200)
 
 
-def run_model(spec: str, *, seed: int = 0) -> ZooRow:
-    """Build, randomize, fold and compare one model (`tv:NAME` or `timm:NAME`)."""
+def _too_big(spec: str, max_params: float) -> str | None:
+    # Built on the meta device first: no memory, no init arithmetic; a 600M-parameter ViT would
+    # otherwise take minutes and gigabytes on a small machine, for a model without BatchNorm.
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = _build(spec)[0]
+    except Exception:
+        return None  # the real build below says what is wrong
+    params = sum(p.numel() for p in model.parameters())
+    return f"{params / 1e6:.0f}M parameters > --max-params {max_params / 1e6:.0f}M" if params > max_params else None
+
+
+def run_model(spec: str, *, seed: int = 0, max_params: float = float("inf")) -> ZooRow:
+    """Build, randomize, fold and compare one model (`tv:NAME` or `timm:NAME`); a model with more
+    than `max_params` parameters is not built (its row says so)."""
     row = ZooRow(spec)
     start = time.perf_counter()
     try:
+        why = _too_big(spec, max_params) if max_params != float("inf") else None
+        if why:
+            raise BnfoldError(why)
         torch.manual_seed(seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model, part, shapes = _build(spec)
         model = randomize_batchnorm(model, seed).eval()
+        row.batchnorms = count_batchnorm(model)
+        if row.batchnorms == 0:  # nothing to fold: no need to find its input size
+            row.seconds = time.perf_counter() - start
+            return row
         x = _inputs(part if part is not None else model, shapes)
         row.input_shape = tuple(x.shape)
-        row.batchnorms = count_batchnorm(model)
     except Exception as exc:
         row.error = f"build: {first_line(exc, with_type=True, limit=200)}"
         row.seconds = time.perf_counter() - start
@@ -218,7 +238,8 @@ def run_model(spec: str, *, seed: int = 0) -> ZooRow:
     return row
 
 
-def run_zoo(models: Iterable[str], *, seed: int = 0, progress: bool = True) -> list[ZooRow]:
+def run_zoo(models: Iterable[str], *, seed: int = 0, progress: bool = True,
+            max_params: float = float("inf")) -> list[ZooRow]:
     from tqdm import tqdm
 
     models = list(models)
@@ -226,7 +247,7 @@ def run_zoo(models: Iterable[str], *, seed: int = 0, progress: bool = True) -> l
     bar = tqdm(models, disable=not progress, file=sys.stderr, unit="model")
     for spec in bar:
         bar.set_postfix_str(spec)
-        rows.append(run_model(spec, seed=seed))
+        rows.append(run_model(spec, seed=seed, max_params=max_params))
     return rows
 
 
@@ -234,13 +255,13 @@ def run_zoo(models: Iterable[str], *, seed: int = 0, progress: bool = True) -> l
 
 _SIZE_WORDS = ["pico", "femto", "atto", "nano", "xxs", "xxsmall", "tiny", "xs", "xsmall", "small", "s", "b0",
                "lite0", "mini", "m", "medium", "b1", "b", "base", "l", "large"]
-_PREFIXES = ("tf", "gluon", "legacy", "seresnext", "ecaresnet", "inception", "efficientnet", "mobilenet")
 
 
 def _family(name: str) -> str:
     tokens = name.split("_")
-    head = re.sub(r"[\d.]+[a-z]?$", "", tokens[0]) or tokens[0]
-    return f"{head}_{tokens[1]}" if tokens[0] in ("tf", "gluon", "legacy") and len(tokens) > 1 else head
+    if tokens[0] in ("tf", "gluon", "legacy") and len(tokens) > 1:
+        return f"{tokens[0]}_{_family('_'.join(tokens[1:]))}"
+    return re.sub(r"[\d.]+[a-z]?$", "", tokens[0]) or tokens[0]
 
 
 def _size_key(name: str) -> tuple:
@@ -282,6 +303,8 @@ def summary(rows: Sequence[ZooRow]) -> str:
     lines = ["| model | BN | bnfold left | unreported | max rel err | fx fuse left | fx max rel err | error |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
+        if r.batchnorms == 0 and not r.error:
+            continue  # no BatchNorm: nothing to say (counted in the totals' model count)
         error = "; ".join(e for e in (r.error, r.fx_error and f"fx: {r.fx_error}") if e)
         lines.append(f"| {r.model} | {r.batchnorms} | {r.left} | {r.unreported} | {_fmt(r.max_rel_error)} | "
                      f"{r.fx_left} | {_fmt(r.fx_max_rel_error)} | {error.replace('|', '/')[:90]} |")
@@ -298,7 +321,8 @@ def summary(rows: Sequence[ZooRow]) -> str:
         errs = [r.max_rel_error for r in built if r.max_rel_error is not None]
         fx_errs = [r.fx_max_rel_error for r in built if r.fx_max_rel_error is not None]
         lines.append(
-            f"| {'torchvision' if source == 'tv' else 'timm'} | {len(built)} (+{len(part) - len(built)} not built) | "
+            f"| {'torchvision' if source == 'tv' else 'timm'} | {len(built)} ({sum(1 for r in built if r.batchnorms)} "
+            f"with BN; +{len(part) - len(built)} not built) | "
             f"{total} | {share(sum(r.left for r in built))} | {sum(1 for r in built if r.error)} | "
             f"{sum(r.unreported for r in built)} | {_fmt(max(errs, default=None))} | "
             f"{share(sum(r.fx_left for r in built))} | {sum(1 for r in built if r.fx_error)} | "
@@ -313,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timm-families", action="store_true", help="one timm model per family (the smallest)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-params", type=float, default=150.0,
+                        help="skip models with more parameters than this, in millions (default 150)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     models = [m for m in (args.models or "").split(",") if m]
@@ -330,7 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         models = [m for m in models if not m.startswith("timm:")]
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
-    rows = run_zoo(dict.fromkeys(models), seed=args.seed, progress=not args.no_progress)
+    rows = run_zoo(dict.fromkeys(models), seed=args.seed, progress=not args.no_progress,
+                   max_params=args.max_params * 1e6)
     print(summary(rows))
     if args.json:
         with open(args.json, "w") as fh:

@@ -28,7 +28,7 @@ def test_unknown_models_are_rows_with_a_build_error_and_totals_say_so(capsys) ->
     assert "not built" in table
     assert main(["--models", "tv:shufflenet_v2_x0_5", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "| tv:shufflenet_v2_x0_5 |" in out and "| torchvision | 1 (+0 not built) |" in out
+    assert "| tv:shufflenet_v2_x0_5 |" in out and "| torchvision | 1 (1 with BN; +0 not built) |" in out
 
 
 def test_randomize_batchnorm_draws_every_bn_like_module() -> None:
