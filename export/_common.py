@@ -55,7 +55,7 @@ def output_name(spec: ModelSpec) -> str:
     return "mask" if spec.task == "segmentation" else "logits"
 
 
-class EdgeCast(nn.Module):
+class Float16WithFloat32IO(nn.Module):
     """Runs a float16 module behind float32 edges: callers keep feeding and reading float32."""
 
     def __init__(self, inner: nn.Module) -> None:
@@ -98,7 +98,7 @@ def prepare(model: nn.Module, *, fold: bool, fp16: bool) -> Prepared:
         module, report = copy.deepcopy(reference), None
     module = module.cpu().float().eval()
     if fp16:
-        module = EdgeCast(module.half()).eval()
+        module = Float16WithFloat32IO(module.half()).eval()
     for param in module.parameters():
         param.requires_grad_(False)
     return Prepared(module=module, reference=reference, fold_report=report,
