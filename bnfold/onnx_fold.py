@@ -46,6 +46,8 @@ def load_onnx(model_or_path: onnx.ModelProto | str | os.PathLike, *,
     if isinstance(model_or_path, onnx.ModelProto):
         return copy.deepcopy(model_or_path)
     path = Path(model_or_path)
+    if path.is_dir():
+        raise BnfoldError(f"{str(path)!r} is a folder; give an ONNX file")
     if not path.is_file():
         raise BnfoldError(f"no ONNX file at {str(path)!r}: it does not exist")
     try:

@@ -140,7 +140,7 @@ def export_checkpoint(config: ExportConfig) -> ExportSummary:
         summary = ExportSummary(out_dir=out_dir, checkpoint=checkpoint, artifacts=artifacts,
                                 fold_report=fold_report, parity_inputs=source,
                                 export_json=out_dir / "export.json",
-                                triton_model_dir=triton_target)
+                                triton_model_dir=triton_target, source=loaded.description)
         options = {"formats": fmts, "fold": config.fold, "opset": config.opset,
                    "static_batch": config.static_batch, "fp16": config.fp16,
                    "legacy_onnx": config.legacy_onnx, "triton_device": config.triton_device}

@@ -83,7 +83,8 @@ def export_onnx_file(loaded: LoadedModel, config: ExportConfig, formats: list[st
                                max_batch_size=TRITON_MAX_BATCH_SIZE if artifact.dynamic_batch else 0)
         summary = ExportSummary(out_dir=out_dir, checkpoint=Path(loaded.source), artifacts=[artifact],
                                 fold_report=outcome.report, parity_inputs=artifact.parity_inputs,
-                                export_json=out_dir / "export.json", triton_model_dir=triton_target)
+                                export_json=out_dir / "export.json", triton_model_dir=triton_target,
+                                source=loaded.description)
         data = summary.to_dict()
         data.update({"format": "bnfold-export", "format_version": 1, "source": loaded.description,
                      "spec": spec.to_dict(), "options": {"formats": formats}})

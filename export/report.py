@@ -100,6 +100,7 @@ class ExportSummary:
     parity_inputs: str
     export_json: Path
     triton_model_dir: Path | None = None
+    source: str = ""               # what the exported file was (models.loader's description)
 
     def artifact(self, fmt: str) -> ArtifactReport:
         for a in self.artifacts:
@@ -118,7 +119,7 @@ class ExportSummary:
         }
 
     def __str__(self) -> str:
-        lines = []
+        lines = [f"model: {self.checkpoint}: {self.source}", ""] if self.source else []
         if self.fold_report is not None:
             lines += [str(self.fold_report), ""]
         lines += [f"parity against the eval-mode source model ({self.parity_inputs}):",

@@ -92,6 +92,7 @@ def test_torchvision_resnet18_saved_whole_exports_with_trust_pickle(tmp_path, ca
     assert main([*argv, "--trust-pickle"]) == 0
     printed = capsys.readouterr().out
     assert "BatchNorm fold: 20 folded, 0 skipped" in printed and "model.onnx" in printed
+    assert "a pickled torchvision.models.resnet.ResNet module" in printed  # says what the file was
     assert _bn_nodes(out / "model.onnx") == 0
     record = json.loads((out / "export.json").read_text())
     onnx_record = record["artifacts"][0]
@@ -178,6 +179,8 @@ def test_export_paper_cuts(tmp_path, capsys, untrained_lenet_checkpoint):
     assert "truncated or corrupt" in err()
     assert main(["bench", str(tmp_path / "cut.pt"), "--out", str(tmp_path / "b")]) == 2
     assert "truncated or corrupt" in err()  # the same words in bench as in export
+    assert main(["fold-onnx", str(tmp_path), str(tmp_path / "f.onnx")]) == 2
+    assert "is a folder; give an ONNX file" in err()
     assert main(["serve", str(untrained_lenet_checkpoint), "--port", "0"]) == 2
     assert "is a PyTorch file; `bnfold serve` runs ONNX: export it first" in err()
 
