@@ -321,7 +321,7 @@ def run_bench(config: BenchConfig) -> BenchResult:
 
 def _export_spec(loaded: LoadedModel) -> Any:
     """A spec for exporting a model that came without one: its shape; names and labels are not needed here."""
-    from bnfold.models.spec_options import SpecOptions, build_spec
+    from bnfold.models.spec_options import SpecOptions
 
     shape = loaded.require_shape()
     if len(shape) == 4 and shape[1] in (1, 3):

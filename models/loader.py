@@ -384,9 +384,9 @@ def _state_dict_in(obj: Any) -> dict[str, torch.Tensor] | None:
 
 
 def _load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str, built: str) -> None:
-    result = None
+    """Strict: a key missing or left over means the class or its arguments are not the saved ones."""
     try:
-        result = module.load_state_dict(state, strict=True)
+        module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         missing = [k for k in module.state_dict() if k not in state]
         unexpected = [k for k in state if k not in module.state_dict()]
@@ -397,7 +397,6 @@ def _load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str
             detail = " ".join(str(exc).split())[:300]
         raise LoaderError(f"the weights in {source!r} do not fit {built}: {detail}; check --model-class "
                           "and --model-args") from None
-    del result
 
 
 def _unpickle(path: Path, model_class: str | None) -> LoadedModel:

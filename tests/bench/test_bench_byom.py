@@ -3,12 +3,8 @@ from __future__ import annotations
 
 import json
 import textwrap
-import warnings
-from pathlib import Path
 
-import pytest
 import torch
-from torch import nn
 
 from bnfold.bench.report import latency_scale, summary_lines
 from bnfold.bench.run import BenchConfig, BenchResult, Speedup, flag_untrustworthy, run_bench
