@@ -390,9 +390,14 @@ def _load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str
     except RuntimeError as exc:
         missing = [k for k in module.state_dict() if k not in state]
         unexpected = [k for k in state if k not in module.state_dict()]
+        own = module.state_dict()
+        shapes = [f"{k} is {list(v.shape)} in the file, {list(own[k].shape)} in the model"
+                  for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
         if missing or unexpected:
             detail = f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected " \
                      f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        elif shapes:
+            detail = "; ".join(shapes[:2]) + ("; ..." if len(shapes) > 2 else "")
         else:
             detail = " ".join(str(exc).split())[:300]
         raise LoaderError(f"the weights in {source!r} do not fit {built}: {detail}; check --model-class "
