@@ -7,7 +7,7 @@ import textwrap
 import torch
 
 from bnfold.bench.report import latency_scale, summary_lines
-from bnfold.bench.run import BenchConfig, BenchResult, Speedup, flag_untrustworthy, run_bench
+from bnfold.bench.run import BenchResult, Speedup, flag_untrustworthy
 from bnfold.bench.timing import BenchRow
 from bnfold.cli import main
 
@@ -46,13 +46,18 @@ def test_state_dict_with_model_class_benches_eager_folded_and_ort(tmp_path, caps
     assert report["environment"]["input_shape"] == [3, 16, 16]
 
 
-def test_an_onnx_file_benches_without_a_checkpoint(tmp_path, tiny_onnx):
-    result = run_bench(BenchConfig(tiny_onnx, devices=("cpu",), backends=("eager", "ort"), batch_sizes=(1, 2),
-                                   seconds=0.05, progress=False, min_iterations=10))
-    ort_row, eager_row = result.row("ort"), result.row("eager")
-    assert ort_row.ok and ort_row.iterations >= 10 and ort_row.p50_ms > 0
-    assert eager_row.status == "skipped" and "ONNX file" in eager_row.reason
-    assert result.environment["input_shape"] == [1, 28, 28]
+def test_an_onnx_file_benches_without_a_checkpoint(tmp_path, tiny_onnx, capsys):
+    """It used to fail in torch.load with weights_only advice and raw ANSI codes."""
+    code = main(["bench", str(tiny_onnx), "--device", "cpu", "--backends", "eager,ort", "--batch-sizes", "1,2",
+                 "--seconds", "0.05", "--min-iterations", "10", "--out", str(tmp_path / "bench")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "\x1b[" not in captured.out and "weights_only" not in captured.out + captured.err
+    report = json.loads((tmp_path / "bench" / "report.json").read_text())
+    rows = {(r["backend"], r["batch_size"]): r for r in report["results"]}
+    assert rows[("ort", 1)]["status"] == "ok" and rows[("ort", 2)]["iterations"] >= 10
+    assert rows[("eager", 1)]["status"] == "skipped" and "ONNX file" in rows[("eager", 1)]["reason"]
+    assert report["environment"]["input_shape"] == [1, 28, 28]
 
 
 def test_noisy_rows_and_busy_machines_are_flagged_not_reported_as_results():
