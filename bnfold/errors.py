@@ -6,6 +6,8 @@ traceback, and exits non-zero; the HTTP service turns the service's own subclass
 """
 from __future__ import annotations
 
+import re
+
 
 class BnfoldError(Exception):
     """A failure with a message meant for the person running bnfold."""
@@ -27,7 +29,8 @@ def first_line(exc: BaseException, *, with_type: bool = False, limit: int = 300)
     without a message gives its class name alone. Tracebacks and the rest of long messages
     (exporters and onnxruntime print whole graphs) stay out of what the user reads.
     """
-    lines = str(exc).strip().splitlines()
+    # torch.load's messages carry terminal colour codes; a one-line error should not.
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
     text = lines[0].strip() if lines else ""
     if with_type or not text:
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
