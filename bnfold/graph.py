@@ -109,14 +109,16 @@ class _Tracer(fx.Tracer):
     every BatchNorm-like module (timm's BatchNormAct2d would otherwise dissolve into an
     F.batch_norm behind a shape assert)."""
 
-    def __init__(self, leaf_types: frozenset[type], reader: BatchNormReader) -> None:
+    def __init__(self, leaf_types: frozenset[type], reader: BatchNormReader,
+                 opaque: frozenset[int] = frozenset()) -> None:
         super().__init__()
         self.leaf_types = leaf_types
         self.reader = reader
+        self.opaque = opaque  # ids of children FX cannot trace: kept whole, folded on their own
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return (type(m) in self.leaf_types or layer_kind(m) is not None or self.reader.is_batchnorm(m)
-                or super().is_leaf_module(m, module_qualified_name))
+        return (id(m) in self.opaque or type(m) in self.leaf_types or layer_kind(m) is not None
+                or self.reader.is_batchnorm(m) or super().is_leaf_module(m, module_qualified_name))
 
 
 # Reads of a tensor that never touch its values: a BN folded into the tensor's producer changes
@@ -243,18 +245,52 @@ class _FoldPass:
 
     # -- traversal -------------------------------------------------------------------------
 
+    def _trace(self, module: nn.Module, opaque: frozenset[int] = frozenset()) -> fx.GraphModule:
+        tracer = _Tracer(self.leaf_types, self.reader, opaque)
+        graph = tracer.trace(module)
+        return fx.GraphModule(tracer.root, graph, class_name=type(module).__name__)
+
+    def _untraceable_children(self, module: nn.Module) -> dict[str, nn.Module]:
+        found = {}
+        for name, child in module.named_children():
+            if any(True for _ in child.children()) and not self.reader.is_batchnorm(child):
+                try:
+                    self._trace(child)
+                except Exception:  # see fold_module
+                    found[name] = child
+        return found
+
     def fold_module(self, module: nn.Module, prefix: str) -> nn.Module:
-        """Fold inside `module` (named `prefix` in the root); returns it or its GraphModule."""
+        """Fold inside `module` (named `prefix` in the root); returns it or its GraphModule.
+
+        When FX cannot trace `module`, the children it cannot trace are kept whole as leaves and
+        `module` is traced again (its own pairs, e.g. `self.conv1` then `self.bn1`, still fold);
+        those children are folded on their own. When that fails too, the children are walked."""
         try:
-            tracer = _Tracer(self.leaf_types, self.reader)
-            graph = tracer.trace(module)
-            traced = fx.GraphModule(tracer.root, graph, class_name=type(module).__name__)
+            traced = self._trace(module)
         except Exception as exc:  # FX raises many types: TraceError, TypeError, NotImplementedError...
+            why = first_line(exc, with_type=True, limit=200)
+            opaque = self._untraceable_children(module)
+            try:
+                if not opaque:
+                    raise
+                traced = self._trace(module, frozenset(id(c) for c in opaque.values()))
+            except Exception:  # the module's own forward is what FX cannot trace
+                self.report.notes.append(f"FX could not trace {prefix or 'the model'} ({why}); "
+                                         "folded its children one by one")
+                self._walk(module, prefix)
+                return module
             self.report.notes.append(
-                f"FX could not trace {prefix or 'the model'} ({first_line(exc, with_type=True, limit=200)}); "
-                "folded its children one by one")
-            self._walk(module, prefix)
-            return module
+                f"FX could not trace {prefix or 'the model'} ({why}); traced it with "
+                f"{', '.join(_join(prefix, n) for n in opaque)} kept whole, and folded those on their own")
+            result = self._fold_graph(module, traced, prefix)
+            for name, child in opaque.items():
+                new = self.fold_module(child, _join(prefix, name))
+                if new is not child:
+                    _set_submodule(result, name, new)
+                    if result is not module:  # the GraphModule and `module` share the child
+                        setattr(module, name, new)
+            return result
         return self._fold_graph(module, traced, prefix)
 
     def _walk(self, module: nn.Module, prefix: str) -> None:
@@ -327,6 +363,10 @@ class _FoldPass:
         self.report.notes.append(f"{prefix or 'the model'} became a torch.fx.GraphModule: folding "
                                  "F.batch_norm calls rewrote its forward")
         return result
+
+    def _is_layer(self, m: nn.Module) -> bool:
+        """A module a fold function may take: in the table, or computing as a torch layer."""
+        return type(m) in self.leaf_types or layer_kind(m) is not None
 
     def _passthrough(self, module: nn.Module, node: Any) -> str | None:
         """The kind of `node` when the fold can look through it (see `_LAYOUT_OK`), else None."""
@@ -404,7 +444,8 @@ class _FoldPass:
         if (isinstance(producer, fx.Node) and producer.op == "call_function" and producer.target is torch.cat
                 and not kinds):
             return self._try_cat(module, node, producer, stats, calls, prefix, reasons)
-        if not (isinstance(producer, fx.Node) and producer.op == "call_module"):
+        if not (isinstance(producer, fx.Node) and producer.op == "call_module") or not self._is_layer(
+                module.get_submodule(producer.target)):
             reasons.append(f"its input comes from {_describe(producer, module, prefix)}, not a layer module")
             return False
         layer = module.get_submodule(producer.target)

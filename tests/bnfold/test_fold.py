@@ -394,3 +394,24 @@ def test_lazy_modules_are_refused_as_lazy() -> None:
         fold_bn_after_layer(nn.LazyConv2d(4, 1), nn.BatchNorm2d(4))
     with pytest.raises(FoldSkipped, match="lazy and not initialized"):
         fold_bn_after_layer(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d())
+
+
+class _OpaqueChild(nn.Module):
+    """Its own forward traces; one child's (data-dependent control flow) does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.branchy = nn.Sequential(_Branchy(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn2(self.branchy(self.bn1(self.conv1(x))))
+
+
+def test_untraceable_child_is_kept_whole_and_its_parent_still_folds(randomize_bn, rel_err) -> None:
+    folded, report = _check(_OpaqueChild(), torch.randn(2, 3, 6, 6), randomize_bn, rel_err, left=1)
+    assert ("conv1", "bn1") in report.folded and ("branchy.1", "branchy.2") in report.folded
+    [(name, reason)] = report.skipped
+    assert name == "bn2" and "branchy (Sequential)" in reason
+    assert any("branchy kept whole" in n for n in report.notes)
