@@ -21,7 +21,7 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -187,16 +187,27 @@ def _fx_fuse(model: nn.Module, part: nn.Module | None, x: torch.Tensor, row: Zoo
         row.fx_error = first_line(exc, with_type=True, limit=200)
 
 
-def _too_big(spec: str, max_params: float) -> str | None:
-    # Built on the meta device first: no memory, no init arithmetic; a 600M-parameter ViT would
-    # otherwise take minutes and gigabytes on a small machine, for a model without BatchNorm.
+def _param_count(spec: str) -> int | None:
+    """Without building the model for real: torchvision's weights metadata, or a timm model built
+    on the meta device (no memory, no init arithmetic)."""
+    source, _, name = spec.partition(":")
     try:
+        if source == "tv":
+            import torchvision.models as tvm
+
+            return int(tvm.get_model_weights(name).DEFAULT.meta["num_params"])
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
-            model = _build(spec)[0]
+            return sum(p.numel() for p in _build(spec)[0].parameters())
     except Exception:
-        return None  # the real build below says what is wrong
-    params = sum(p.numel() for p in model.parameters())
+        return None  # the real build says what is wrong
+
+
+def _too_big(spec: str, max_params: float) -> str | None:
+    # A 600M-parameter model would take minutes and gigabytes on a small machine.
+    params = _param_count(spec)
+    if params is None:
+        return None
     return f"{params / 1e6:.0f}M parameters > --max-params {max_params / 1e6:.0f}M" if params > max_params else None
 
 
@@ -239,7 +250,8 @@ def run_model(spec: str, *, seed: int = 0, max_params: float = float("inf")) -> 
 
 
 def run_zoo(models: Iterable[str], *, seed: int = 0, progress: bool = True,
-            max_params: float = float("inf")) -> list[ZooRow]:
+            max_params: float = float("inf"), on_row: Callable[[list[ZooRow]], None] | None = None) -> list[ZooRow]:
+    """`run_model` for each of `models`; `on_row(rows so far)` after each (to save partial results)."""
     from tqdm import tqdm
 
     models = list(models)
@@ -248,6 +260,8 @@ def run_zoo(models: Iterable[str], *, seed: int = 0, progress: bool = True,
     for spec in bar:
         bar.set_postfix_str(spec)
         rows.append(run_model(spec, seed=seed, max_params=max_params))
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -356,12 +370,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         models = [m for m in models if not m.startswith("timm:")]
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    def save(rows: list[ZooRow]) -> None:
+        if args.json:  # after every model: a long run that is stopped keeps what it measured
+            with open(args.json, "w") as fh:
+                json.dump([asdict(r) for r in rows], fh, indent=1)
+
     rows = run_zoo(dict.fromkeys(models), seed=args.seed, progress=not args.no_progress,
-                   max_params=args.max_params * 1e6)
+                   max_params=args.max_params * 1e6, on_row=save)
     print(summary(rows))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump([asdict(r) for r in rows], fh, indent=1)
     return 0
 
 
