@@ -47,7 +47,12 @@ DEFAULT_MODELS = (
 
 @dataclass
 class ZooRow:
-    """One model's outcome; `*_left` counts BatchNorm-like modules left after each tool."""
+    """One model's outcome; `*_left` counts BatchNorm-like modules left after each tool.
+
+    `max_rel_error` compares the folded float32 model with the original; `f64_max_rel_error` the
+    same fold done on the model in float64, which shows whether the fold is exact; `own_f32_error`
+    how far the original float32 model itself is from its float64 self: random statistics make
+    some deep networks ill-conditioned, and float32 rounding then reaches the first figure."""
 
     model: str
     batchnorms: int = 0
@@ -55,6 +60,8 @@ class ZooRow:
     unreported: int = 0
     error: str | None = None
     max_rel_error: float | None = None
+    f64_max_rel_error: float | None = None
+    own_f32_error: float | None = None
     fx_left: int = 0
     fx_error: str | None = None
     fx_max_rel_error: float | None = None
@@ -211,6 +218,20 @@ def _too_big(spec: str, max_params: float) -> str | None:
     return f"{params / 1e6:.0f}M parameters > --max-params {max_params / 1e6:.0f}M" if params > max_params else None
 
 
+def _exactness(model: nn.Module, part: nn.Module | None, x: torch.Tensor, row: ZooRow) -> None:
+    """The same fold on the model in float64 (exact folds agree to ~1e-12), and how far the float32
+    model is from its float64 self; a model whose ops refuse float64 leaves both None."""
+    try:
+        model64 = copy.deepcopy(model).double()
+        folded64 = fold(model64)[0]
+        if part is not None:
+            model64, folded64 = model64.get_submodule("backbone"), folded64.get_submodule("backbone")
+        row.f64_max_rel_error = compare(model64, folded64, x.double()).max_rel_error
+        row.own_f32_error = compare(model64, part if part is not None else model, x.double()).max_rel_error
+    except Exception:  # noqa: S110 -- a figure we cannot get, not a failure of the fold
+        pass
+
+
 def run_model(spec: str, *, seed: int = 0, max_params: float = float("inf")) -> ZooRow:
     """Build, randomize, fold and compare one model (`tv:NAME` or `timm:NAME`); a model with more
     than `max_params` parameters is not built (its row says so)."""
@@ -244,6 +265,7 @@ def run_model(spec: str, *, seed: int = 0, max_params: float = float("inf")) -> 
         row.max_rel_error = compare(reference, candidate, x).max_rel_error
     except Exception as exc:
         row.error = first_line(exc, with_type=True, limit=200)
+    _exactness(model, part, x, row)
     _fx_fuse(model, part, x, row)
     row.seconds = time.perf_counter() - start
     return row
@@ -314,17 +336,18 @@ def _fmt(value: float | None) -> str:
 
 def summary(rows: Sequence[ZooRow]) -> str:
     """A markdown table per model and one of totals per source."""
-    lines = ["| model | BN | bnfold left | unreported | max rel err | fx fuse left | fx max rel err | error |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| model | BN | bnfold left | unreported | max rel err | float64 | own float32 | fx fuse left | "
+             "fx max rel err | error |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if r.batchnorms == 0 and not r.error:
             continue  # no BatchNorm: nothing to say (counted in the totals' model count)
         error = "; ".join(e for e in (r.error, r.fx_error and f"fx: {r.fx_error}") if e)
         lines.append(f"| {r.model} | {r.batchnorms} | {r.left} | {r.unreported} | {_fmt(r.max_rel_error)} | "
-                     f"{r.fx_left} | {_fmt(r.fx_max_rel_error)} | {error.replace('|', '/')[:90]} |")
-    lines += ["", "| source | models | BN modules | bnfold folded | exceptions | unreported | max rel err | "
-                  "fx fuse folded | fx exceptions | fx max rel err |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                     f"{_fmt(r.f64_max_rel_error)} | {_fmt(r.own_f32_error)} | {r.fx_left} | {_fmt(r.fx_max_rel_error)} | {error.replace('|', '/')[:90]} |")
+    lines += ["", "| source | models | BN modules | bnfold folded | exceptions | unreported | max rel err "
+                  "(float32; float64) | float32 > 1e-5 | fx fuse folded | fx exceptions | fx max rel err |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for source in ("tv", "timm"):
         part = [r for r in rows if r.model.startswith(source + ":")]
         if not part:
@@ -333,12 +356,17 @@ def summary(rows: Sequence[ZooRow]) -> str:
         total = sum(r.batchnorms for r in built)
         share = lambda left: f"{100 * (total - left) / total:.1f} %" if total else "-"  # noqa: E731
         errs = [r.max_rel_error for r in built if r.max_rel_error is not None]
+        errs64 = [r.f64_max_rel_error for r in built if r.f64_max_rel_error is not None]
+        # A float32 error over 1e-5 where the float32 model is itself that far from float64.
+        noisy = [r for r in built if r.max_rel_error is not None and not r.max_rel_error <= 1e-5]
+        conditioned = sum(1 for r in noisy if r.own_f32_error is not None and not r.own_f32_error <= 1e-5)
         fx_errs = [r.fx_max_rel_error for r in built if r.fx_max_rel_error is not None]
         lines.append(
             f"| {'torchvision' if source == 'tv' else 'timm'} | {len(built)} ({sum(1 for r in built if r.batchnorms)} "
             f"with BN; +{len(part) - len(built)} not built) | "
             f"{total} | {share(sum(r.left for r in built))} | {sum(1 for r in built if r.error)} | "
-            f"{sum(r.unreported for r in built)} | {_fmt(max(errs, default=None))} | "
+            f"{sum(r.unreported for r in built)} | {_fmt(max(errs, default=None))}; {_fmt(max(errs64, default=None))} | "
+            f"{len(noisy)} ({conditioned} ill-conditioned) | "
             f"{share(sum(r.fx_left for r in built))} | {sum(1 for r in built if r.fx_error)} | "
             f"{_fmt(max(fx_errs, default=None))} |")
     return "\n".join(lines)

@@ -11,6 +11,8 @@ def test_a_torchvision_model_row() -> None:
     row = run_model("tv:resnet18")
     assert row.error is None and row.batchnorms == 20 and row.left == 0 and row.unreported == 0
     assert row.max_rel_error is not None and row.max_rel_error <= 1e-5
+    assert row.f64_max_rel_error is not None and row.f64_max_rel_error <= 1e-10  # exact in float64
+    assert row.own_f32_error is not None and 0 < row.own_f32_error <= 1e-5
     assert row.fx_error is None and row.fx_left == 0  # torch.fx fuse folds a plain resnet too
     assert row.input_shape == (1, 3, 64, 64)
 
