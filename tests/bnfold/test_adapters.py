@@ -213,3 +213,17 @@ def test_functional_batch_norm_reported_under_its_owning_module() -> None:
     _, report = fold(M())
     [(name, reason)] = report.skipped
     assert name == "stats (F.batch_norm)" and "relu" in reason
+
+
+def test_batchnorm_before_average_pool_folds_into_the_following_conv(randomize_bn, rel_err) -> None:
+    model = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.AvgPool2d(2), nn.Conv2d(3, 4, 3))
+    _, report = _check(model, torch.randn(2, 3, 10, 10), randomize_bn, rel_err)
+    assert report.folded == [("3", "1")]
+
+
+def test_cat_along_another_axis_is_refused(randomize_bn, rel_err) -> None:
+    model = _Mixed(cat_dim=2)
+    model.convs[1] = nn.Conv2d(2, 3, 5, padding=2, bias=False)
+    model.bn = nn.BatchNorm2d(3)
+    _, report = _check(model, torch.randn(2, 4, 6, 6), randomize_bn, rel_err, left=1, tol=1e-6)
+    assert "axis 2" in report.skipped[0][1]
