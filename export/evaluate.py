@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bnfold.models.metrics import task_metric
 from bnfold.models.spec import ModelSpec
 
 from bnfold.export.errors import ExportError
@@ -79,11 +80,6 @@ def load_eval_split(spec: ModelSpec, data_root: str | os.PathLike = "data") -> E
     if not inputs:
         raise EvaluationError(f"the eval split of {spec.dataset!r} is empty")
     return EvalSplit(np.concatenate(inputs), np.concatenate(targets), spec.dataset, spec.task)
-
-
-def metric_name(task: str) -> str:
-    """`iou` for segmentation, `accuracy` for classification: the names the training log uses."""
-    return "iou" if task == "segmentation" else "accuracy"
 
 
 def score(task: str, outputs: np.ndarray, targets: np.ndarray) -> float:
@@ -337,7 +333,7 @@ def evaluate_artifacts(paths: Sequence[str | os.PathLike], *, checkpoint: str | 
             raise EvaluationError(f"running {str(loaded.path)!r} on {split.samples} {spec.dataset!r} inputs "
                                   f"of shape {list(split.inputs.shape[1:])} failed: "
                                   f"{type(exc).__name__}: {text[0] if text else ''}") from None
-        metric = metric_name(spec.task)
+        metric = task_metric(spec.task)
         logged = spec.metrics.get(f"test_{metric}") if dataset is None or dataset == spec.dataset else None
         report.rows.append(Evaluation(
             artifact=Path(path), kind=loaded.kind, dtype=loaded.dtype, metric=metric,
@@ -348,5 +344,5 @@ def evaluate_artifacts(paths: Sequence[str | os.PathLike], *, checkpoint: str | 
 
 
 __all__ = ["EvalSplit", "Evaluation", "EvaluationError", "EvaluationReport", "LoadedArtifact",
-           "evaluate_artifacts", "load_artifact", "load_eval_split", "metric_name", "module_runner",
+           "evaluate_artifacts", "load_artifact", "load_eval_split", "module_runner",
            "onnx_session", "run_batches", "score", "session_runner"]

@@ -37,11 +37,12 @@ from torch import nn
 
 import bnfold
 from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec
+from bnfold.models.metrics import task_metric
 from bnfold.versions import cpu_name
 
 from bnfold.export._common import first_line, output_name, quiet, staged_file
 from bnfold.export.errors import ExportError
-from bnfold.export.evaluate import (EvalSplit, load_eval_split, metric_name, onnx_session, score,
+from bnfold.export.evaluate import (EvalSplit, load_eval_split, onnx_session, score,
                                     session_runner)
 from bnfold.export.onnx import (INPUT_NAME, VERSION_METADATA_KEY, bnfold_version, count_ops, export_onnx,
                                 model_opset, set_metadata)
@@ -332,7 +333,7 @@ def accuracy_gate(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, sp
     ref, cand = fp32.all(), int8.all()
     fp32_value, int8_value = score(split.task, ref, split.targets), score(split.task, cand, split.targets)
     mask = float(((ref > 0) == (cand > 0)).mean()) if split.task == "segmentation" else None
-    return Gate(metric_name(split.task), fp32_value, int8_value, round((fp32_value - int8_value) * 100, 6),
+    return Gate(task_metric(split.task), fp32_value, int8_value, round((fp32_value - int8_value) * 100, 6),
                 max_drop_points, split.samples, split.dataset, parity, mask)
 
 

@@ -7,6 +7,12 @@ from typing import Any
 _HELD_OUT = ("test", "val", "eval")
 
 
+def task_metric(task: str) -> str:
+    """`iou` for segmentation, `accuracy` for classification: the stem of the training log's keys
+    (`train_accuracy`, `test_iou`, ...) and of `bnfold evaluate`'s figure."""
+    return "iou" if task == "segmentation" else "accuracy"
+
+
 def headline_metric(metrics: dict[str, Any]) -> tuple[str | None, float | None]:
     """The headline metric of a record: held-out accuracy for classifiers, IoU (then Dice) for masks.
 
@@ -21,4 +27,4 @@ def headline_metric(metrics: dict[str, Any]) -> tuple[str | None, float | None]:
     return None, None
 
 
-__all__ = ["headline_metric"]
+__all__ = ["headline_metric", "task_metric"]

@@ -26,7 +26,7 @@ from bnfold.models.checkpoint import model_from_payload, read_checkpoint, save_c
 from bnfold.models.data import load_datasets
 from bnfold.models.distributed import DistContext, from_sync_batchnorm, to_sync_batchnorm
 from bnfold.models.factory import build_for_dataset
-from bnfold.models.metrics import headline_metric
+from bnfold.models.metrics import headline_metric, task_metric
 from bnfold.models.spec import ModelSpec
 
 DEFAULT_LR = {"sgd": 0.1, "adamw": 3e-3}
@@ -193,7 +193,7 @@ class _Task:
 
     def __init__(self, task: str) -> None:
         self.segmentation = task == "segmentation"
-        self.metric = "iou" if self.segmentation else "accuracy"
+        self.metric = task_metric(task)
         self.loss = nn.BCEWithLogitsLoss() if self.segmentation else nn.CrossEntropyLoss()
 
     def counts(self, output: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
