@@ -10,8 +10,9 @@ use, so that `bnfold loadtest` does not pay for importing torch.
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from bnfold.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from bnfold.bench.backends import BACKENDS, Backend
@@ -25,11 +26,7 @@ _LAZY = {"BACKENDS": "bnfold.bench.backends", "Backend": "bnfold.bench.backends"
          "BenchResult": "bnfold.bench.run", "run_bench": "bnfold.bench.run"}
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bnfold.bench' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = sorted(_LAZY)

@@ -9,10 +9,10 @@ package) does not pay for importing torch and onnx.
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from bnfold.errors import BnfoldError, FoldSkipped, ParityError
+from bnfold.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from bnfold.adapters import BNStats
@@ -33,13 +33,4 @@ _LAZY = {
 __all__ = ["BnfoldError", "FoldSkipped", "ParityError", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

@@ -10,8 +10,9 @@ preprocessing, and should not pay seconds of start-up for importing torch.
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from bnfold.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from bnfold.models.checkpoint import CheckpointError, is_checkpoint, load_checkpoint, save_checkpoint
@@ -39,13 +40,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'models' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

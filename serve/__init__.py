@@ -8,8 +8,9 @@ The public names are imported on first use: `bnfold --help` should not load onnx
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from bnfold.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from bnfold.serve.app import InferenceApp, create_app
@@ -24,11 +25,7 @@ _LAZY = {"create_app": "bnfold.serve.app", "InferenceApp": "bnfold.serve.app", "
          "Runtime": "bnfold.serve.runtime"}
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bnfold.serve' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = sorted(_LAZY)
