@@ -245,48 +245,65 @@ def staged_file(target: str | os.PathLike) -> Iterator[Path]:
 # The writer skeleton: prepare -> export -> staged write -> reload -> compare, once for every format
 
 
-def write_verified(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *, format: str,
-                   exporter: str, what: str, export: Callable[[nn.Module, torch.Tensor], Any],
-                   save: Callable[[Any, Path], None], load: Callable[[Path], Any],
-                   fold: bool = True, fp16: bool = False, dynamic_batch: bool = True,
-                   static_batch_hint: bool = False, samples: torch.Tensor | None = None,
-                   verbose: bool = False) -> tuple[ArtifactReport, Any]:
-    """Write one verified artifact at `path`; return its report and what `export` produced.
+@dataclass(frozen=True)
+class FormatSteps:
+    """What one format does at the skeleton's steps (`write_verified`)."""
 
-    The steps every format shares: fold a copy of `model` (`prepare`), run `export(module,
-    example)` quietly (any exception becomes one `ExportError`, naming the operator when there
-    is one), `save` it to a hidden file beside `path`, `load` that file back as something
-    `bnfold.compare` can run, compare it with the eval-mode `model` on `samples` (random inputs
-    when None), and only then move it into place. `what` names the artifact in a parity error
-    (formatted with `arch` and `dtype`); `static_batch_hint` adds "try --static-batch" to an
-    exporter failure that looks like a fixed batch size (for formats that honour it).
+    format: str                                          # "onnx", "torchscript", "program"
+    exporter: str                                        # named in reports and exporter errors
+    what: str                                            # the artifact in a parity error ({arch}, {dtype})
+    export: Callable[[nn.Module, torch.Tensor], Any]     # (module, example input) -> exported object
+    save: Callable[[Any, Path], None]                    # exported object -> file
+    load: Callable[[Path], Any]                          # file -> something bnfold.compare can run
+    static_batch_hint: bool = False                      # say "try --static-batch" on a batch guard
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How to write one artifact, whatever its format."""
+
+    fold: bool = True
+    fp16: bool = False
+    dynamic_batch: bool = True
+    verbose: bool = False
+
+
+def write_verified(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, steps: FormatSteps,
+                   options: WriteOptions, samples: torch.Tensor | None = None) -> tuple[ArtifactReport, Any]:
+    """Write one verified artifact at `path`; return its report and what `steps.export` produced.
+
+    The steps every format shares: fold a copy of `model` (`prepare`), export it quietly (any
+    exception becomes one `ExportError`, naming the operator when there is one), save it to a
+    hidden file beside `path`, load that file back, compare it with the eval-mode `model` on
+    `samples` (random inputs when None), and only then move it into place.
     """
     start = time.perf_counter()
-    prepared = prepare(model, fold=fold, fp16=fp16)
-    with quiet(not verbose):
+    prepared = prepare(model, fold=options.fold, fp16=options.fp16)
+    dynamic_batch = options.dynamic_batch
+    with quiet(not options.verbose):
         try:
-            exported = export(prepared.module, example_input(spec, dynamic_batch))
+            exported = steps.export(prepared.module, example_input(spec, dynamic_batch))
         except ExportError:
             raise
         except Exception as exc:  # the exporters raise many types; all become one clear error
-            raise exporter_failure(exc, spec, exporter, static_batch_hint and dynamic_batch) from exc
+            raise exporter_failure(exc, spec, steps.exporter, steps.static_batch_hint and dynamic_batch) from exc
     batches, source = parity_batches(spec, samples, dynamic_batch=dynamic_batch)
-    label = what.format(arch=spec.arch, dtype=prepared.dtype)
+    label = steps.what.format(arch=spec.arch, dtype=prepared.dtype)
     with staged_file(path) as tmp:
-        with quiet(not verbose):
-            save(exported, tmp)
+        with quiet(not options.verbose):
+            steps.save(exported, tmp)
             try:
-                runner = load(tmp)
+                runner = steps.load(tmp)
             except Exception as exc:  # e.g. onnxruntime refusing an opset: say so in one line
                 raise ExportError(f"the written file cannot be loaded back for the {label}: "
                                   f"{first_line(exc)}") from exc
         with torch.no_grad():
             parity = bnfold.compare(prepared.reference, runner, batches)
-        tol = tolerance(fp16)
+        tol = tolerance(options.fp16)
         parity.check(tol, label)
         size = tmp.stat().st_size
-    report = ArtifactReport(format=format, path=Path(path), exporter=exporter, dtype=prepared.dtype,
-                            dynamic_batch=dynamic_batch, folded=fold, parity=parity, tolerance=tol,
+    report = ArtifactReport(format=steps.format, path=Path(path), exporter=steps.exporter, dtype=prepared.dtype,
+                            dynamic_batch=dynamic_batch, folded=options.fold, parity=parity, tolerance=tol,
                             parity_inputs=source, size_bytes=size,
                             seconds=time.perf_counter() - start, output_name=output_name(spec),
                             fold_report=prepared.fold_report)

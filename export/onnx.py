@@ -16,7 +16,8 @@ from bnfold.onnx_fold import load_onnx as _read_onnx
 from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec, SpecVersionError
 from bnfold.versions import __version__
 
-from bnfold.export._common import batch_dynamic_shapes, output_name, staged_file, unsupported_op, write_verified
+from bnfold.export._common import (FormatSteps, WriteOptions, batch_dynamic_shapes, output_name, staged_file,
+                                   unsupported_op, write_verified)
 from bnfold.export.config import ExportConfig
 from bnfold.export.errors import ExportError, OpsetError
 from bnfold.export.report import ArtifactReport
@@ -199,12 +200,12 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *, f
             raise ExportError(f"onnx.checker rejected the exported {spec.arch} model: {exc}") from exc
         return proto
 
-    report, proto = write_verified(
-        model, spec, path, format="onnx", exporter=f"torch.onnx.export(dynamo={not legacy})",
-        what="ONNX export of {arch} ({dtype}, onnxruntime CPU)", export=export,
-        save=lambda proto, tmp: onnx.save_model(proto, os.fspath(tmp)), load=_onnx_session,
-        fold=fold, fp16=fp16, dynamic_batch=dynamic_batch, static_batch_hint=True,
-        samples=samples, verbose=verbose)
+    steps = FormatSteps("onnx", f"torch.onnx.export(dynamo={not legacy})",
+                        "ONNX export of {arch} ({dtype}, onnxruntime CPU)", export,
+                        save=lambda proto, tmp: onnx.save_model(proto, os.fspath(tmp)), load=_onnx_session,
+                        static_batch_hint=True)
+    report, proto = write_verified(model, spec, path, steps, WriteOptions(fold, fp16, dynamic_batch, verbose),
+                                   samples)
     report.input_name, report.opset, report.notes = INPUT_NAME, model_opset(proto), notes
     # The fold and the parity check travel with the file for readers without the checkpoint
     # (the cards of `bnfold serve`'s page): stamped on the verified graph, written the same

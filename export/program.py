@@ -9,7 +9,7 @@ from torch import nn
 
 from bnfold.models.spec import ModelSpec
 
-from bnfold.export._common import batch_dynamic_shapes, float32_runner, write_verified
+from bnfold.export._common import FormatSteps, WriteOptions, batch_dynamic_shapes, float32_runner, write_verified
 from bnfold.export.config import ExportConfig
 from bnfold.export.report import ArtifactReport
 
@@ -32,13 +32,11 @@ def export_program(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *
     def export(module: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
         return torch.export.export(module, (example,), dynamic_shapes=batch_dynamic_shapes(dynamic_batch))
 
-    report, _ = write_verified(
-        model, spec, path, format="program", exporter="torch.export.export",
-        what="torch.export program of {arch} ({dtype})", export=export,
-        save=lambda program, tmp: torch.export.save(program, os.fspath(tmp)),
-        load=lambda tmp: float32_runner(load_program(tmp).module()),
-        fold=fold, fp16=fp16, dynamic_batch=dynamic_batch, static_batch_hint=True,
-        samples=samples, verbose=verbose)
+    steps = FormatSteps("program", "torch.export.export", "torch.export program of {arch} ({dtype})", export,
+                        save=lambda program, tmp: torch.export.save(program, os.fspath(tmp)),
+                        load=lambda tmp: float32_runner(load_program(tmp).module()),
+                        static_batch_hint=True)
+    report, _ = write_verified(model, spec, path, steps, WriteOptions(fold, fp16, dynamic_batch, verbose), samples)
     return report
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from bnfold.models.spec import ModelSpec
 
-from bnfold.export._common import float32_runner, quiet, write_verified
+from bnfold.export._common import FormatSteps, WriteOptions, float32_runner, quiet, write_verified
 from bnfold.export.config import ExportConfig
 from bnfold.export.report import ArtifactReport
 
@@ -33,12 +33,11 @@ def export_torchscript(model: nn.Module, spec: ModelSpec, path: str | os.PathLik
         with torch.no_grad():
             return torch.jit.freeze(torch.jit.trace(module, example).eval())
 
-    report, _ = write_verified(
-        model, spec, path, format="torchscript", exporter="torch.jit.trace + torch.jit.freeze",
-        what="TorchScript export of {arch} ({dtype})", export=export,
-        save=lambda frozen, tmp: torch.jit.save(frozen, os.fspath(tmp)),
-        load=lambda tmp: float32_runner(load_torchscript(tmp)),
-        fold=fold, fp16=fp16, dynamic_batch=True, samples=samples, verbose=verbose)
+    steps = FormatSteps("torchscript", "torch.jit.trace + torch.jit.freeze",
+                        "TorchScript export of {arch} ({dtype})", export,
+                        save=lambda frozen, tmp: torch.jit.save(frozen, os.fspath(tmp)),
+                        load=lambda tmp: float32_runner(load_torchscript(tmp)))
+    report, _ = write_verified(model, spec, path, steps, WriteOptions(fold, fp16, True, verbose), samples)
     return report
 
 
