@@ -372,6 +372,11 @@ def export_int8(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *,
     """
     config = config or Int8Config()
     config.check()
+    if not spec.dataset and eval_split is None:
+        # A model from elsewhere: bnfold knows no data to calibrate on nor to gate with.
+        raise ExportError("INT8 needs the model's dataset: its training split calibrates and its eval split "
+                          "gates the accuracy, and this model's spec names none; export INT8 from a bnfold "
+                          "checkpoint (bnfold train --dataset ...)")
     start = time.perf_counter()
     path = Path(path)
     cpu = cpu_int8_support()

@@ -1,13 +1,13 @@
 """INT8: calibrated on the training split, gated on the eval split, served, for every architecture."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -15,11 +15,15 @@ import pytest
 
 from bnfold import models
 from bnfold.cli import main
+from bnfold.export.errors import ExportError
 from bnfold.export.evaluate import load_eval_split
 from bnfold.export.int8 import (AccuracyGateError, Int8Config, calibration_inputs, cpu_int8_support,
                                 export_int8)
 from bnfold.export.onnx import count_ops, read_spec
 from bnfold.serve.launch import running_server
+
+# Test-only dependencies ([test] extra): a machine without one skips these tests, with the reason.
+httpx = pytest.importorskip("httpx")
 
 # A few optimizer steps per architecture, enough to leave chance level on the digits in seconds.
 # The ImageNet-style ResNets train at the digits' native 8x8 (their 32x32 "small input" stem
@@ -204,3 +208,12 @@ def test_bnfold_serve_serves_the_int8_file(trained_lenet: Path, tmp_path: Path) 
         assert r.status_code == 200, r.text
         assert r.json()["predictions"][0]["index"] == int(np.argmax(session.run(
             None, {"input": models.preprocess_image(image, spec.preprocess)[None]})[0]))
+
+
+def test_a_model_without_a_dataset_is_refused_before_any_work(tmp_path: Path) -> None:
+    # A model from elsewhere has no dataset in its spec: nothing to calibrate on, nothing to gate with.
+    model, spec = models.build_for_dataset("lenet", "digits")
+    spec = dataclasses.replace(spec, dataset="")
+    with pytest.raises(ExportError, match="INT8 needs the model's dataset"):
+        export_int8(model.eval(), spec, tmp_path / "model.int8.onnx")
+    assert list(tmp_path.iterdir()) == []
