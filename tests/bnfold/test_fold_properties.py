@@ -1,12 +1,16 @@
 """Property tests: random conv / transposed conv / linear geometries fold exactly."""
 from __future__ import annotations
 
+import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import nn
 
 from bnfold import count_batchnorm, fold
+
+# Test-only dependencies ([test] extra): a machine without one skips these tests, with the reason.
+hypothesis = pytest.importorskip("hypothesis")
+given, settings = hypothesis.given, hypothesis.settings
+st = pytest.importorskip("hypothesis.strategies")
 
 CONV = {1: (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d),
         2: (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d),

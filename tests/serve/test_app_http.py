@@ -13,14 +13,16 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-import tritonclient.http as triton_http
-import tritonclient.http.aio as triton_aio
 
 from bnfold.serve.launch import running_server
+
+# Test-only dependencies ([test] extra): a machine without one skips these tests, with the reason.
+httpx = pytest.importorskip("httpx")
+triton_http = pytest.importorskip("tritonclient.http")
+triton_aio = pytest.importorskip("tritonclient.http.aio")
 
 MAX_BODY_MB = 0.05   # 52 KB: room for a JSON LeNet request, small enough to test the 413
 

@@ -10,14 +10,16 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-import tritonclient.http as triton_http
 
 from bnfold.serve.launch import running_server
 from bnfold.serve.runtime import ServeError
+
+# Test-only dependencies ([test] extra): a machine without one skips these tests, with the reason.
+httpx = pytest.importorskip("httpx")
+triton_http = pytest.importorskip("tritonclient.http")
 
 CLI = [sys.executable, "-m", "bnfold.cli"]
 

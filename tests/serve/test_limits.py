@@ -18,14 +18,16 @@ import time
 import zlib
 from pathlib import Path
 
-import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-import tritonclient.http as triton_http
 from PIL import Image
 
 from bnfold.serve.launch import running_server
+
+# Test-only dependencies ([test] extra): a machine without one skips these tests, with the reason.
+httpx = pytest.importorskip("httpx")
+triton_http = pytest.importorskip("tritonclient.http")
 
 LIMITS = ["--max-body-mb", "8", "--max-header-kb", "16", "--max-headers", "50", "--request-timeout", "1",
           "--max-connections", "24", "--max-multipart-parts", "16"]

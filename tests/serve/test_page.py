@@ -8,13 +8,15 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-import httpx
 import pytest
 from PIL import Image
 
 from bnfold.serve.errors import ServeError
 from bnfold.serve.launch import running_server
 from bnfold.serve.page import STATIC, PageAssets
+
+# Test-only dependencies ([test] extra): a machine without one skips these tests, with the reason.
+httpx = pytest.importorskip("httpx")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-import httpx
 import numpy as np
 import onnx
 import pytest
@@ -28,6 +27,9 @@ from PIL import Image
 from bnfold import models
 from bnfold.models.spec import ModelSpec, Preprocess
 from bnfold.serve.launch import running_server
+
+# Test-only dependencies ([test] extra): a machine without one skips these tests, with the reason.
+httpx = pytest.importorskip("httpx")
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")

@@ -4,13 +4,15 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from bnfold import models
 from bnfold.serve.launch import running_server
+
+# Test-only dependencies ([test] extra): a machine without one skips these tests, with the reason.
+httpx = pytest.importorskip("httpx")
 
 
 @pytest.fixture(scope="module")

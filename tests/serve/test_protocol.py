@@ -6,10 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
 
 from bnfold.serve.protocol import RequestParser, ResponseEncoder, parse_header_length, parse_infer
 from bnfold.serve.runtime import ServeError, open_session
+
+# Test-only dependencies ([test] extra): a machine without one skips these tests, with the reason.
+hypothesis = pytest.importorskip("hypothesis")
+given, settings = hypothesis.given, hypothesis.settings
+st = pytest.importorskip("hypothesis.strategies")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import logging
 import os
 from pathlib import Path
 
-import httpx
 import numpy as np
 import onnx
 import pytest
@@ -15,6 +14,9 @@ from bnfold.models.spec import ModelSpec
 from bnfold.serve.errors import ServeError
 from bnfold.serve.launch import running_server
 from bnfold.serve.repository import load_repository, parse_pbtxt
+
+# Test-only dependencies ([test] extra): a machine without one skips these tests, with the reason.
+httpx = pytest.importorskip("httpx")
 
 CONFIG = """name: "{name}"
 platform: "onnxruntime_onnx"
