@@ -191,13 +191,14 @@ class _Probed:
     def _verify(self, module: nn.Module, stats: BNStats, n: int) -> tuple[type[nn.Module], ...]:
         from bnfold.math import bn_scale_shift
 
-        probe = copy.deepcopy(module).double().eval()
+        # On the CPU, whatever device the model is on: the probe is small.
+        probe = copy.deepcopy(module).to(device="cpu", dtype=torch.float64).eval()
         for sub in probe.modules():
-            # .double() converts parameters and buffers only; a tutorial keeps statistics as plain
-            # tensors, which would otherwise round the probe to float32.
+            # .to() converts parameters and buffers only; a tutorial keeps statistics as plain
+            # tensors, which would otherwise stay behind (and round the probe to float32).
             for key, value in list(vars(sub).items()):
                 if isinstance(value, Tensor) and value.is_floating_point():
-                    setattr(sub, key, value.double())
+                    setattr(sub, key, value.detach().to(device="cpu", dtype=torch.float64))
         scale, shift = bn_scale_shift(stats.running_mean, stats.running_var, stats.eps, stats.weight, stats.bias,
                                       device=torch.device("cpu"))
         generator = torch.Generator().manual_seed(0)

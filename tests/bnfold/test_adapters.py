@@ -227,3 +227,15 @@ def test_cat_along_another_axis_is_refused(randomize_bn, rel_err) -> None:
     model.bn = nn.BatchNorm2d(3)
     _, report = _check(model, torch.randn(2, 4, 6, 6), randomize_bn, rel_err, left=1, tol=1e-6)
     assert "axis 2" in report.skipped[0][1]
+
+
+@pytest.mark.gpu
+def test_tutorial_batchnorm_on_cuda_is_probed_on_the_cpu(randomize_bn, rel_err) -> None:
+    bn = TutorialBatchNorm(4)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), bn)).eval().cuda()
+    bn.running_mean, bn.running_var = bn.running_mean.cuda(), bn.running_var.cuda()  # plain tensors
+    x = torch.randn(2, 3, 6, 6, device="cuda")
+    folded, report = fold(model)
+    assert report.folded == [("0", "1")] and folded[0].weight.device.type == "cuda"
+    with torch.no_grad():
+        assert rel_err(model(x).cpu(), folded(x).cpu()) <= 1e-5
