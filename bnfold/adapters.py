@@ -21,6 +21,7 @@ import copy
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -30,7 +31,8 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from bnfold.errors import BnfoldError, FoldSkipped
 
-__all__ = ["BNStats", "Adapter", "BatchNormActTail", "BatchNormReader", "check_running_stats", "qualname"]
+__all__ = ["BNStats", "Adapter", "BatchNormActTail", "BatchNormReader", "KNOWN_ADAPTERS", "check_running_stats",
+           "looks_like_batchnorm", "qualname"]
 
 _ALL_DIMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -130,12 +132,12 @@ def _frozen_bn_act(module: nn.Module) -> BNStats:
 
 # Third-party classes, by qualified name so that their packages are never imported here. Each
 # was read: its eval forward is exactly the map its adapter returns.
-KNOWN_ADAPTERS: Mapping[str, Adapter] = {
+KNOWN_ADAPTERS: Mapping[str, Adapter] = MappingProxyType({
     "torchvision.ops.misc.FrozenBatchNorm2d": _frozen_bn,
     "timm.layers.norm_act.BatchNormAct2d": _bn_act,
     "timm.layers.norm_act.SyncBatchNormAct": _bn_act,
     "timm.layers.norm_act.FrozenBatchNormAct2d": _frozen_bn_act,
-}
+})
 
 # torch's own classes (their forward is torch's); a _BatchNorm subclass with its own forward is
 # checked like any unknown class.

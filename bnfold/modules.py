@@ -56,12 +56,12 @@ LAYER_TYPES: tuple[type[nn.Module], ...] = (
 # Wrappers whose forward is provably their base's computation on the same weight, by qualified
 # name (never imported). The value is the base class and whether the wrapper pads with zeros
 # on its own, which a BN before it cannot be folded through (its `padding` attribute says 0).
-KNOWN_LAYERS: Mapping[str, tuple[type[nn.Module], bool]] = {
+KNOWN_LAYERS: Mapping[str, tuple[type[nn.Module], bool]] = MappingProxyType({
     # F.pad(x, TF "same" amounts, value=0) then F.conv2d(x, weight, bias, stride, 0, dilation, groups)
     "timm.layers.conv2d_same.Conv2dSame": (nn.Conv2d, True),
     # F.linear(x, weight, bias), casting them to x's dtype only under torchscript
     "timm.layers.linear.Linear": (nn.Linear, False),
-}
+})
 
 
 def layer_kind(layer: object) -> type[nn.Module] | None:
