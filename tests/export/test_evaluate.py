@@ -106,3 +106,17 @@ def test_unet_iou_matches_its_training_log(tmp_path: Path) -> None:
     row = evaluate_artifacts([result.best]).rows[0]
     assert row.metric == "iou" and row.samples == len(load_eval_split(result.spec).inputs)
     assert row.value == pytest.approx(result.history[-1]["test_iou"], abs=1e-12)
+
+
+def test_a_folded_module_is_scored_with_its_checkpoints_spec(trained: Path, tmp_path: Path,
+                                                             capfd: pytest.CaptureFixture) -> None:
+    folded = tmp_path / "folded.pt"
+    assert main(["fold", str(trained), "--out", str(folded)]) == 0
+    capfd.readouterr()
+    # A whole pickled module runs code when loaded: only with --trust-pickle, and it says so.
+    assert main(["evaluate", str(folded), "--checkpoint", str(trained)]) == 2
+    assert "--trust-pickle" in capfd.readouterr().err
+    report = evaluate_artifacts([trained, folded], checkpoint=trained, trust_pickle=True)
+    checkpoint_row, folded_row = report.rows
+    assert folded_row.kind == "module" and folded_row.spec_source == "--checkpoint"
+    assert abs(folded_row.value - checkpoint_row.value) <= 1 / 360 + 1e-12
