@@ -205,9 +205,6 @@ class _Reader:
         self._next += 1
         return {INPUT_NAME: self._batches[self._next - 1]}
 
-    def rewind(self) -> None:
-        self._next = 0
-
 
 # ---------------------------------------------------------------------------------------------
 # Quantizing
@@ -251,8 +248,9 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     out_path = Path(out_path)
     pre = out_path.with_name(out_path.stem + ".pre.onnx")
     # Not CalibMaxIntermediateOutputs: onnxruntime 1.32's MinMax calibrator drops the collected
-    # batches at that count without merging their ranges ("No data is collected"), so every
-    # activation of every calibration batch is held until the end; mind memory for big inputs.
+    # batches at that count without merging their ranges ("No data is collected"). MinMax keeps
+    # only per-batch minima and maxima (reduced inside the graph); percentile and entropy hold
+    # every activation of every calibration batch until the end: mind memory for big inputs.
     extra: dict[str, Any] = {}
     if method == "percentile":
         extra["CalibPercentile"] = PERCENTILE
