@@ -9,6 +9,8 @@ from bnfold.export.checkpoint import export_checkpoint
 from bnfold.export.config import TRITON_MAX_BATCH_SIZE, ExportConfig
 from bnfold.export.errors import (ExportError, OpsetError, OutputExistsError, UnknownFormatError,
                            UnsupportedOpError)
+from bnfold.export.evaluate import EvaluationReport, evaluate_artifacts
+from bnfold.export.int8 import AccuracyGateError, Int8Config, export_int8
 from bnfold.export.onnx import export_onnx, read_spec
 from bnfold.export.program import export_program, load_program
 from bnfold.export.report import ArtifactReport, ExportSummary
@@ -22,4 +24,5 @@ __all__ = [
     "TRITON_MAX_BATCH_SIZE", "read_spec", "load_program", "load_torchscript",
     "ArtifactReport", "ExportSummary", "FORMATS", "FILE_NAMES", "FP32_RTOL", "FP16_RTOL",
     "ExportError", "OpsetError", "OutputExistsError", "UnknownFormatError", "UnsupportedOpError",
+    "export_int8", "Int8Config", "AccuracyGateError", "evaluate_artifacts", "EvaluationReport",
 ]
