@@ -117,14 +117,16 @@ _VIDEO_SHAPES = {"s3d": (1, 3, 16, 64, 64)}
 _IMAGE_SIZES = (64, 224, 299)
 
 
-def _frozen(module: nn.Module) -> nn.Module:
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Every BatchNorm2d replaced by torchvision's FrozenBatchNorm2d, in place, as torchvision's
+    detection builders do when they load pretrained weights (norm_layer=FrozenBatchNorm2d)."""
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
             setattr(module, name, FrozenBatchNorm2d(child.num_features, eps=child.eps))
         else:
-            _frozen(child)
+            freeze_batchnorm(child)
     return module
 
 
@@ -145,7 +147,7 @@ def _build(spec: str) -> tuple[nn.Module, nn.Module | None, list[tuple[int, ...]
         kwargs = {"weights": None, "weights_backbone": None}
         if not name.startswith("ssd"):
             kwargs.update(min_size=64, max_size=64)
-        model = _frozen(tvm.get_model(name, **kwargs))
+        model = freeze_batchnorm(tvm.get_model(name, **kwargs))
         return model, model.backbone, [(1, 3, 64, 64), (1, 3, 320, 320)]
     if name in tvm.list_models(module=tvm.video):
         return tvm.get_model(name, weights=None), None, [_VIDEO_SHAPES.get(name, (1, 3, 4, 32, 32)), (1, 3, 16, 112, 112)]

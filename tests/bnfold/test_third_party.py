@@ -14,17 +14,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from bnfold import compare, count_batchnorm, fold
-
-
-def _frozen(module: nn.Module) -> nn.Module:
-    """Every BatchNorm2d replaced by torchvision's FrozenBatchNorm2d, as torchvision's detection
-    builders do when they load pretrained weights (norm_layer=FrozenBatchNorm2d)."""
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            setattr(module, name, FrozenBatchNorm2d(child.num_features, eps=child.eps))
-        else:
-            _frozen(child)
-    return module
+from bnfold.zoo import freeze_batchnorm
 
 
 def _check(model: nn.Module, inputs: torch.Tensor, randomize_bn, *, left: int = 0,
@@ -56,7 +46,7 @@ def test_faster_rcnn_with_frozen_batchnorm(randomize_bn) -> None:
     model = torchvision.models.detection.fasterrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, num_classes=3, min_size=64, max_size=64)
     torch.manual_seed(0)
-    model = randomize_bn(_frozen(model)).eval()
+    model = randomize_bn(freeze_batchnorm(model)).eval()
     assert count_batchnorm(model) == 53 and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     folded, report = fold(model)
     assert count_batchnorm(folded) == 0 and report.ok and len(report.folded) == 53, str(report)
