@@ -193,7 +193,7 @@ def _console_script() -> str:
 
 
 @pytest.mark.slow
-def test_cli_in_a_folder_with_its_own_models_py_trains_and_exports(tmp_path):
+def test_cli_in_a_folder_with_its_own_models_py_trains_exports_and_serves(tmp_path):
     """A user's models.py on PYTHONPATH used to replace bnfold's `models` package (a traceback in train)."""
     (tmp_path / "models.py").write_text(USER_NET)
     namespace: dict = {}
@@ -213,3 +213,12 @@ def test_cli_in_a_folder_with_its_own_models_py_trains_and_exports(tmp_path):
               "--input-shape", "1,3,24,24", "--format", "onnx", "--out", "own", "--no-progress")
     assert own.returncode == 0, own.stderr[-2000:]
     assert _bn_nodes(tmp_path / "export" / "model.onnx") == 0 and _bn_nodes(tmp_path / "own" / "model.onnx") == 0
+    # ... and serve: the server process runs with the same PYTHONPATH, where `models` is the user's file.
+    from bnfold.models import digit_image
+    from bnfold.serve.launch import running_server
+
+    with running_server(tmp_path / "export" / "model.onnx", threads=1, name="digits",
+                        env={"PYTHONPATH": str(tmp_path)}) as url:
+        status, body = _post_image(url, "/predictions/digits", digit_image(3)[0])
+    assert status == 200, body
+    assert body["predictions"][0]["label"] in [str(d) for d in range(10)]
