@@ -372,30 +372,59 @@ class InferenceApp:
         return await asyncio.get_running_loop().run_in_executor(None, model.run_all, x)
 
 
+# Concatenated gzip members are one body (RFC 1952; `gzip.decompress` and gunzip agree); each
+# costs a fresh inflater, so their number is bounded. The body is fed in pieces so that what zlib
+# copies out as `unused_data` at a member's end is at most one piece.
+_MAX_GZIP_MEMBERS = 1000
+_FEED_BYTES = 64 * 1024
+
+
 def inflate(body: bytes, encoding: bytes, limit: int) -> bytes:
     """A gzip/deflate body (tritonclient's request_compression_algorithm), inflated to at most `limit` bytes.
 
-    zlib stops at `limit + 1` bytes of output, so a bomb costs at most that much memory and time
-    before it is refused.
+    zlib stops at `limit + 1` bytes of output in all, so a bomb costs at most that much memory and
+    time before it is refused. A gzip body may hold several members (their contents are joined);
+    bytes after a deflate stream, or after a member that are not another member, are refused.
     """
     kind = encoding.strip().lower()
     if kind == b"gzip":
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        wbits = 16 + zlib.MAX_WBITS
     elif kind == b"deflate":
-        inflater = zlib.decompressobj()
+        wbits = zlib.MAX_WBITS
     else:
         raise ServeError(f"unsupported Content-Encoding {kind.decode('latin-1')[:40]!r}; expected gzip, deflate "
                          f"or identity", status=415)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise ServeError(f"body declared Content-Encoding {kind.decode('latin-1')} but does not decompress: {exc}")
-    if len(out) > limit:
-        raise limit_error(f"request body inflated from {len(body)} bytes ({kind.decode('latin-1')})",
-                          f"{limit} bytes", "--max-body-mb")
-    if not inflater.eof:
-        raise ServeError(f"body declared Content-Encoding {kind.decode('latin-1')} but its stream is truncated")
-    return out
+    name = kind.decode("latin-1")
+    view = memoryview(body)
+    inflater = zlib.decompressobj(wbits)
+    pieces: list[bytes] = []
+    size = pos = 0
+    members = 1
+    while True:
+        piece = view[pos:pos + _FEED_BYTES]
+        pos += len(piece)
+        try:
+            out = inflater.decompress(piece, limit + 1 - size)   # never 0 (= unbounded): size <= limit here
+        except zlib.error as exc:
+            raise ServeError(f"body declared Content-Encoding {name} but does not decompress: {exc}")
+        size += len(out)
+        if size > limit:
+            raise limit_error(f"request body inflated from {len(body)} bytes ({name})", f"{limit} bytes",
+                              "--max-body-mb")
+        pieces.append(out)
+        if inflater.eof:
+            pos -= len(inflater.unused_data)   # fed, but after this stream's end
+            if pos == len(view):
+                return b"".join(pieces)
+            if kind != b"gzip":
+                raise ServeError(f"body declared Content-Encoding deflate but {len(view) - pos} bytes follow "
+                                 f"the end of its stream")
+            members += 1
+            if members > _MAX_GZIP_MEMBERS:
+                raise ServeError(f"gzip body of more than {_MAX_GZIP_MEMBERS} members; send one member")
+            inflater = zlib.decompressobj(wbits)
+        elif pos >= len(view):
+            raise ServeError(f"body declared Content-Encoding {name} but its stream is truncated")
 
 
 def create_app(config: ServeConfig, models: Mapping[str, Runtime] | None = None) -> InferenceApp:

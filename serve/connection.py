@@ -159,10 +159,10 @@ if HttpToolsProtocol is not None:
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserUpgrade:
-                if self._should_upgrade():
-                    self.handle_websocket_upgrade()
-                else:
-                    self._unsupported_upgrade_warning()
+                # No WebSocket or h2c here (serve.launch runs uvicorn with ws="none"): the request
+                # was dispatched as plain HTTP when its headers completed. uvicorn would log two
+                # warnings per such request (one suggesting to install a WebSocket library).
+                log.debug("ignored an Upgrade request header; this server speaks HTTP/1.1 only")
                 return
             except httptools.HttpParserError as exc:
                 if isinstance(exc.__context__, _Refusal):

@@ -20,6 +20,13 @@ from bnfold.serve.errors import ServeError, limit_error
 
 # Decompression bombs: a 2 KB PNG can claim 100k x 100k pixels.
 _MAX_PIXELS = 40_000_000
+# The raster formats an upload may be. Image.open tries only these: Pillow's other openers include
+# EPS, whose load() runs Ghostscript on the client's bytes when it is installed. (JPEG's opener also
+# reads phones' MPO files.) Image.open with a list opens only plugins already loaded, hence init();
+# AVIF only where this Pillow has it.
+Image.init()
+IMAGE_FORMATS = tuple(f for f in ("PNG", "JPEG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "AVIF")
+                      if f in Image.OPEN)
 # Form fields that hold the image when no part carries a filename (`curl -F data=<digit.png`).
 _IMAGE_FIELDS = ("data", "file", "image")
 _BOUNDARY = re.compile(r'boundary=(?:"([^"]{1,200})"|([^;\s]{1,200}))', re.IGNORECASE)
@@ -78,7 +85,7 @@ def _file_part(body: bytes, content_type: str, max_parts: int) -> bytes:
 def decode_image(data: bytes) -> Image.Image:
     """A PIL image from PNG/JPEG/... bytes; ServeError (400) when the bytes are not an image."""
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         if image.width * image.height > _MAX_PIXELS:
             raise ServeError(f"image of {image.width}x{image.height} pixels is over the limit of "
                              f"{_MAX_PIXELS} pixels", status=413)
@@ -87,10 +94,16 @@ def decode_image(data: bytes) -> Image.Image:
         raise
     except UnidentifiedImageError:   # its message holds the BytesIO's repr: say it in our words
         raise ServeError(f"cannot decode the body as an image (expected PNG or JPEG; {len(data)} bytes "
-                         f"starting {data[:8]!r}): not an image format Pillow reads")
+                         f"starting {data[:8]!r}): not an image format Pillow reads here "
+                         f"({', '.join(IMAGE_FORMATS)})")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ServeError(f"cannot decode the body as an image (expected PNG or JPEG; {len(data)} bytes "
                          f"starting {data[:8]!r}): {exc}")
+    if image.mode.startswith("I;16"):
+        # 16-bit grayscale (PNG, TIFF): Pillow's convert("L") clips every value over 255 to white,
+        # so scale 0..65535 to 0..255 instead, as the same picture saved at 8 bits would be.
+        wide = np.asarray(image).astype(np.uint32)
+        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
     return image
 
 
@@ -145,7 +158,7 @@ def parse_top_k(query: bytes, num_classes: int) -> int:
             try:
                 k = int(value)
             except ValueError:
-                raise ServeError(f"top_k must be a positive integer, got {value.decode('latin-1')!r}")
+                raise ServeError(f"top_k must be a positive integer, got {value[:40].decode('latin-1')!r}")
             if k < 1:
                 raise ServeError(f"top_k must be a positive integer, got {k}")
     return min(k, num_classes)

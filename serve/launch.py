@@ -63,7 +63,9 @@ def serve(config: ServeConfig) -> int:
                               request_timeout=config.request_timeout, max_connections=config.max_connections)
     # httptools, with the limits and with head and body of each response in one write.
     http = protocol_class(limits) or "httptools"
-    uv_config = uvicorn.Config(app, loop="uvloop", http=http, lifespan="on", access_log=False,
+    # ws="none": the service has no WebSocket routes, so an Upgrade request is answered as plain HTTP
+    # instead of reaching the app as a websocket scope (which uvicorn answered 500 and logged as an error).
+    uv_config = uvicorn.Config(app, loop="uvloop", http=http, ws="none", lifespan="on", access_log=False,
                                log_level=config.log_level, server_header=False, timeout_graceful_shutdown=30,
                                timeout_keep_alive=config.keep_alive,   # type: ignore[arg-type]
                                h11_max_incomplete_event_size=config.max_header_bytes, limit_max_requests=None)

@@ -109,6 +109,40 @@ def parse_header_length(value: bytes | None, body_size: int) -> int | None:
     return length
 
 
+# A JSON part up to this size is decoded without a look first (a batch-1 LeNet request is ~10 KB).
+_UNCHECKED_JSON_BYTES = 64 * 1024
+# Room for what is not the input's data: shape, names, outputs, parameters, an id.
+_JSON_SLACK = 4096
+_TOO_DEEP = "the inference request's JSON is nested too deeply (an input's data is at most a list per dimension)"
+
+
+def _check_json_budget(model: Runtime, raw: bytes | memoryview) -> None:
+    """Refuse (413) a large JSON part holding more numbers or lists than any request the model takes.
+
+    `json.loads` holds the GIL: 16 MB of `[],` took 1.1 s to decode and would stall the event loop
+    (a worker thread does not help). Counting commas and brackets is a fast scan, and a valid
+    request has at most one comma per element of its largest batch and one list per row. Models
+    with a dynamic dimension besides the batch have no such bound; the body limit applies.
+    """
+    data = bytes(raw)
+    if b"[" * 64 in data:   # 64 brackets in a row is nesting no tensor has; json.loads would say so too
+        raise ServeError(_TOO_DEEP)
+    shape = model.inputs[0].shape
+    batch = model.max_batch_size or (shape[0] if shape and shape[0] > 0 else 0)
+    rest = list(shape[1:])
+    if batch <= 0 or any(d < 0 for d in rest):
+        return
+    elements = batch * math.prod(rest)
+    lists = 1 + sum(batch * math.prod(rest[:k]) for k in range(len(rest)))   # one per row at each level
+    commas = data.count(b",")
+    brackets = data.count(b"[") + data.count(b"{")
+    if commas > elements + _JSON_SLACK or brackets > lists + _JSON_SLACK:
+        raise ServeError(f"the request's JSON holds {commas} commas and {brackets} lists or objects, more than "
+                         f"any request for model {model.name!r} needs (a batch of max_batch_size {batch} has "
+                         f"{elements} numbers in {lists} lists); send fewer, or send the tensor as binary data",
+                         status=413)
+
+
 def _load_json(raw: bytes | memoryview) -> dict[str, Any]:
     if len(raw) == 0:
         raise ServeError("empty request body: expected a JSON inference request "
@@ -118,8 +152,7 @@ def _load_json(raw: bytes | memoryview) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ServeError(f"malformed JSON in the inference request: {exc}")
     except RecursionError:
-        raise ServeError("the inference request's JSON is nested too deeply (an input's data is at most "
-                         "a list per dimension)")
+        raise ServeError(_TOO_DEEP)
     if not isinstance(header, dict):
         raise ServeError(f"the inference request must be a JSON object, got {type(header).__name__}")
     return header
@@ -136,11 +169,14 @@ def _tensor_from_json(model: Runtime, name: str, dtype: np.dtype, shape: tuple[i
                       data: Any) -> np.ndarray:
     count = math.prod(shape)
     try:
-        array = np.asarray(data, dtype=dtype).reshape(-1)
+        # over="raise": a finite number that only fits as infinity (1e300 or 10**300 for FP32) is
+        # refused like 10**400 is, not silently turned into inf. NaN/Infinity tokens stay allowed.
+        with np.errstate(over="raise"):
+            array = np.asarray(data, dtype=dtype).reshape(-1)
     except (ValueError, TypeError, RecursionError):
         raise ServeError(f"'data' of input {name!r} for model {model.name!r} must be a (nested) list of "
                          f"numbers for datatype {model.inputs[0].datatype}")
-    except OverflowError:
+    except (OverflowError, FloatingPointError):
         raise ServeError(f"'data' of input {name!r} for model {model.name!r} holds a number too large for "
                          f"datatype {model.inputs[0].datatype}")
     if array.size != count:
@@ -152,7 +188,10 @@ def _tensor_from_json(model: Runtime, name: str, dtype: np.dtype, shape: tuple[i
 def parse_infer(model: Runtime, body: bytes, header_length: int | None) -> InferRequest:
     """Decode a v2 infer request for `model`; raises ServeError (400) naming the problem."""
     view = memoryview(body)
-    header = _load_json(view[:header_length] if header_length is not None else view)
+    raw = view[:header_length] if header_length is not None else view
+    if len(raw) > _UNCHECKED_JSON_BYTES:
+        _check_json_budget(model, raw)
+    header = _load_json(raw)
     binary = view[header_length:] if header_length is not None else view[:0]
 
     inputs = header.get("inputs")

@@ -118,7 +118,7 @@ class Router:
         route = entry[0]
         if method not in route.allowed:
             allow = ", ".join(route.allowed)
-            raise ServeError(f"method {method} not allowed on {path}; use {allow}", status=405, allow=allow)
+            raise ServeError(f"method {method} not allowed on {path[:200]}; use {allow}", status=405, allow=allow)
         return entry
 
     def _slow_match(self, method: str, path: str) -> tuple[Route, Mapping[str, str]]:
@@ -134,10 +134,11 @@ class Router:
             values = found.groupdict()
             name = values.get("model")
             if name is not None and name not in self.models:
-                raise ServeError(f"unknown model {name!r}; this server has {sorted(self.models)}", status=404)
+                # The name is the client's: echoed cut short (a URL may be up to --max-header-kb long).
+                raise ServeError(f"unknown model {name[:200]!r}; this server has {sorted(self.models)}", status=404)
             version = values.get("version")
             if version is not None and version != str(self.models[name].version):
-                raise ServeError(f"unknown version {version!r} for model {name!r}; available: "
+                raise ServeError(f"unknown version {version[:200]!r} for model {name!r}; available: "
                                  f"[{str(self.models[name].version)!r}]", status=404)
             return route, values
         raise ServeError(f"no route for {method} {path[:200]}; see /docs for the endpoints", status=404)

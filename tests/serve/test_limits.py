@@ -170,6 +170,69 @@ def test_multipart_picks_the_file_part_not_the_first_field(url: str) -> None:
         assert len(r.json()["predictions"]) == 5
 
 
+def test_gzip_members_are_joined_and_bytes_after_a_stream_are_refused(url: str, tiny_onnx: Path) -> None:
+    """A gzip body of two members is one body (as gunzip reads it), not its first member alone."""
+    x = _digits(5)
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}).encode()
+    expected = ort.InferenceSession(str(tiny_onnx)).run(None, {"input": x})[0]
+    gz = {"Content-Encoding": "gzip"}
+    with httpx.Client(base_url=url) as client:
+        r = client.post("/v2/models/tiny/infer", content=gzip.compress(body[:100]) + gzip.compress(body[100:]),
+                        headers=gz)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["outputs"][0]["data"], expected.ravel(), rtol=1e-5, atol=1e-6)
+        _refused(client.post("/v2/models/tiny/infer", content=gzip.compress(body) + b"junk", headers=gz),
+                 400, "gzip", "does not decompress")
+        _refused(client.post("/v2/models/tiny/infer", content=zlib.compress(body) + b"junk",
+                             headers={"Content-Encoding": "deflate"}), 400, "4 bytes follow the end of its stream")
+        members = gzip.compress(b"") * 1001 + gzip.compress(body)
+        _refused(client.post("/v2/models/tiny/infer", content=members, headers=gz), 400, "more than 1000 members")
+
+
+@pytest.mark.parametrize("filler", [b"[],", b"0,"], ids=["empty lists", "zeros"])
+def test_megabytes_of_json_lists_are_refused_before_decoding(url: str, filler: bytes) -> None:
+    """json.loads holds the GIL (7 MB of `[],` ~0.5 s, 16 MB 1.7 s of stalled loop): refused from a count first."""
+    body = (b'{"inputs":[{"name":"input","shape":[1,1,28,28],"datatype":"FP32","data":['
+            + filler * ((7 << 20) // len(filler)) + b"0]}]}")
+    with HealthProbe(url) as probe, httpx.Client(base_url=url, timeout=10) as client:
+        _refused(client.post("/v2/models/tiny/infer", content=body), 413, "more than any request for model 'tiny'",
+                 "max_batch_size 32")
+        ok = json.dumps({"inputs": [{"name": "input", "shape": [32, 1, 28, 28], "datatype": "FP32",
+                                     "data": _digits(6, batch=32).tolist()}]}, indent=1).encode()
+        assert len(ok) > 64 * 1024                      # the largest batch, nested and indented, still passes
+        assert client.post("/v2/models/tiny/infer", content=ok).status_code == 200
+    assert max(probe.times) < 0.5, max(probe.times)
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_16_bit_png_is_scaled_not_clipped(url: str) -> None:
+    """A 16-bit grayscale PNG answers as the same picture at 8 bits (Pillow's convert clipped it to white)."""
+    pixels = np.random.default_rng(7).integers(0, 256, (28, 28), dtype=np.uint16)
+    with httpx.Client(base_url=url) as client:
+        eight = client.post("/predictions/tiny", content=_png(pixels.astype(np.uint8)))
+        sixteen = client.post("/predictions/tiny", content=_png(pixels * 257))
+    assert eight.status_code == sixteen.status_code == 200, sixteen.text
+    assert sixteen.json()["predictions"] == eight.json()["predictions"]
+
+
+def test_only_raster_formats_are_opened(url: str) -> None:
+    """EPS is never opened: Pillow's EPS reader runs Ghostscript on the bytes where it is installed."""
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\nshowpage\n"
+    with httpx.Client(base_url=url) as client:
+        message = _refused(client.post("/predictions/tiny", content=eps), 400, "not an image format Pillow reads")
+        assert "Ghostscript" not in message
+        for fmt in ("JPEG", "TIFF", "WEBP", "BMP", "GIF"):
+            buffer = io.BytesIO()
+            Image.new("L", (28, 28), 200).save(buffer, fmt)
+            assert client.post("/predictions/tiny", content=buffer.getvalue()).status_code == 200, fmt
+
+
 # ------------------------------------------------------------------------------- headers and connections
 
 
@@ -206,6 +269,24 @@ def test_a_64_mb_header_is_refused_with_431(url: str) -> None:
     message = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
     assert "over the limit of 16384 bytes" in message and "--max-header-kb" in message
     assert elapsed < 5, elapsed
+
+
+def test_an_upgrade_request_is_answered_as_plain_http_without_log_lines(url: str, served) -> None:
+    """No WebSocket routes: `Upgrade: websocket` was a 500 plus an ERROR line per request (uvicorn's)."""
+    head = (b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    for _ in range(3):
+        answer = _raw(url, head, timeout=5)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    log = served[2].read_text(errors="replace")
+    assert "handshake" not in log and "Unsupported upgrade" not in log and "WebSocket library" not in log
+
+
+def test_long_unknown_names_are_echoed_cut_short(url: str) -> None:
+    with httpx.Client(base_url=url) as client:
+        message = _refused(client.get("/v2/models/" + "n" * 10_000), 404, "unknown model 'nnn")
+        assert len(message) < 400, len(message)
+        assert len(_refused(client.get("/v2/models/tiny/versions/" + "9" * 10_000), 404, "unknown version")) < 400
 
 
 def test_too_many_header_fields_are_refused_with_431(url: str) -> None:
@@ -339,6 +420,9 @@ def _lab_tiff() -> bytes:
 MISTAKES = [
     ("integer too large for float32", "/v2/models/tiny/infer",
      b'{"inputs":[{"name":"input","shape":[1,1,28,28],"datatype":"FP32","data":[1' + b"0" * 400 + b"]}]}",
+     "too large for datatype FP32"),
+    ("finite number that is infinite as float32", "/v2/models/tiny/infer",   # was a silent inf, 200
+     b'{"inputs":[{"name":"input","shape":[1,1,28,28],"datatype":"FP32","data":[1e300' + b",0" * 783 + b"]}]}",
      "too large for datatype FP32"),
     ("JSON nested 100,000 deep", "/v2/models/tiny/infer", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
     ("output name that is a list", "/v2/models/tiny/infer",
