@@ -136,13 +136,17 @@ class InferenceApp:
     """
 
     def __init__(self, models: Mapping[str, Runtime], *, max_body_bytes: int = 16 << 20,
-                 max_multipart_parts: int = 16, access_log: AccessLog | None = None,
-                 routes: list[Route] | None = None) -> None:
+                 max_multipart_parts: int = 16, max_pending_bytes: int = 256 << 20,
+                 access_log: AccessLog | None = None, routes: list[Route] | None = None) -> None:
         if not models:
             raise ServeError("no models to serve", status=500)
         self.models = dict(models)
         self.max_body_bytes = max_body_bytes
         self.max_multipart_parts = max_multipart_parts
+        # Bodies held by requests in progress, all connections together: without a bound, 512
+        # connections each sending 16 MB held 8 GB (40 held 600 MB, and glibc kept it afterwards).
+        self.max_pending_bytes = max_pending_bytes
+        self.pending_bytes = 0
         self.access_log = access_log if access_log is not None else AccessLog()
         self.metrics = _Metrics(self.models)
         self.parsers = {name: RequestParser(m) for name, m in self.models.items()}
@@ -219,10 +223,12 @@ class InferenceApp:
         path = scope["path"]
         route = None
         model_name = None
+        request = None
         try:
             route, params = self.router.match(method, path)
             model_name = params.get("model")
-            status, headers, body = await route.handler(self, Request(method, path, scope, receive, params))
+            request = Request(method, path, scope, receive, params)
+            status, headers, body = await route.handler(self, request)
         except ServeError as exc:
             status, headers, body = exc.status, _JSON, _error(str(exc))
             if exc.allow is not None:
@@ -232,6 +238,9 @@ class InferenceApp:
         except Exception as exc:  # a bug or an onnxruntime failure: log it, answer without internals
             log.exception("unexpected error serving %s %s", method, path[:200])
             status, headers, body = 500, _JSON, _error(f"internal error ({type(exc).__name__}); see the server log")
+        finally:
+            if request is not None:
+                self.pending_bytes -= request.reserved   # the handler is done with its body
         await send({"type": "http.response.start", "status": status,
                     "headers": headers + [(b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
@@ -343,11 +352,14 @@ class InferenceApp:
                 raise ServeError(f"Content-Length must be an integer, got {declared[:40]!r}")
             if size > limit:
                 raise limit_error(f"request body of {size} bytes", f"{limit} bytes", "--max-body-mb")
+            self._reserve(request, size)   # all of it up front: refused before any of it is read
         receive = request.receive
         message = await receive()
         if message["type"] == "http.disconnect":
             raise _Disconnected
         body = message.get("body", b"")
+        if declared is None:
+            self._reserve(request, len(body))
         if not message.get("more_body", False):
             return body
         chunks = [body]
@@ -360,9 +372,19 @@ class InferenceApp:
             size += len(chunk)
             if size > limit:
                 raise limit_error("request body", f"{limit} bytes", "--max-body-mb")
+            if declared is None:   # chunked: counted as it arrives
+                self._reserve(request, len(chunk))
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+    def _reserve(self, request: Request, size: int) -> None:
+        """Count `size` body bytes against --max-pending-mb (503 past it); _http gives them back."""
+        if self.pending_bytes + size > self.max_pending_bytes:
+            raise limit_error(f"request bodies held at once ({self.pending_bytes} bytes, and {size} more for "
+                              f"this one)", f"{self.max_pending_bytes} bytes", "--max-pending-mb", status=503)
+        self.pending_bytes += size
+        request.reserved += size
 
     async def _run(self, model: Runtime, x: np.ndarray) -> list[np.ndarray]:
         # Decided per request: a batch the model runs in under INLINE_THRESHOLD_MS stays on the
@@ -441,7 +463,8 @@ def create_app(config: ServeConfig, models: Mapping[str, Runtime] | None = None)
         _give_spec(models, config.spec)
     access = config.access_log and config.log_level in ("debug", "info")
     return InferenceApp(models, max_body_bytes=config.max_body_bytes,
-                        max_multipart_parts=config.max_multipart_parts, access_log=AccessLog(enabled=access))
+                        max_multipart_parts=config.max_multipart_parts,
+                        max_pending_bytes=config.max_pending_bytes, access_log=AccessLog(enabled=access))
 
 
 def _give_spec(models: Mapping[str, Runtime], path: str | os.PathLike) -> None:

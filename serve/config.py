@@ -41,6 +41,7 @@ class ServeConfig:
     keep_alive: float = 5.0              # seconds an idle keep-alive connection is kept
     max_connections: int = 512           # open connections; more are answered 503 and closed
     max_multipart_parts: int = 16        # parts of a multipart/form-data upload
+    max_pending_mb: float = 256.0        # request bodies held at once, all connections together
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -58,13 +59,18 @@ class ServeConfig:
         for option, value in [("--max-body-mb", self.max_body_mb), ("--max-header-kb", self.max_header_kb),
                               ("--max-headers", self.max_headers), ("--request-timeout", self.request_timeout),
                               ("--keep-alive", self.keep_alive), ("--max-connections", self.max_connections),
-                              ("--max-multipart-parts", self.max_multipart_parts)]:
+                              ("--max-multipart-parts", self.max_multipart_parts),
+                              ("--max-pending-mb", self.max_pending_mb)]:
             if not value > 0:   # also refuses NaN
                 raise ServeError(f"{option} must be positive, got {value}")
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * (1 << 20))
+
+    @property
+    def max_pending_bytes(self) -> int:
+        return int(self.max_pending_mb * (1 << 20))
 
     @property
     def max_header_bytes(self) -> int:
@@ -105,6 +111,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help="open connections at once; more are answered 503 and closed (and logged)")
     limits.add_argument("--max-multipart-parts", type=int, default=16,
                         help="parts in a multipart/form-data image upload (413 beyond)")
+    limits.add_argument("--max-pending-mb", type=float, default=256.0,
+                        help="request bodies held in memory at once, all connections together: a body that "
+                             "would pass this is answered 503 (each may be up to --max-body-mb)")
 
 
 def from_args(args: argparse.Namespace) -> ServeConfig:

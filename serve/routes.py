@@ -58,7 +58,7 @@ class Route:
 class Request:
     """What a handler gets: the ASGI scope and receive, and the path's parameters."""
 
-    __slots__ = ("method", "path", "scope", "receive", "params", "model")
+    __slots__ = ("method", "path", "scope", "receive", "params", "model", "reserved")
 
     def __init__(self, method: str, path: str, scope: Scope, receive: Receive, params: Mapping[str, str]) -> None:
         self.method = method
@@ -67,6 +67,7 @@ class Request:
         self.receive = receive
         self.params = params
         self.model: str | None = params.get("model")
+        self.reserved = 0   # body bytes counted against the app's pending-body budget
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.scope["headers"]:

@@ -30,7 +30,7 @@ httpx = pytest.importorskip("httpx")
 triton_http = pytest.importorskip("tritonclient.http")
 
 LIMITS = ["--max-body-mb", "8", "--max-header-kb", "16", "--max-headers", "50", "--request-timeout", "1",
-          "--max-connections", "24", "--max-multipart-parts", "16"]
+          "--max-connections", "24", "--max-multipart-parts", "16", "--max-pending-mb", "20"]
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +287,29 @@ def test_long_unknown_names_are_echoed_cut_short(url: str) -> None:
         message = _refused(client.get("/v2/models/" + "n" * 10_000), 404, "unknown model 'nnn")
         assert len(message) < 400, len(message)
         assert len(_refused(client.get("/v2/models/tiny/versions/" + "9" * 10_000), 404, "unknown version")) < 400
+
+
+def test_bodies_held_at_once_are_bounded_by_max_pending_mb(url: str, served) -> None:
+    """Three 7 MB bodies arriving together: two fit the 20 MB budget, the third is a 503 before it is read."""
+    head = b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (7 << 20)
+    socks = [socket.create_connection(_address(url), timeout=10) for _ in range(3)]
+    try:
+        for sock in socks[:2]:
+            sock.sendall(head + b" " * (1 << 20))      # bodies under way, not complete
+        time.sleep(0.3)
+        with HealthProbe(url):
+            answer = _raw(url, head + b"[", timeout=5)
+        assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+        message = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+        assert "request bodies held at once" in message and "--max-pending-mb" in message, message
+    finally:
+        for sock in socks:
+            sock.close()
+    time.sleep(0.3)   # the server saw the two leave: their bytes are given back
+    with httpx.Client(base_url=url, timeout=10) as client:
+        content, headers = _binary(_digits(8, batch=2))
+        assert client.post("/v2/models/tiny/infer", content=content + b" " * (7 << 20),
+                           headers=headers).status_code == 400   # read in full (a 7 MB body), then refused
 
 
 def test_too_many_header_fields_are_refused_with_431(url: str) -> None:
