@@ -168,9 +168,9 @@ if HttpToolsProtocol is not None:
                 if isinstance(exc.__context__, _Refusal):
                     self._refuse(exc.__context__.status, exc.__context__.message)
                 else:
-                    msg = "Invalid HTTP request received."
-                    self.logger.warning(msg)
-                    self.send_400_response(msg)
+                    # uvicorn logs a warning per malformed request (a client sending garbage in a loop
+                    # wrote a log line per request) and answers in plain text: rate-limited and JSON.
+                    self._refuse(400, f"malformed HTTP request: {str(exc)[:100]}")
                 return
             if self._in_head:
                 # Count what httptools buffers for a head still incomplete, so a 64 MB header line

@@ -312,6 +312,21 @@ def test_bodies_held_at_once_are_bounded_by_max_pending_mb(url: str, served) -> 
                            headers=headers).status_code == 400   # read in full (a 7 MB body), then refused
 
 
+def test_malformed_requests_are_json_400s_logged_at_most_once_a_second(url: str, served) -> None:
+    lines_before = served[2].read_text(errors="replace").count("malformed HTTP request")
+    for _ in range(200):
+        answer = _raw(url, b"\x16\x03 garbage\r\n\r\n", timeout=5)
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    message = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    assert message.startswith("malformed HTTP request"), message
+    answer = _raw(url, b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1x\r\n\r\n", timeout=5)
+    assert answer.startswith(b"HTTP/1.1 400") and b"Content-Length" in answer, answer[:300]
+    time.sleep(0.2)
+    log = served[2].read_text(errors="replace")
+    assert log.count("malformed HTTP request") - lines_before <= 5     # was one line per request
+    assert "Invalid HTTP request received" not in log
+
+
 def test_too_many_header_fields_are_refused_with_431(url: str) -> None:
     headers = b"".join(b"X-%d: y\r\n" % i for i in range(60))
     answer = _raw(url, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
