@@ -11,6 +11,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,9 +180,34 @@ def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> tor
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     if config.schedule == "step":
-        milestones = sorted({max(1, config.epochs // 2), max(1, (3 * config.epochs) // 4)})
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=_milestones(config.epochs), gamma=0.1)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+def _milestones(epochs: int) -> list[int]:
+    """The step schedule's x0.1 epochs: half and three quarters of the way."""
+    return sorted({max(1, epochs // 2), max(1, (3 * epochs) // 4)})
+
+
+def _restretch_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    """Fit a resumed schedule to a new --epochs: the rate is what the new schedule has at this epoch.
+
+    torch's cosine and step schedulers compute each rate from the previous one, so changing
+    T_max or the milestones alone would carry on from the old curve (a finished cosine run sits
+    at 0 and would stay there for every added epoch).
+    """
+    done = scheduler.last_epoch
+    if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+        scheduler.T_max = config.epochs
+        factor = (1 + math.cos(math.pi * done / config.epochs)) / 2
+    elif isinstance(scheduler, torch.optim.lr_scheduler.MultiStepLR):
+        milestones = _milestones(config.epochs)
+        scheduler.milestones = Counter(milestones)
+        factor = 0.1 ** sum(done >= m for m in milestones)
+    else:
+        return
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * factor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,8 +363,8 @@ def _resume(config: TrainConfig, out: Path, model: nn.Module, spec: ModelSpec,
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     restore_rng(payload["rng"])
-    if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
-        scheduler.T_max = config.epochs  # --epochs may have grown since: anneal to the new end
+    if payload.get("config", {}).get("epochs", config.epochs) != config.epochs:
+        _restretch_schedule(config, optimizer, scheduler)  # --epochs has grown: anneal to the new end
     history = list(payload.get("history", []))
     metric = f"test_{_Task(spec.task).metric}"
     best = max((r[metric] for r in history), default=-math.inf)
@@ -492,4 +518,4 @@ def train_summary(result: TrainResult) -> str:
     return (f"final epoch {result.final['epoch']}: {metric} {result.final[metric]:.4f}\n"
             f"best  epoch {best['epoch']}: {metric} {best[metric]:.4f} -> {result.best}\n"
             f"last checkpoint -> {result.last}\n"
-            f"training time {seconds:.1f}s over {len(result.history)} epoch(s) this run")
+            f"training time {seconds:.1f}s over {len(result.history)} epoch(s)")

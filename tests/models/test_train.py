@@ -66,6 +66,19 @@ def test_resume_continues_exactly(tmp_path):
     assert len(lines) == 2
 
 
+@pytest.mark.parametrize("schedule, epochs", [("cosine", 3), ("step", 4)])
+def test_resume_with_more_epochs_follows_the_longer_schedule(tmp_path, schedule, epochs):
+    """A finished 1-epoch run resumed to more epochs (what "nothing to do: raise --epochs" asks for)
+    gets the rates of a run planned that long from the start, not the old schedule's end (cosine: 0)."""
+    straight = models.train(tiny(tmp_path / "straight", epochs=epochs, schedule=schedule))
+    models.train(tiny(tmp_path / "split", epochs=1, schedule=schedule))
+    resumed = models.train(tiny(tmp_path / "split", epochs=epochs, schedule=schedule, resume=True))
+    planned = [r["lr"] for r in straight.history]
+    got = [r["lr"] for r in resumed.history]
+    assert got == pytest.approx(planned, rel=1e-12, abs=1e-15)
+    assert all(lr > 0 for lr in got)
+
+
 def test_resume_refusals(tmp_path):
     with pytest.raises(TrainingError, match="last.pt"):
         models.train(tiny(tmp_path / "none", resume=True))
