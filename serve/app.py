@@ -482,6 +482,13 @@ def _give_spec(models: Mapping[str, Runtime], path: str | os.PathLike) -> None:
     if len(expected) != len(spec.input_shape) or any(e not in (-1, g) for e, g in zip(expected, spec.input_shape)):
         raise ServeError(f"--spec {str(path)!r} says input_shape {spec.input_shape}, but model "
                          f"{runtime.name!r} takes {runtime.inputs[0].shape} (batch first)", status=500)
+    # A label list of the wrong length would silently name the wrong classes (or drop some), as
+    # `export --labels` and `fold-onnx --labels` refuse it too.
+    scores = runtime.outputs[0].shape if runtime.outputs else []
+    if (spec.task == "classification" and spec.labels and len(scores) == 2 and scores[1] > 0
+            and len(spec.labels) != scores[1]):
+        raise ServeError(f"--spec {str(path)!r} names {len(spec.labels)} labels, but model {runtime.name!r} "
+                         f"outputs {scores[1]} scores (output {runtime.outputs[0].name!r}, shape {scores})", status=500)
     runtime.spec = spec  # type: ignore[misc]
 
 

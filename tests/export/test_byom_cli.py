@@ -166,6 +166,15 @@ def test_onnx_from_elsewhere_gets_a_spec_and_predictions_answer_its_labels(tmp_p
     assert body["predictions"][0]["label"] in ["N", "E", "S", "W"]
 
 
+def test_serve_spec_with_the_wrong_number_of_labels_is_refused(tmp_path, capsys, randomize_bn):
+    """It used to start and name the model's 4 classes with 2 labels (top_k=4 answered 2 of them)."""
+    src = _foreign_onnx(tmp_path / "foreign.onnx", randomize_bn)
+    (tmp_path / "spec.json").write_text(json.dumps({"labels": ["N", "S"], "input_shape": [1, 28, 28]}))
+    assert main(["serve", str(src), "--spec", str(tmp_path / "spec.json"), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "names 2 labels, but model 'foreign' outputs 4 scores" in err and "Traceback" not in err
+
+
 def test_export_paper_cuts(tmp_path, capsys, untrained_lenet_checkpoint):
     err = lambda: capsys.readouterr().err  # noqa: E731
     assert main(["export", str(untrained_lenet_checkpoint.parent), "--out", str(tmp_path / "x")]) == 2
