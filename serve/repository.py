@@ -34,6 +34,9 @@ def _start_error(path: Path, message: str) -> ServeError:
 # config.pbtxt: protobuf text format, read into {field: [values]} (every field may repeat).
 
 
+_MAX_PBTXT_DEPTH = 32
+
+
 def parse_pbtxt(text: str, path: Path) -> dict[str, list[Any]]:
     """A protobuf text-format message as nested dicts of lists; `ServeError` naming the first problem."""
     tokens: list[tuple[str, str, int]] = []
@@ -47,6 +50,15 @@ def parse_pbtxt(text: str, path: Path) -> dict[str, list[Any]]:
         if kind is not None:
             tokens.append((kind, match.group(kind), text.count("\n", 0, pos) + 1))
         pos = match.end()
+    # The parser below recurses per level; a file of 5,000 nested `a {` was a RecursionError and
+    # a traceback at start-up. Triton's configs nest a handful of levels.
+    level = 0
+    for kind, tok, line in tokens:
+        level += tok in ("{", "<", "[")
+        level -= tok in ("}", ">", "]")
+        if level > _MAX_PBTXT_DEPTH:
+            raise _start_error(path, f"line {line}: messages and lists nested more than {_MAX_PBTXT_DEPTH} deep "
+                                     f"(not a valid config.pbtxt)")
     index = 0
 
     def fail(message: str) -> ServeError:

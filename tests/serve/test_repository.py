@@ -77,6 +77,7 @@ def test_config_max_batch_size_is_the_limit_on_the_real_server(repo: Path) -> No
     (CONFIG.format(name="tiny", batch=4, dtype="TYPE_FP32").replace('name: "input"', 'name: "image"'),
      "input 'image' is not in the ONNX file"),
     ('platform: "tensorrt_plan"', "this service runs ONNX files"),
+    ("a {" * 5000 + "}" * 5000, "nested more than 32 deep"),   # was a RecursionError traceback
 ])
 def test_a_config_pbtxt_that_disagrees_is_a_startup_error(repo: Path, text: str, words: str) -> None:
     (repo / "tiny" / "config.pbtxt").write_text(text)
