@@ -181,7 +181,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     report = evaluate_artifacts(args.artifacts, checkpoint=args.checkpoint, dataset=args.dataset,
                                 data_root=args.data_root, batch_size=args.batch_size, threads=args.threads,
-                                trust_pickle=args.trust_pickle)
+                                trust_pickle=args.trust_pickle, model_class=args.model_class,
+                                model_args=args.model_args, weights=args.weights)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return 0
 
@@ -393,8 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default="data", help="folder holding torchvision datasets")
     p.add_argument("--batch-size", type=int, default=64, help="inputs per run (the figure does not depend on it)")
     p.add_argument("--threads", type=int, default=None, help="torch / onnxruntime threads (default torch's)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow unpickling a whole saved module (bnfold fold --out); it runs code from the file")
+    _add_model_options(p, input_shape=False)  # a state_dict (--model-class), a pickled module, torchvision:NAME
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
 
     p = _add(sub, "serve", _cmd_serve, "serve ONNX models over the Open Inference Protocol v2 (HTTP)")

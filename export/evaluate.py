@@ -171,10 +171,12 @@ def _module_dtype(module: torch.nn.Module) -> str:
 _KIND_NAMES = {"pickle": "module", "state_dict": "module"}
 
 
-def load_artifact(path: str | os.PathLike, threads: int | None = None, *,
-                  trust_pickle: bool = False) -> LoadedArtifact:
+def load_artifact(path: str | os.PathLike, threads: int | None = None, *, trust_pickle: bool = False,
+                  model_class: str | None = None, model_args: str | None = None,
+                  weights: str | os.PathLike | None = None) -> LoadedArtifact:
     """Open any artifact bnfold writes as a runner; its kind is detected from the file's bytes
-    (`models.loader`). A pickled module (`bnfold fold --out`) is unpickled only with `trust_pickle`."""
+    (`models.loader`). A pickled module (`bnfold fold --out`) is unpickled only with `trust_pickle`;
+    a state_dict needs `model_class` (and `model_args`), torchvision:NAME / timm:NAME take `weights`."""
     from bnfold.models.loader import detect_kind, load_model
 
     path = Path(path)
@@ -188,7 +190,8 @@ def load_artifact(path: str | os.PathLike, threads: int | None = None, *,
             spec = None
         return LoadedArtifact(path, "onnx", onnx_weights_dtype(proto),
                               session_runner(onnx_session(path, threads)), spec)
-    loaded = load_model(path, trust_pickle=trust_pickle)
+    loaded = load_model(path, trust_pickle=trust_pickle, model_class=model_class, model_args=model_args,
+                        weights=weights)
     module = loaded.module
     if module is None:  # pragma: no cover - the loader gives a module for every non-ONNX kind
         raise EvaluationError(f"{str(path)!r}: nothing to run")
@@ -198,6 +201,14 @@ def load_artifact(path: str | os.PathLike, threads: int | None = None, *,
         module = module.float()
     return LoadedArtifact(path, _KIND_NAMES.get(loaded.kind, loaded.kind), dtype, module_runner(module),
                           loaded.spec)
+
+
+def _size(path: str | os.PathLike, weights: str | os.PathLike | None) -> int:
+    """The artifact's bytes on disk; for torchvision:NAME / timm:NAME, which is no file, its --weights file's."""
+    for candidate in (path, weights):
+        if candidate is not None and Path(candidate).is_file():
+            return Path(candidate).stat().st_size
+    return 0
 
 
 def spec_beside(path: Path) -> ModelSpec | None:
@@ -294,12 +305,16 @@ def _resolve_spec(loaded: LoadedArtifact, given: ModelSpec | None, dataset: str 
 def evaluate_artifacts(paths: Sequence[str | os.PathLike], *, checkpoint: str | os.PathLike | None = None,
                        dataset: str | None = None, data_root: str | os.PathLike = "data",
                        batch_size: int = EVAL_BATCH, threads: int | None = None,
-                       trust_pickle: bool = False) -> EvaluationReport:
+                       trust_pickle: bool = False, model_class: str | None = None,
+                       model_args: str | None = None, weights: str | os.PathLike | None = None
+                       ) -> EvaluationReport:
     """Evaluate every artifact on the whole eval split of its dataset, in the order given.
 
     `checkpoint` supplies the spec for artifacts that carry none (and overrides theirs);
     `dataset` evaluates on another dataset than the spec's (same preprocessing and labels);
-    `trust_pickle` allows unpickling a whole saved module (it runs code from the file).
+    `trust_pickle` allows unpickling a whole saved module (it runs code from the file);
+    `model_class`, `model_args` and `weights` are `models.load_model`'s, for state_dicts and
+    torchvision:NAME / timm:NAME artifacts.
     The eval split is loaded once per distinct (dataset, preprocessing).
     """
     from bnfold import models
@@ -316,7 +331,8 @@ def evaluate_artifacts(paths: Sequence[str | os.PathLike], *, checkpoint: str | 
     splits: dict[str, EvalSplit] = {}
     report = EvaluationReport()
     for path in paths:
-        loaded = load_artifact(path, threads, trust_pickle=trust_pickle)
+        loaded = load_artifact(path, threads, trust_pickle=trust_pickle, model_class=model_class,
+                               model_args=model_args, weights=weights)
         spec, source = _resolve_spec(loaded, given, dataset)
         key = json.dumps([spec.dataset, spec.task, spec.input_shape, dataclasses.asdict(spec.preprocess)],
                          sort_keys=True)
@@ -338,7 +354,7 @@ def evaluate_artifacts(paths: Sequence[str | os.PathLike], *, checkpoint: str | 
         report.rows.append(Evaluation(
             artifact=Path(path), kind=loaded.kind, dtype=loaded.dtype, metric=metric,
             value=score(spec.task, outputs, split.targets), samples=split.samples, dataset=spec.dataset,
-            size_bytes=Path(path).stat().st_size, seconds=time.perf_counter() - start, spec_source=source,
+            size_bytes=_size(path, weights), seconds=time.perf_counter() - start, spec_source=source,
             logged=float(logged) if logged is not None else None))
     return report
 

@@ -120,3 +120,29 @@ def test_a_folded_module_is_scored_with_its_checkpoints_spec(trained: Path, tmp_
     checkpoint_row, folded_row = report.rows
     assert folded_row.kind == "module" and folded_row.spec_source == "--checkpoint"
     assert abs(folded_row.value - checkpoint_row.value) <= 1 / 360 + 1e-12
+
+
+def test_a_state_dict_with_model_class_and_a_timm_name_are_evaluated(trained: Path, tmp_path: Path,
+                                                                     capfd: pytest.CaptureFixture) -> None:
+    """The loader asks a state_dict for --model-class, which evaluate lacked; timm:NAME (no file) crashed
+    with a traceback on the table's file size."""
+    import torch
+
+    model, spec = models.load_checkpoint(trained)
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    assert main(["evaluate", str(tmp_path / "weights.pt")]) == 2
+    assert "pass --model-class" in capfd.readouterr().err
+    code = main(["evaluate", str(tmp_path / "weights.pt"), "--model-class", "bnfold.models.lenet:LeNet",
+                 "--model-args", json.dumps(spec.arch_kwargs), "--checkpoint", str(trained), "--json"])
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    row = json.loads(out)["results"][0]
+    assert row["value"] == pytest.approx(evaluate_artifacts([trained]).rows[0].value, abs=1e-12)
+    assert row["size_bytes"] == (tmp_path / "weights.pt").stat().st_size
+
+    code = main(["evaluate", "timm:resnet18", "--model-args", '{"in_chans": 1, "num_classes": 10}',
+                 "--checkpoint", str(trained), "--json"])
+    out, err = capfd.readouterr()
+    assert code == 0 and "Traceback" not in err, err
+    row = json.loads(out)["results"][0]
+    assert row["samples"] == 360 and 0.0 <= row["value"] <= 1.0 and row["size_bytes"] == 0
