@@ -347,9 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     _add_spec_options(p)
     p.add_argument("--format", type=_csv, default=None,
-                   help="comma-separated: onnx, torchscript, program (or pt2, ts), int8; default the first "
-                        "three, onnx alone for an ONNX file. int8 writes model.int8.onnx, calibrated on the "
-                        "training split and written only if it passes the accuracy gate")
+                   help="comma-separated: onnx, torchscript, program (or pt2, ts), fp16, int8; default the "
+                        "first three, onnx alone for an ONNX file. fp16 writes model.fp16.onnx "
+                        "(float16 weights, float32 inputs and outputs); int8 writes model.int8.onnx, calibrated "
+                        "on the training split and written only if it passes the accuracy gate")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-fold", action="store_true", help="export without folding BatchNorm first")
     p.add_argument("--opset", type=int, default=None,
