@@ -379,10 +379,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--torchvision-all", action="store_true", help="every torchvision model")
     parser.add_argument("--timm-families", action="store_true", help="one timm model per family (the smallest)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random weights and BatchNorm statistics (default 0)")
     parser.add_argument("--max-params", type=float, default=150.0,
                         help="skip models with more parameters than this, in millions (default 150)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     models = [m for m in (args.models or "").split(",") if m]
     if args.torchvision_all:
