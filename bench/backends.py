@@ -44,6 +44,8 @@ class BackendContext:
     inputs: dict[int, np.ndarray]
     _folded: nn.Module | None = None
     _fold_error: str | None = None
+    # Why nothing can be folded or exported from this model (a TorchScript module): a skipped row.
+    unavailable: str | None = None
 
     def prepare_folded(self) -> None:
         """Fold once, outside inference mode (parameters made under it cannot be copied freely)."""
@@ -61,6 +63,8 @@ class BackendContext:
 
     def artifact(self, kind: str) -> Path:
         if kind not in self.artifacts:
+            if self.unavailable is not None:
+                raise Unavailable(self.unavailable)
             raise RuntimeError(self.artifact_errors.get(kind, f"no {kind} file was exported"))
         return self.artifacts[kind]
 

@@ -216,6 +216,13 @@ def _progress(total: float, desc: str, enabled: bool) -> Any:
                 bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s")
 
 
+# What a TorchScript file can run: bnfold.fold and the exporters need the eager module.
+_SCRIPT_ROWS = ("eager", "torchscript")
+_SCRIPT_ONLY = ("the model is a TorchScript module: bnfold cannot fold or export it, so only the eager and "
+                "torchscript rows run it; for every row give the eager model (a checkpoint, or a state_dict "
+                "with --model-class)")
+
+
 def _build_calls(ctx: BackendContext, devices: Sequence[str], backends: Sequence[str], batch_size: int,
                  warmup_s: float, progress: bool) -> tuple[list[TimedCall], list[BenchRow]]:
     """Build and warm up every (backend, device) at one batch size; failures become rows at once."""
@@ -231,6 +238,8 @@ def _build_calls(ctx: BackendContext, devices: Sequence[str], backends: Sequence
         try:
             if ctx.model is None and backend.needs != "onnx":
                 raise Unavailable("the model is an ONNX file: only the onnxruntime and HTTP rows can run it")
+            if ctx.unavailable is not None and name not in _SCRIPT_ROWS:
+                raise Unavailable(ctx.unavailable)
             timed = TimedCall(row, backend.build(ctx, device, batch_size))  # type: ignore[misc]
             warm_up(timed, warmup_s)
             calls.append(timed)
@@ -280,15 +289,19 @@ def run_bench(config: BenchConfig) -> BenchResult:
         own = {"onnx": loaded.onnx_path, "torchscript": Path(loaded.source),
                "program": Path(loaded.source)}.get(loaded.kind)
         own_kind = {"onnx": "onnx", "torchscript": "torchscript", "program": "program"}.get(loaded.kind)
+        script = isinstance(model, torch.jit.ScriptModule)
         if model is None:  # an ONNX file: nothing else can be made from it
             artifacts, errors = {"onnx": loaded.onnx_path}, {}
+        elif script:  # nor from a TorchScript module but itself
+            artifacts, errors = {"torchscript": Path(loaded.source)}, {}
         else:
             artifacts, errors = _prepare_artifacts(model, spec or _export_spec(loaded), kinds - {own_kind},
                                                    Path(tmp), export_dir, config.checkpoint)
             if own_kind is not None and own is not None:
                 artifacts[own_kind] = own
-        ctx = BackendContext(model, spec, threads, artifacts, errors, inputs)
-        if "folded" in backends and model is not None:
+        ctx = BackendContext(model, spec, threads, artifacts, errors, inputs,
+                             unavailable=_SCRIPT_ONLY if script else None)
+        if "folded" in backends and model is not None and not script:
             ctx.prepare_folded()
         for batch_size in batch_sizes:
             with torch.inference_mode():

@@ -60,6 +60,22 @@ def test_an_onnx_file_benches_without_a_checkpoint(tmp_path, tiny_onnx, capsys):
     assert report["environment"]["input_shape"] == [1, 28, 28]
 
 
+def test_a_torchscript_file_runs_eager_and_torchscript_and_skips_the_rest_saying_why(tmp_path, capsys):
+    """The folded, export and HTTP rows were "failed" with a nested RuntimeError/BnfoldError each."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten()).eval()
+    torch.jit.save(torch.jit.trace(model, torch.randn(1, 3, 8, 8)), str(tmp_path / "net.ts"))
+    code = main(["bench", str(tmp_path / "net.ts"), "--input-shape", "1,3,8,8", "--device", "cpu",
+                 "--backends", "eager,folded,torchscript,program,ort,http", "--batch-sizes", "1",
+                 "--seconds", "0.05", "--min-iterations", "10", "--out", str(tmp_path / "bench")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    rows = {r["backend"]: r for r in json.loads((tmp_path / "bench" / "report.json").read_text())["results"]}
+    assert rows["eager"]["status"] == rows["torchscript"]["status"] == "ok"
+    for name in ("folded", "program", "ort", "http", "http-8conn"):
+        assert rows[name]["status"] == "skipped", rows[name]
+        assert rows[name]["reason"].startswith("the model is a TorchScript module: bnfold cannot fold or export")
+
+
 def test_noisy_rows_and_busy_machines_are_flagged_not_reported_as_results():
     rows = [BenchRow("eager", "cpu", 1, p50_ms=1.0, p90_ms=1.2, iterations=200),
             BenchRow("folded", "cpu", 1, p50_ms=1.0, p90_ms=100.0, iterations=200),
