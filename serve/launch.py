@@ -6,6 +6,7 @@ The subprocess is `python -m bnfold.serve` (this package's own entry, the same o
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import http.client
 import logging
 import os
@@ -42,6 +43,21 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _give_large_buffers_back() -> None:
+    """glibc only: every allocation over 1 MB is its own mapping, unmapped when freed.
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MB), after which
+    request bodies and decoded images come from the heap and stay there: probed, 12 uploads of a
+    40-megapixel PNG left the server at 480 MB (from 83), 40 bodies of 15 MB at 649 MB. With the
+    threshold fixed, RSS went back to 88 MB. The hot path allocates nothing this large.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD (a fixed value also stops the dynamic raise)
+    except (OSError, AttributeError):   # not glibc (musl, macOS): nothing to do
+        pass
+
+
 def serve(config: ServeConfig) -> int:
     """Load the model(s), then serve until SIGTERM/SIGINT; in-flight requests finish first.
 
@@ -57,6 +73,7 @@ def serve(config: ServeConfig) -> int:
 
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    _give_large_buffers_back()
     app = create_app(config)
     sock = _bind(config.host, config.port)
     limits = ConnectionLimits(max_header_bytes=config.max_header_bytes, max_headers=config.max_headers,

@@ -233,6 +233,24 @@ def test_only_raster_formats_are_opened(url: str) -> None:
             assert client.post("/predictions/tiny", content=buffer.getvalue()).status_code == 200, fmt
 
 
+def test_memory_of_large_uploads_goes_back_after_them(url: str, served) -> None:
+    """Decoded 25-megapixel images (100 MB each as RGBA) are freed to the OS, not kept by glibc.
+
+    Two rounds: glibc raised its mmap threshold after the first, and kept ~420 MB from the second.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    buffer = io.BytesIO()
+    Image.new("RGBA", (5000, 5000), (1, 2, 3, 4)).save(buffer, "PNG")
+    before = _rss_mb(served[1])
+    with httpx.Client(base_url=url, timeout=30) as client, ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(lambda _: client.post("/predictions/tiny", content=buffer.getvalue()).status_code,
+                              range(12)))
+    assert codes == [200] * 12
+    time.sleep(0.3)
+    assert _rss_mb(served[1]) - before < 64, (before, _rss_mb(served[1]))
+
+
 # ------------------------------------------------------------------------------- headers and connections
 
 
