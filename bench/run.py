@@ -169,7 +169,11 @@ def _prepare_artifacts(model: Any, spec: Any, kinds: set[str], work_dir: Path, e
             writer.write(copy.deepcopy(model), spec, path, ExportConfig(checkpoint, work_dir), None)
             found[kind] = path
         except Exception as exc:  # noqa: BLE001 - the rows that need the file report why it is missing
-            errors[kind] = f"exporting {writer.file_name} failed: {first_line(exc, with_type=True, limit=400)}"
+            reason = first_line(exc, with_type=True, limit=400)
+            # The exporter's hint names an export option; bench takes the exported folder instead.
+            reason = reason.replace("try --static-batch", f"export it with `bnfold export {checkpoint} "
+                                    "--static-batch --out DIR` and bench with --export-dir DIR")
+            errors[kind] = f"exporting {writer.file_name} failed: {reason}"
     return found, errors
 
 

@@ -96,3 +96,23 @@ def test_latency_axis_turns_logarithmic_when_the_spread_is_wide():
     close = [BenchRow("eager", "cpu", 1, p50_ms=1.0, p90_ms=1.3), BenchRow("ort", "cpu", 1, p50_ms=0.4, p90_ms=0.5)]
     wide = [BenchRow("eager", "cpu", 1, p50_ms=1.0, p90_ms=100.0), BenchRow("ort", "cpu", 1, p50_ms=0.4, p90_ms=0.5)]
     assert latency_scale(close) == "linear" and latency_scale(wide) == "log"
+
+
+def test_a_fixed_batch_program_is_told_to_export_with_static_batch_and_reuse_the_folder(tmp_path, capsys):
+    """The exporter's hint said "try --static-batch", an option bench does not have."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten()).eval()
+    torch.export.save(torch.export.export(model, (torch.randn(1, 3, 8, 8),)), str(tmp_path / "net.pt2"))
+    common = ["--device", "cpu", "--backends", "eager,ort", "--batch-sizes", "1", "--seconds", "0.05",
+              "--min-iterations", "10"]
+    assert main(["bench", str(tmp_path / "net.pt2"), *common, "--out", str(tmp_path / "b1")]) == 0
+    rows = {r["backend"]: r for r in json.loads((tmp_path / "b1" / "report.json").read_text())["results"]}
+    assert rows["ort"]["status"] == "failed"
+    assert "--static-batch --out DIR` and bench with --export-dir DIR" in rows["ort"]["reason"]
+    # Doing what it says works.
+    assert main(["export", str(tmp_path / "net.pt2"), "--static-batch", "--format", "onnx",
+                 "--out", str(tmp_path / "x"), "--no-progress"]) == 0
+    assert main(["bench", str(tmp_path / "net.pt2"), *common, "--export-dir", str(tmp_path / "x"),
+                 "--out", str(tmp_path / "b2")]) == 0
+    capsys.readouterr()
+    rows = {r["backend"]: r for r in json.loads((tmp_path / "b2" / "report.json").read_text())["results"]}
+    assert rows["ort"]["status"] == "ok"
