@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bnfold.errors import BnfoldError, first_line
-from bnfold.bench.backends import (BACKENDS, DEFAULT_BACKENDS, DEVICES, BackendContext, Unavailable, expand,
-                                   requestable)
+from bnfold.bench.backends import (BACKENDS, DEFAULT_BACKENDS, DEVICES, BackendContext, Unavailable,
+                                   check_cuda_torch, expand, requestable)
 from bnfold.bench.environment import available_cpus, collect_environment
 from bnfold.bench.timing import FAILED, SKIPPED, BenchRow, TimedCall, measure_interleaved, warm_up
 
@@ -252,6 +252,19 @@ def _build_calls(ctx: BackendContext, devices: Sequence[str], backends: Sequence
         except Exception as exc:  # noqa: BLE001 - one broken backend must not sink the others
             row.status, row.reason = FAILED, first_line(exc, with_type=True, limit=400)
     return calls, rows
+
+
+def require_some_device(devices: Sequence[str]) -> None:
+    """`bnfold bench --device cuda` alone, without CUDA, would measure nothing: refuse, as train and serve do.
+
+    With cpu,cuda the CUDA rows are reported as skipped instead (what `bnfold pipeline` relies on).
+    """
+    if list(dict.fromkeys(devices)) == ["cuda"]:
+        try:
+            check_cuda_torch("cuda")
+        except Unavailable as exc:
+            raise BenchError(f"--device cuda asked for, but {exc}; use --device cpu, or --device cpu,cuda "
+                             "to report the CUDA rows as skipped") from None
 
 
 def run_bench(config: BenchConfig) -> BenchResult:

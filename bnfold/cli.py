@@ -222,8 +222,9 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from bnfold.bench.report import summary_lines, write_report
-    from bnfold.bench.run import BenchConfig, run_bench
+    from bnfold.bench.run import BenchConfig, require_some_device, run_bench
 
+    require_some_device(args.device)
     config = BenchConfig(args.checkpoint, devices=args.device, backends=args.backends,
                          batch_sizes=args.batch_sizes, threads=args.threads, seconds=args.seconds,
                          export_dir=args.export_dir, min_iterations=args.min_iterations,

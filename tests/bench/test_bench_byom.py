@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import textwrap
 
+import pytest
 import torch
 
 from bnfold.bench.report import latency_scale, summary_lines
@@ -116,3 +117,12 @@ def test_a_fixed_batch_program_is_told_to_export_with_static_batch_and_reuse_the
     capsys.readouterr()
     rows = {r["backend"]: r for r in json.loads((tmp_path / "b2" / "report.json").read_text())["results"]}
     assert rows["ort"]["status"] == "ok"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_only_cuda_asked_for_on_a_machine_without_it_is_refused(tmp_path, capsys):
+    """It used to write a report whose every row was skipped, and exit 0."""
+    assert main(["bench", "no-such-model.pt", "--device", "cuda", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda asked for, but CUDA is not available" in err and "--device cpu,cuda" in err
+    assert not (tmp_path / "b").exists()
