@@ -124,7 +124,7 @@ def _check_json_budget(model: Runtime, raw: bytes | memoryview) -> None:
     request has at most one comma per element of its largest batch and one list per row. Models
     with a dynamic dimension besides the batch have no such bound; the body limit applies.
     """
-    data = bytes(raw)
+    data = raw if isinstance(raw, bytes) else bytes(raw)   # a copy only for a binary request's header
     if b"[" * 64 in data:   # 64 brackets in a row is nesting no tensor has; json.loads would say so too
         raise ServeError(_TOO_DEEP)
     shape = model.inputs[0].shape
@@ -190,7 +190,7 @@ def parse_infer(model: Runtime, body: bytes, header_length: int | None) -> Infer
     view = memoryview(body)
     raw = view[:header_length] if header_length is not None else view
     if len(raw) > _UNCHECKED_JSON_BYTES:
-        _check_json_budget(model, raw)
+        _check_json_budget(model, body if header_length is None else raw)
     header = _load_json(raw)
     binary = view[header_length:] if header_length is not None else view[:0]
 
