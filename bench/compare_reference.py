@@ -136,10 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bnfold.bench.compare_reference", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--onnx", required=True, help="the model both services load (LeNet model.onnx)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds over the three targets (default 3)")
     parser.add_argument("--sequential", type=int, default=1000, help="requests per round on one connection")
     parser.add_argument("--concurrent", type=int, default=4000, help="requests per round over --concurrency")
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=8,
+                        help="connections of the throughput part (default 8)")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
     try:
