@@ -41,7 +41,7 @@ class ServeConfig:
     keep_alive: float = 5.0              # seconds an idle keep-alive connection is kept
     max_connections: int = 512           # open connections; more are answered 503 and closed
     max_multipart_parts: int = 16        # parts of a multipart/form-data upload
-    max_pending_mb: float = 256.0        # request bodies held at once, all connections together
+    max_pending_mb: float = 128.0        # request bodies held at once, all connections together
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -111,7 +111,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help="open connections at once; more are answered 503 and closed (and logged)")
     limits.add_argument("--max-multipart-parts", type=int, default=16,
                         help="parts in a multipart/form-data image upload (413 beyond)")
-    limits.add_argument("--max-pending-mb", type=float, default=256.0,
+    limits.add_argument("--max-pending-mb", type=float, default=128.0,
                         help="request bodies held in memory at once, all connections together: a body that "
                              "would pass this is answered 503 (each may be up to --max-body-mb)")
 
