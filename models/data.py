@@ -156,7 +156,10 @@ def _imagefolder_dirs(dataset: str) -> tuple[Path, Path | None]:
     """PATH/train + PATH/val (or test) when present, else PATH itself (split 80/20 later)."""
     path = Path(dataset.split(":", 1)[1]).expanduser()
     if not path.is_dir():
-        raise DatasetError(f"image folder {str(path)!r} does not exist; expected PATH/<class name>/*.png|jpg "
+        # A checkpoint keeps the path `bnfold train` was given: export/evaluate run from another
+        # folder look for it there, so say where a relative path was looked for.
+        where = "" if path.is_absolute() else f" (relative to the current folder, {str(Path.cwd())!r})"
+        raise DatasetError(f"image folder {str(path)!r} does not exist{where}; expected PATH/<class name>/*.png|jpg "
                            f"(or PATH/train/<class>/ and PATH/val/<class>/)")
     train = path / "train"
     if train.is_dir():

@@ -156,6 +156,15 @@ def test_imagefolder_missing_path_is_a_clear_error(tmp_path):
         models.build_for_dataset("resnet20", f"imagefolder:{tmp_path / 'one'}")
 
 
+def test_imagefolder_relative_path_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    """A checkpoint keeps train's relative imagefolder:PATH; export/evaluate from another folder miss it."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(models.DatasetError) as info:
+        models.build_for_dataset("resnet20", "imagefolder:pictures")
+    assert f"image folder 'pictures' does not exist (relative to the current folder, {str(tmp_path)!r})" \
+        in str(info.value)
+
+
 def test_unet_refuses_other_datasets_and_odd_sizes():
     with pytest.raises(BnfoldError, match="digits"):
         models.build_for_dataset("unet", "cifar10")
