@@ -172,7 +172,7 @@ def _prepare_artifacts(model: Any, spec: Any, kinds: set[str], work_dir: Path, e
             reason = first_line(exc, with_type=True, limit=400)
             # The exporter's hint names an export option; bench takes the exported folder instead.
             reason = reason.replace("try --static-batch", f"export it with `bnfold export {checkpoint} "
-                                    "--static-batch --out DIR` and bench with --export-dir DIR")
+                                    f"--format {kind} --static-batch --out DIR` and bench with --export-dir DIR")
             errors[kind] = f"exporting {writer.file_name} failed: {reason}"
     return found, errors
 

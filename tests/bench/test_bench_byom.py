@@ -108,7 +108,7 @@ def test_a_fixed_batch_program_is_told_to_export_with_static_batch_and_reuse_the
     assert main(["bench", str(tmp_path / "net.pt2"), *common, "--out", str(tmp_path / "b1")]) == 0
     rows = {r["backend"]: r for r in json.loads((tmp_path / "b1" / "report.json").read_text())["results"]}
     assert rows["ort"]["status"] == "failed"
-    assert "--static-batch --out DIR` and bench with --export-dir DIR" in rows["ort"]["reason"]
+    assert "--format onnx --static-batch --out DIR` and bench with --export-dir DIR" in rows["ort"]["reason"]
     # Doing what it says works.
     assert main(["export", str(tmp_path / "net.pt2"), "--static-batch", "--format", "onnx",
                  "--out", str(tmp_path / "x"), "--no-progress"]) == 0
