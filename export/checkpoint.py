@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,15 +19,13 @@ from bnfold import models
 from bnfold.models.loader import LoadedModel, load_model
 from bnfold.models.spec import ModelSpec
 
-from bnfold.export._common import staging_path
-from bnfold.export.config import TRITON_MAX_BATCH_SIZE, ExportConfig
+from bnfold.export.config import ExportConfig
 from bnfold.export.errors import ExportError, OutputExistsError
 from bnfold.export.onnx import bnfold_version, check_opset
 from bnfold.versions import package_version
 from bnfold.export.report import ExportSummary
 from bnfold.export.writers import WRITERS, check_formats
-from bnfold.export.triton import (check_model_name, default_model_name, replace_dir,
-                           write_triton_model)
+from bnfold.export.triton import check_model_name, default_model_name, staged_export
 
 # Dataset samples used for the parity check when the checkpoint's dataset is available.
 PARITY_SAMPLES = 32
@@ -121,18 +118,12 @@ def export_checkpoint(config: ExportConfig) -> ExportSummary:
         _check_target(triton_target, config.force, "Triton model folder")
     samples, source = _parity_samples(spec, config.data_root)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staged = staging_path(out_dir)
-    staged_triton = staging_path(triton_target) if triton_target is not None else None
-    try:
-        staged.mkdir()
-        artifacts = [WRITERS[fmt].write(model, spec, staged / WRITERS[fmt].file_name, config, samples)
+    # Everything is written into hidden folders and moved into place only once all of it passed.
+    with staged_export(out_dir, triton_target) as staged:
+        artifacts = [WRITERS[fmt].write(model, spec, staged.folder / WRITERS[fmt].file_name, config, samples)
                      for fmt in _progress(fmts, config.progress)]
-        if staged_triton is not None:
-            staged_triton.parent.mkdir(parents=True, exist_ok=True)
-            write_triton_model(staged / WRITERS["onnx"].file_name, spec, staged_triton,
-                               name=triton_target.name, device=config.triton_device,
-                               max_batch_size=0 if config.static_batch else TRITON_MAX_BATCH_SIZE)
+        staged.write_triton(staged.folder / WRITERS["onnx"].file_name, spec, device=config.triton_device,
+                            dynamic_batch=not config.static_batch)
         for a in artifacts:
             a.parity_inputs = source
             a.path = out_dir / a.path.name
@@ -144,16 +135,8 @@ def export_checkpoint(config: ExportConfig) -> ExportSummary:
         options = {"formats": fmts, "fold": config.fold, "opset": config.opset,
                    "static_batch": config.static_batch, "fp16": config.fp16,
                    "legacy_onnx": config.legacy_onnx, "triton_device": config.triton_device}
-        (staged / "export.json").write_text(
+        (staged.folder / "export.json").write_text(
             json.dumps(_export_json(summary, spec, options), indent=2) + "\n")
-        # Everything passed: move into place (renames within the same folders).
-        replace_dir(staged, out_dir)
-        if staged_triton is not None:
-            replace_dir(staged_triton, triton_target)
-    finally:
-        for path in (staged, staged_triton):
-            if path is not None and path.exists():
-                shutil.rmtree(path, ignore_errors=True)
     return summary
 
 

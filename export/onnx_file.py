@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -18,12 +17,12 @@ import onnx
 from bnfold.models.loader import LoadedModel
 from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec
 
-from bnfold.export._common import FP32_RTOL, staging_path
-from bnfold.export.config import TRITON_MAX_BATCH_SIZE, ExportConfig
+from bnfold.export._common import FP32_RTOL
+from bnfold.export.config import ExportConfig
 from bnfold.export.errors import ExportError
 from bnfold.export.onnx import VERSION_METADATA_KEY, bnfold_version, count_ops, model_opset, set_metadata
 from bnfold.export.report import ArtifactReport, ExportSummary
-from bnfold.export.triton import check_model_name, replace_dir, write_triton_model
+from bnfold.export.triton import check_model_name, staged_export
 
 
 def export_onnx_file(loaded: LoadedModel, config: ExportConfig, formats: list[str]) -> ExportSummary:
@@ -48,12 +47,8 @@ def export_onnx_file(loaded: LoadedModel, config: ExportConfig, formats: list[st
         triton_target = Path(config.triton_repo) / check_model_name(config.triton_name or spec.arch)
         if triton_target.exists() and not config.force:
             raise ExportError(f"Triton model folder {str(triton_target)!r} already exists; pass --force to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staged = staging_path(out_dir)
-    staged_triton = staging_path(triton_target) if triton_target is not None else None
-    try:
-        staged.mkdir()
-        target = staged / "model.onnx"
+    with staged_export(out_dir, triton_target) as staged:
+        target = staged.folder / "model.onnx"
         outcome = fold_onnx_file(loaded.onnx_path, target, input_shape=shape, rtol=FP32_RTOL)  # type: ignore[arg-type]
         proto = onnx.load(os.fspath(target))
         left = count_ops(proto, "BatchNormalization")
@@ -76,11 +71,7 @@ def export_onnx_file(loaded: LoadedModel, config: ExportConfig, formats: list[st
             input_name=graph_input.name, output_name=proto.graph.output[0].name, opset=model_opset(proto),
             fold_report=outcome.report,
             notes=[f"BatchNormalization nodes: {outcome.batchnorm_before} before, 0 after"])
-        if staged_triton is not None:
-            staged_triton.parent.mkdir(parents=True, exist_ok=True)
-            write_triton_model(target, spec, staged_triton, name=triton_target.name,  # type: ignore[union-attr]
-                               device=config.triton_device,
-                               max_batch_size=TRITON_MAX_BATCH_SIZE if artifact.dynamic_batch else 0)
+        staged.write_triton(target, spec, device=config.triton_device, dynamic_batch=artifact.dynamic_batch)
         summary = ExportSummary(out_dir=out_dir, checkpoint=Path(loaded.source), artifacts=[artifact],
                                 fold_report=outcome.report, parity_inputs=artifact.parity_inputs,
                                 export_json=out_dir / "export.json", triton_model_dir=triton_target,
@@ -88,14 +79,7 @@ def export_onnx_file(loaded: LoadedModel, config: ExportConfig, formats: list[st
         data = summary.to_dict()
         data.update({"format": "bnfold-export", "format_version": 1, "source": loaded.description,
                      "spec": spec.to_dict(), "options": {"formats": formats}})
-        (staged / "export.json").write_text(json.dumps(data, indent=2) + "\n")
-        replace_dir(staged, out_dir)
-        if staged_triton is not None:
-            replace_dir(staged_triton, triton_target)  # type: ignore[arg-type]
-    finally:
-        for path in (staged, staged_triton):
-            if path is not None and path.exists():
-                shutil.rmtree(path, ignore_errors=True)
+        (staged.folder / "export.json").write_text(json.dumps(data, indent=2) + "\n")
     return summary
 
 

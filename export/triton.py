@@ -5,9 +5,12 @@ machine is not enough; bnfold's own server loads it too (highest numeric version
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -135,6 +138,44 @@ def write_triton_repo(onnx_path: str | os.PathLike, spec: ModelSpec, repo_dir: s
     return target
 
 
+@dataclass
+class StagedExport:
+    """The hidden folders an export writes into; `staged_export` renames them into place."""
+    folder: Path                 # becomes the output folder
+    triton_target: Path | None   # REPO/<name>, when a Triton model folder is written too
+    triton_folder: Path | None   # the hidden sibling that becomes `triton_target`
+
+    def write_triton(self, onnx_path: Path, spec: ModelSpec, *, device: str, dynamic_batch: bool) -> None:
+        """Stage the Triton model folder for `onnx_path`; nothing when no Triton target was given."""
+        if self.triton_folder is None or self.triton_target is None:
+            return
+        self.triton_folder.parent.mkdir(parents=True, exist_ok=True)
+        write_triton_model(onnx_path, spec, self.triton_folder, name=self.triton_target.name, device=device,
+                           max_batch_size=MAX_BATCH_SIZE if dynamic_batch else 0)
+
+
+@contextlib.contextmanager
+def staged_export(out_dir: Path, triton_target: Path | None) -> Iterator[StagedExport]:
+    """Yield hidden folders beside `out_dir` (and `triton_target`): all or nothing.
+
+    When the block succeeds both are renamed into place; otherwise they are removed and the
+    output folder and the Triton repository are left as they were.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staged = StagedExport(staging_path(out_dir), triton_target,
+                          staging_path(triton_target) if triton_target is not None else None)
+    try:
+        staged.folder.mkdir()
+        yield staged
+        replace_dir(staged.folder, out_dir)
+        if staged.triton_folder is not None and triton_target is not None:
+            replace_dir(staged.triton_folder, triton_target)
+    finally:
+        for path in (staged.folder, staged.triton_folder):
+            if path is not None and path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def replace_dir(source: Path, target: Path) -> None:
     """Move folder `source` to `target`, replacing an existing `target` only after the move."""
     old = None
@@ -152,4 +193,4 @@ def replace_dir(source: Path, target: Path) -> None:
 
 
 __all__ = ["write_triton_repo", "write_triton_model", "triton_config", "default_model_name",
-           "check_model_name", "replace_dir"]
+           "check_model_name", "replace_dir", "staged_export", "StagedExport"]
