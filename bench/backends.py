@@ -192,17 +192,8 @@ def _build_compile(ctx: BackendContext, device: str, batch_size: int) -> Callabl
     return call
 
 
-def _build_ort(ctx: BackendContext, device: str, batch_size: int) -> Callable[[], Any]:
-    check_cuda_ort(device)
-    from bnfold.serve.runtime import open_session
-
-    runtime = open_session(ctx.artifact("onnx"), device, threads=ctx.threads)
-    x = ctx.inputs[batch_size]
-    return lambda: runtime.run(x)
-
-
-def _build_ort_quantized(kind: str) -> Builder:
-    """onnxruntime on an INT8 or FP16 file (`export.WRITERS` kind), host to host, as the "ort" row."""
+def _build_ort(kind: str) -> Builder:
+    """onnxruntime on the exported file of `kind` (an `export.WRITERS` key: onnx, int8, fp16), host to host."""
     def build(ctx: BackendContext, device: str, batch_size: int) -> Callable[[], Any]:
         if kind == "int8" and device == "cuda":
             # QDQ int8 runs on onnxruntime's CPU kernels; on a GPU it needs TensorRT, not the CUDA EP.
@@ -335,7 +326,7 @@ BACKENDS: dict[str, Backend] = {
                        needs="program", versus_eager="program vs eager"),
     "compile": Backend("torch.compile (inductor) of the unfolded module", _build_compile, default=False,
                        versus_eager="compile vs eager"),
-    "ort": Backend("onnxruntime, numpy in and numpy out (host to host)", _build_ort, needs="onnx",
+    "ort": Backend("onnxruntime, numpy in and numpy out (host to host)", _build_ort("onnx"), needs="onnx",
                    with_on_cuda=("ort-iobinding", "ort-cudagraph"), versus_eager="ort vs eager"),
     "ort-iobinding": Backend("onnxruntime CUDA, input and output bound on the device (IO binding)",
                              lambda ctx, d, b: _build_ort_bound(ctx, d, b, cuda_graph=False),
@@ -346,10 +337,10 @@ BACKENDS: dict[str, Backend] = {
                              needs="onnx", requestable=False, versus_eager="ort-cudagraph vs eager",
                              speedups=(("ort CUDA graph vs ort IO binding", "ort-iobinding", "ort-cudagraph"),)),
     "ort-int8": Backend("onnxruntime CPU on model.int8.onnx (QDQ, calibrated, accuracy-gated), host to host",
-                        _build_ort_quantized("int8"), needs="int8", default=False, versus_eager="ort-int8 vs eager",
+                        _build_ort("int8"), needs="int8", default=False, versus_eager="ort-int8 vs eager",
                         speedups=(("ort INT8 vs ort FP32", "ort", "ort-int8"),)),
     "ort-fp16": Backend("onnxruntime on model.fp16.onnx (float16 weights, float32 edges), host to host",
-                        _build_ort_quantized("fp16"), needs="fp16", default=False, versus_eager="ort-fp16 vs eager",
+                        _build_ort("fp16"), needs="fp16", default=False, versus_eager="ort-fp16 vs eager",
                         speedups=(("ort FP16 vs ort FP32", "ort", "ort-fp16"),)),
     "http": Backend("bnfold serve on loopback, one connection, binary tensors (bench.loadtest)",
                     measure_apart=_measure_http, needs="onnx",
