@@ -177,17 +177,8 @@ class ModelRuntime:
         return self.session.get_providers()
 
     @property
-    def output_names(self) -> list[str]:
-        return [o.name for o in self.outputs]
-
-    @property
     def platform(self) -> str:
         return "onnxruntime_onnx"
-
-    @property
-    def inline(self) -> bool:
-        """Whether a batch-1 request runs in the event loop."""
-        return self.inline_batch >= 1
 
     def details(self) -> dict[str, Any]:
         return {"providers": self.providers, "threads": self.threads, "warmup_ms": round(self.warmup_ms, 4),
