@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 import bnfold
-from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec
+from bnfold.models.spec import ModelSpec
 from bnfold.models.metrics import task_metric
 from bnfold.versions import cpu_name
 
@@ -44,8 +44,8 @@ from bnfold.export._common import first_line, output_name, quiet, staged_file
 from bnfold.export.errors import ExportError
 from bnfold.export.evaluate import (EvalSplit, load_eval_split, onnx_session, score,
                                     session_runner)
-from bnfold.export.onnx import (INPUT_NAME, VERSION_METADATA_KEY, bnfold_version, count_ops, export_onnx,
-                                model_opset, set_metadata)
+from bnfold.export.onnx import (INPUT_NAME, count_ops, export_onnx, model_opset, set_metadata,
+                                spec_metadata)
 from bnfold.export.report import ArtifactReport
 
 if TYPE_CHECKING:
@@ -427,8 +427,8 @@ def export_int8(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *,
             "quantized_layers": quantized.quantized_layers, "float_layers": quantized.float_layers,
             "fp32_size_bytes": fp32_size,
         }
-        set_metadata(proto, {SPEC_METADATA_KEY: spec.to_json(), VERSION_METADATA_KEY: bnfold_version(),
-                             "bnfold.folded": str(fold).lower(), "bnfold.weights_dtype": "int8",
+        set_metadata(proto, {**spec_metadata(spec), "bnfold.folded": str(fold).lower(),
+                             "bnfold.weights_dtype": "int8",
                              QUANT_METADATA_KEY: json.dumps({k: v for k, v in quantization.items()
                                                             if k not in ("accuracy", "parity_vs_fp32", "cpu")})})
         with staged_file(path) as tmp:

@@ -90,6 +90,12 @@ def model_opset(model: onnx.ModelProto) -> int | None:
     return None
 
 
+def spec_metadata(spec: ModelSpec) -> dict[str, str]:
+    """The entries every ONNX file bnfold writes carries: its spec (which the server preprocesses
+    images by) and the bnfold version that wrote it."""
+    return {SPEC_METADATA_KEY: spec.to_json(), VERSION_METADATA_KEY: bnfold_version()}
+
+
 def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
     """Set `metadata_props` entries, replacing any with the same key."""
     kept = [p for p in model.metadata_props if p.key not in entries]
@@ -191,8 +197,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *, f
                               legacy=legacy, verbose=verbose)
         proto = _remove_batchnorm(proto, notes)
         _check_io(proto, out)
-        set_metadata(proto, {SPEC_METADATA_KEY: spec.to_json(), VERSION_METADATA_KEY: bnfold_version(),
-                             "bnfold.folded": str(fold).lower(),
+        set_metadata(proto, {**spec_metadata(spec), "bnfold.folded": str(fold).lower(),
                              "bnfold.weights_dtype": "float16" if fp16 else "float32"})
         try:
             onnx.checker.check_model(proto, full_check=True)

@@ -15,12 +15,12 @@ from pathlib import Path
 import onnx
 
 from bnfold.models.loader import LoadedModel
-from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec
+from bnfold.models.spec import ModelSpec
 
 from bnfold.export._common import FP32_RTOL
 from bnfold.export.config import ExportConfig
 from bnfold.export.errors import ExportError
-from bnfold.export.onnx import VERSION_METADATA_KEY, bnfold_version, count_ops, model_opset, set_metadata
+from bnfold.export.onnx import count_ops, model_opset, set_metadata, spec_metadata
 from bnfold.export.report import ArtifactReport, ExportSummary
 from bnfold.export.triton import check_model_name, staged_export
 
@@ -56,8 +56,7 @@ def export_onnx_file(loaded: LoadedModel, config: ExportConfig, formats: list[st
             reasons = "; ".join(f"{name}: {why}" for name, why in outcome.report.skipped) or "no reason given"
             raise ExportError(f"{left} BatchNormalization node(s) of {loaded.source} could not be folded "
                               f"({reasons}); refusing to write an unfolded file")
-        set_metadata(proto, {SPEC_METADATA_KEY: spec.to_json(), VERSION_METADATA_KEY: bnfold_version(),
-                             "bnfold.folded": "true"})
+        set_metadata(proto, {**spec_metadata(spec), "bnfold.folded": "true"})
         onnx.save(proto, os.fspath(target))
         graph_input = next(i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer})
         first = graph_input.type.tensor_type.shape.dim[0] if graph_input.type.tensor_type.shape.dim else None
@@ -86,7 +85,7 @@ def export_onnx_file(loaded: LoadedModel, config: ExportConfig, formats: list[st
 def stamp_spec(path: str | os.PathLike, spec: ModelSpec) -> None:
     """Write `spec` into an ONNX file's metadata (as `bnfold export` does), so `bnfold serve` can preprocess images."""
     proto = onnx.load(os.fspath(path))
-    set_metadata(proto, {SPEC_METADATA_KEY: spec.to_json(), VERSION_METADATA_KEY: bnfold_version()})
+    set_metadata(proto, spec_metadata(spec))
     onnx.save(proto, os.fspath(path))
 
 
