@@ -303,9 +303,9 @@ def run_bench(config: BenchConfig) -> BenchResult:
         kinds = {BACKENDS[name].needs for name in wanted if BACKENDS[name].needs}
         export_dir = Path(config.export_dir) if config.export_dir is not None else None
         # A TorchScript, torch.export or ONNX file is its own artifact for the rows that run that kind.
-        own = {"onnx": loaded.onnx_path, "torchscript": Path(loaded.source),
-               "program": Path(loaded.source)}.get(loaded.kind)
-        own_kind = {"onnx": "onnx", "torchscript": "torchscript", "program": "program"}.get(loaded.kind)
+        own_files = {"onnx": loaded.onnx_path, "torchscript": Path(loaded.source), "program": Path(loaded.source)}
+        own_kind = loaded.kind if loaded.kind in own_files else None
+        own = own_files.get(loaded.kind)
         script = isinstance(model, torch.jit.ScriptModule)
         if model is None:  # an ONNX file: nothing else can be made from it
             artifacts, errors = {"onnx": loaded.onnx_path}, {}
