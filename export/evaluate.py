@@ -31,6 +31,7 @@ from bnfold.models.metrics import task_metric
 from bnfold.models.spec import ModelSpec
 
 from bnfold.export.errors import ExportError
+from bnfold.export.onnx import cpu_session
 
 # Batch size for running an artifact over the eval split; any size gives the same figure.
 EVAL_BATCH = 64
@@ -119,15 +120,9 @@ class LoadedArtifact:
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None) -> Any:
-    """A CPU onnxruntime session with `threads` intra-op threads (default: torch's thread count)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, threads or torch.get_num_threads())
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    """`export.onnx.cpu_session`, with an `EvaluationError` naming a file onnxruntime cannot load."""
     try:
-        return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+        return cpu_session(path, threads)
     except Exception as exc:  # onnxruntime raises its own types for corrupt files or bad graphs
         text = str(exc).strip().splitlines()
         raise EvaluationError(f"onnxruntime cannot load {str(path)!r}: {text[0] if text else type(exc).__name__}") from None

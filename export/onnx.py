@@ -5,6 +5,7 @@ import io
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -167,11 +168,13 @@ def _remove_batchnorm(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelPro
     return model
 
 
-def _onnx_session(path: Path):
+def cpu_session(path: str | os.PathLike, threads: int | None = None) -> Any:
+    """A CPU onnxruntime session with `threads` intra-op threads (default: torch's thread count)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, torch.get_num_threads())
+    options.intra_op_num_threads = max(1, threads or torch.get_num_threads())
+    options.inter_op_num_threads = 1
     options.log_severity_level = 3
     return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
 
@@ -207,7 +210,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *, f
 
     steps = FormatSteps("onnx", f"torch.onnx.export(dynamo={not legacy})",
                         "ONNX export of {arch} ({dtype}, onnxruntime CPU)", export,
-                        save=lambda proto, tmp: onnx.save_model(proto, os.fspath(tmp)), load=_onnx_session,
+                        save=lambda proto, tmp: onnx.save_model(proto, os.fspath(tmp)), load=cpu_session,
                         static_batch_hint=True)
     report, proto = write_verified(model, spec, path, steps, WriteOptions(fold, fp16, dynamic_batch, verbose),
                                    samples)
@@ -242,5 +245,5 @@ def _check_io(model: onnx.ModelProto, out: str) -> None:
                           f"[{INPUT_NAME!r}] and [{out!r}] (a model with one tensor in and one out)")
 
 
-__all__ = ["export_onnx", "read_spec", "count_ops", "supported_opsets", "check_opset",
+__all__ = ["export_onnx", "read_spec", "count_ops", "cpu_session", "supported_opsets", "check_opset",
            "unsupported_op", "DYNAMO_OPSETS", "LEGACY_OPSETS"]
