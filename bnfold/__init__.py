@@ -16,18 +16,18 @@ from bnfold.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from bnfold.adapters import BNStats
-    from bnfold.graph import count_batchnorm, fold
-    from bnfold.modules import DEFAULT_FOLDERS
+    from bnfold.fx_fold import count_batchnorm, fold
+    from bnfold.patterns import DEFAULT_FOLDERS
     from bnfold.onnx_fold import ONNX_FOLDERS, count_onnx_batchnorm, fold_onnx
     from bnfold.parity import Parity, compare
-    from bnfold.report import FoldReport
+    from bnfold.fold_report import FoldReport
 
 _LAZY = {
-    "fold": "bnfold.graph", "count_batchnorm": "bnfold.graph",
-    "DEFAULT_FOLDERS": "bnfold.modules", "BNStats": "bnfold.adapters",
+    "fold": "bnfold.fx_fold", "count_batchnorm": "bnfold.fx_fold",
+    "DEFAULT_FOLDERS": "bnfold.patterns", "BNStats": "bnfold.adapters",
     "fold_onnx": "bnfold.onnx_fold", "count_onnx_batchnorm": "bnfold.onnx_fold", "ONNX_FOLDERS": "bnfold.onnx_fold",
     "compare": "bnfold.parity", "Parity": "bnfold.parity",
-    "FoldReport": "bnfold.report",
+    "FoldReport": "bnfold.fold_report",
 }
 
 __all__ = ["BnfoldError", "FoldSkipped", "ParityError", *_LAZY]

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from bnfold.errors import BnfoldError, first_line
-from bnfold.graph import count_batchnorm, fold
+from bnfold.fx_fold import count_batchnorm, fold
 from bnfold.onnx_fold import count_onnx_batchnorm, fold_onnx, load_onnx
 from bnfold.parity import Parity, compare
-from bnfold.report import FoldReport
+from bnfold.fold_report import FoldReport
 
 __all__ = ["FoldOutcome", "load_module", "fold_and_save", "fold_onnx_file", "onnx_input_shape"]
 

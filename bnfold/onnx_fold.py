@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper
 
 from bnfold.errors import BnfoldError, FoldSkipped
 from bnfold.math import bn_scale_shift, fold_bn_after
-from bnfold.report import FoldReport
+from bnfold.fold_report import FoldReport
 
 __all__ = ["fold_onnx", "load_onnx", "count_onnx_batchnorm", "ONNX_FOLDERS", "OnnxFoldFn"]
 

@@ -5,7 +5,7 @@ with the runtime that will serve it, compares it with the original eval-mode mod
 then moves the file into place; a mismatch raises `bnfold.ParityError` and writes nothing.
 """
 from bnfold.export._common import FP16_RTOL, FP32_RTOL
-from bnfold.export.checkpoint import export_checkpoint
+from bnfold.export.artifacts import export_checkpoint
 from bnfold.export.config import TRITON_MAX_BATCH_SIZE, ExportConfig
 from bnfold.export.errors import (ExportError, OpsetError, OutputExistsError, UnknownFormatError,
                            UnsupportedOpError)
@@ -13,7 +13,7 @@ from bnfold.export.evaluate import EvaluationReport, evaluate_artifacts
 from bnfold.export.int8 import AccuracyGateError, Int8Config, export_int8
 from bnfold.export.onnx import export_onnx, read_spec
 from bnfold.export.program import export_program, load_program
-from bnfold.export.report import ArtifactReport, ExportSummary
+from bnfold.export.summary import ArtifactReport, ExportSummary
 from bnfold.export.torchscript import export_torchscript, load_torchscript
 from bnfold.export.triton import write_triton_repo
 from bnfold.export.writers import FILE_NAMES, FORMATS, WRITERS, Writer, check_formats

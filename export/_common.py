@@ -32,7 +32,7 @@ from bnfold import errors
 from bnfold.models.spec import ModelSpec
 
 from bnfold.export.errors import ExportError, UnsupportedOpError
-from bnfold.export.report import ArtifactReport
+from bnfold.export.summary import ArtifactReport
 
 
 # Parity tolerances on max relative error (max |diff| / max |reference|). Folding is done in

@@ -46,7 +46,7 @@ from bnfold.export.evaluate import (EvalSplit, load_eval_split, onnx_session, sc
                                     session_runner)
 from bnfold.export.onnx import (INPUT_NAME, count_ops, export_onnx, model_opset, set_metadata,
                                 spec_metadata)
-from bnfold.export.report import ArtifactReport
+from bnfold.export.summary import ArtifactReport
 
 if TYPE_CHECKING:
     from bnfold.export.config import ExportConfig

@@ -21,7 +21,7 @@ from bnfold.export._common import (FormatSteps, WriteOptions, batch_dynamic_shap
                                    unsupported_op, write_verified)
 from bnfold.export.config import ExportConfig
 from bnfold.export.errors import ExportError, OpsetError
-from bnfold.export.report import ArtifactReport
+from bnfold.export.summary import ArtifactReport
 
 INPUT_NAME = "input"
 VERSION_METADATA_KEY = "bnfold.version"

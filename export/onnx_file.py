@@ -21,7 +21,7 @@ from bnfold.export._common import FP32_RTOL
 from bnfold.export.config import ExportConfig
 from bnfold.export.errors import ExportError
 from bnfold.export.onnx import count_ops, model_opset, set_metadata, spec_metadata
-from bnfold.export.report import ArtifactReport, ExportSummary
+from bnfold.export.summary import ArtifactReport, ExportSummary
 from bnfold.export.triton import check_model_name, staged_export
 
 

@@ -11,7 +11,7 @@ from bnfold.models.spec import ModelSpec
 
 from bnfold.export._common import FormatSteps, WriteOptions, batch_dynamic_shapes, float32_runner, write_verified
 from bnfold.export.config import ExportConfig
-from bnfold.export.report import ArtifactReport
+from bnfold.export.summary import ArtifactReport
 
 
 def load_program(path: str | os.PathLike) -> torch.export.ExportedProgram:

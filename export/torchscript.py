@@ -11,7 +11,7 @@ from bnfold.models.spec import ModelSpec
 
 from bnfold.export._common import FormatSteps, WriteOptions, float32_runner, quiet, write_verified
 from bnfold.export.config import ExportConfig
-from bnfold.export.report import ArtifactReport
+from bnfold.export.summary import ArtifactReport
 
 
 def load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:

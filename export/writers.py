@@ -21,7 +21,7 @@ from bnfold.models.spec import ModelSpec
 from bnfold.export import int8 as _int8, onnx as _onnx, program as _program, torchscript as _torchscript
 from bnfold.export.config import ExportConfig
 from bnfold.export.errors import UnknownFormatError
-from bnfold.export.report import ArtifactReport
+from bnfold.export.summary import ArtifactReport
 
 
 def _fp16_onnx(model: nn.Module, spec: ModelSpec, path: Path, config: ExportConfig,

@@ -12,7 +12,7 @@ from torch import nn
 
 from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec, Preprocess
 from bnfold.serve.launch import free_port as _free_port
-from bnfold.zoo import randomize_batchnorm
+from bnfold.bench.zoo import randomize_batchnorm
 
 # CI has 2 cores; torch's default pool fights pytest, onnxruntime and the HTTP server for them.
 torch.set_num_threads(1)
@@ -32,7 +32,7 @@ def _randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
     A fresh BatchNorm is the identity in eval mode (mean 0, var 1, gamma 1, beta 0), so folding
     it proves nothing: every test that checks a fold or an export randomizes these first. The
-    zoo (`python -m bnfold.zoo`) uses the same function.
+    zoo (`python -m bnfold.bench.zoo`) uses the same function.
     """
     return randomize_batchnorm(model, seed)
 

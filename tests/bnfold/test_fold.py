@@ -11,7 +11,7 @@ from torch import nn
 
 import bnfold
 from bnfold import FoldReport, count_batchnorm, fold
-from bnfold.modules import DEFAULT_FOLDERS, FoldSkipped, fold_bn_after_layer
+from bnfold.patterns import DEFAULT_FOLDERS, FoldSkipped, fold_bn_after_layer
 
 
 def _check(model: nn.Module, x: torch.Tensor, randomize_bn, rel_err, *, left: int = 0, tol: float = 1e-5):

@@ -14,7 +14,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from bnfold import compare, count_batchnorm, fold
-from bnfold.zoo import freeze_batchnorm
+from bnfold.bench.zoo import freeze_batchnorm
 
 
 def _check(model: nn.Module, inputs: torch.Tensor, randomize_bn, *, left: int = 0,

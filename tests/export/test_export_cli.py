@@ -41,7 +41,7 @@ def test_bnfold_export_writes_verified_files_export_json_and_a_triton_model(
         assert path.parent == out and path.stat().st_size == artifact["size_bytes"]
         assert artifact["max_rel_error"] <= 1e-5 == artifact["tolerance"]["max_rel_error"]
         assert artifact["max_abs_error"] >= 0 and artifact["top1_agreement"] == 1.0
-        assert artifact["samples"] == export.checkpoint.PARITY_SAMPLES
+        assert artifact["samples"] == export.artifacts.PARITY_SAMPLES
         assert "digits" in artifact["parity_inputs"]
     assert len(report["fold_report"]["folded"]) == 4  # LeNet-BN: two Conv+BN, two Linear+BN
 

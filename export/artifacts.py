@@ -23,7 +23,7 @@ from bnfold.export.config import ExportConfig
 from bnfold.export.errors import ExportError, OutputExistsError
 from bnfold.export.onnx import bnfold_version, check_opset
 from bnfold.versions import package_version
-from bnfold.export.report import ExportSummary
+from bnfold.export.summary import ExportSummary
 from bnfold.export.writers import WRITERS, check_formats
 from bnfold.export.triton import check_model_name, default_model_name, staged_export
 

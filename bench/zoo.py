@@ -1,4 +1,4 @@
-"""How much of real models bnfold folds: `python -m bnfold.zoo`.
+"""How much of real models bnfold folds: `python -m bnfold.bench.zoo`.
 
 Builds torchvision and (when installed) timm models with random weights (nothing is downloaded),
 randomizes the statistics and affine values of every BatchNorm-like module (a fresh BN is the
@@ -8,9 +8,9 @@ a report entry, exceptions, and the max relative error against the unfolded mode
 per source. Detection models are built with torchvision's FrozenBatchNorm2d, as torchvision
 builds them from pretrained weights, and compared on their backbone (NMS would amplify rounding).
 
-    python -m bnfold.zoo                                  # a modest default list
-    python -m bnfold.zoo --models tv:resnet18,timm:efficientnet_b0
-    python -m bnfold.zoo --torchvision-all --timm-families --json zoo.json
+    python -m bnfold.bench.zoo                                  # a modest default list
+    python -m bnfold.bench.zoo --models tv:resnet18,timm:efficientnet_b0
+    python -m bnfold.bench.zoo --torchvision-all --timm-families --json zoo.json
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.adapters import BatchNormReader
 from bnfold.errors import BnfoldError, first_line
-from bnfold.graph import count_batchnorm, fold
+from bnfold.fx_fold import count_batchnorm, fold
 from bnfold.parity import compare
 
 __all__ = ["ZooRow", "randomize_batchnorm", "run_model", "run_zoo", "summary", "main"]
@@ -374,7 +374,7 @@ def summary(rows: Sequence[ZooRow]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bnfold.zoo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bnfold.bench.zoo", description=__doc__.splitlines()[0])
     parser.add_argument("--models", help="comma-separated tv:NAME / timm:NAME (default: a modest list)")
     parser.add_argument("--torchvision-all", action="store_true", help="every torchvision model")
     parser.add_argument("--timm-families", action="store_true", help="one timm model per family (the smallest)")

@@ -38,8 +38,8 @@ from torch.nn.modules.conv import _ConvNd
 
 from bnfold.adapters import Adapter, BatchNormReader, BNStats
 from bnfold.errors import BnfoldError, FoldSkipped, first_line
-from bnfold.modules import PASSTHROUGH, FoldFn, check_hooks, find_fold_fn, layer_kind, merge_folders
-from bnfold.report import FoldReport
+from bnfold.patterns import PASSTHROUGH, FoldFn, check_hooks, find_fold_fn, layer_kind, merge_folders
+from bnfold.fold_report import FoldReport
 
 __all__ = ["fold", "count_batchnorm"]
 
@@ -63,7 +63,7 @@ def fold(model: nn.Module, *, inplace: bool = False,
     functional `F.batch_norm` was folded, which needs a `torch.fx.GraphModule`: when that is
     `model`'s own forward, `folded` is a new GraphModule even with `inplace`, and `model` keeps
     the layers its forward still normalizes. `folders`
-    extends or overrides `bnfold.modules.DEFAULT_FOLDERS` (a value of None removes a pattern).
+    extends or overrides `bnfold.patterns.DEFAULT_FOLDERS` (a value of None removes a pattern).
     `batchnorms` maps a BatchNorm-like class of the caller's to an adapter `module -> BNStats`
     (`bnfold.adapters`); torch's, torchvision's and timm's BatchNorms are built in, and other
     classes with running statistics are folded once a float64 probe shows they compute a BatchNorm.

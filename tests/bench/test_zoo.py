@@ -1,10 +1,10 @@
-"""`python -m bnfold.zoo`: per-model coverage rows and the totals table."""
+"""`python -m bnfold.bench.zoo`: per-model coverage rows and the totals table."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from bnfold.zoo import main, randomize_batchnorm, run_model, summary
+from bnfold.bench.zoo import main, randomize_batchnorm, run_model, summary
 
 
 def test_a_torchvision_model_row() -> None:
