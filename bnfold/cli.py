@@ -191,7 +191,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from bnfold.serve.config import from_args
     from bnfold.serve.launch import serve
 
-    _refuse_pytorch_file(args.model)
+    for model in args.model:   # one or more sources
+        _refuse_pytorch_file(model)
     return serve(from_args(args))
 
 

@@ -34,7 +34,7 @@ from bnfold.serve.errors import ServeError, client_text, limit_error
 from bnfold.serve.openapi import PREDICTIONS_DOC, docs_html, infer_doc, ok, openapi_document
 from bnfold.serve.page import PageAssets
 from bnfold.serve.protocol import RequestParser, ResponseEncoder, parse_header_length
-from bnfold.serve.repository import load_repository
+from bnfold.serve.repository import load_models
 from bnfold.serve.routes import Request, Response, Route, Router
 from bnfold.serve.runtime import V2_TO_NUMPY, Runtime
 from bnfold.versions import __version__
@@ -458,7 +458,7 @@ def create_app(config: ServeConfig, models: Mapping[str, Runtime] | None = None)
     file, CUDA absent, a bad config.pbtxt) is a clear `ServeError` and not a half-started server.
     """
     if models is None:
-        models = load_repository(config.model, config.device, threads=config.threads,
+        models = load_models(config.model, config.device, threads=config.threads,
                                  cuda_graph=config.cuda_graph, name=config.name,
                                  max_batch_size=config.max_batch_size)
     if config.spec is not None:

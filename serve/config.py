@@ -22,7 +22,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 class ServeConfig:
     """One `bnfold serve` run: what to serve, where, and the limits each client is held to."""
 
-    model: str | os.PathLike             # a model.onnx file or a Triton-layout repository folder
+    # ONNX files, export folders, NAME=PATH, or a Triton-layout repository folder (a tuple for several)
+    model: str | os.PathLike | tuple[str | os.PathLike, ...]
     name: str | None = None              # URL name for a single file (default: its spec's arch, else stem)
     spec: str | os.PathLike | None = None   # a spec JSON for a file without one (labels, mean/std, input shape)
     device: str = "cpu"
@@ -79,7 +80,12 @@ class ServeConfig:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `bnfold serve` options (also `python -m bnfold.serve`)."""
-    p.add_argument("model", help="a model.onnx file, or a model repository folder (as --triton-repo writes)")
+    p.add_argument("model", nargs="+", metavar="MODEL",
+                   help="what to serve, one or more of: an ONNX file (served under its spec's arch, else its "
+                        "file name; model.int8.onnx of arch lenet is lenet.int8), an export folder (what "
+                        "`bnfold export --out DIR` wrote: each of its ONNX files), NAME=PATH (the ONNX file "
+                        "PATH as NAME), or a model repository folder (as --triton-repo writes); two models "
+                        "with one name are refused")
     p.add_argument("--name", default=None, help="model name for a single file (default: from its spec or file name)")
     p.add_argument("--spec", default=None, metavar="SPEC.json",
                    help="preprocessing and labels for a single ONNX file that has no bnfold spec, so that "
@@ -120,6 +126,8 @@ def from_args(args: argparse.Namespace) -> ServeConfig:
     """The config for parsed `add_arguments` options; a bad value is a `ServeError`."""
     names = {f.name for f in fields(ServeConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
+    if isinstance(values.get("model"), list):   # nargs="+": one source stays a plain path
+        values["model"] = values["model"][0] if len(values["model"]) == 1 else tuple(values["model"])
     return ServeConfig(**values, access_log=not args.no_access_log)
 
 

@@ -165,7 +165,7 @@ def server_process(command: Sequence[str], port: int, *, ready_path: str = "/v2/
 
 
 @contextlib.contextmanager
-def running_server(model_path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
+def running_server(model_path: str | os.PathLike | Sequence[str | os.PathLike], *, device: str = "cpu", threads: int | None = None,
                    port: int | None = None, name: str | None = None, extra_args: Sequence[str] = (),
                    log_path: str | os.PathLike | None = None, startup_timeout: float = 120.0,
                    env: dict[str, str] | None = None,
@@ -175,7 +175,8 @@ def running_server(model_path: str | os.PathLike, *, device: str = "cpu", thread
     The process, its log and its stop are `server_process`'s; the arguments are `bnfold serve`'s.
     """
     port = free_port() if port is None else port
-    command = [sys.executable, "-m", "bnfold.serve", str(model_path), "--device", device,
+    paths = [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path)   # several: serve them all
+    command = [sys.executable, "-m", "bnfold.serve", *map(str, paths), "--device", device,
                "--host", "127.0.0.1", "--port", str(port)]
     if threads is not None:
         command += ["--threads", str(threads)]

@@ -1,4 +1,10 @@
-"""Models to serve from one `model.onnx` file or a Triton-layout repository folder.
+"""Models to serve: ONNX files, an export folder, or a Triton-layout repository folder.
+
+`load_models` takes any number of these (what `bnfold serve A B ...` names): a `.onnx` file is
+served under its spec's arch (else its file name), with what follows the first dot of the file
+name kept (`model.int8.onnx` with arch lenet is `lenet.int8`); an export folder (what `bnfold
+export --out DIR` writes: `*.onnx` files side by side) serves each of its ONNX files that way;
+`NAME=PATH` serves one file under NAME. Two models that would get one name are refused.
 
 A repository holds `<name>/<version>/model.onnx` and, optionally, `<name>/config.pbtxt` (what
 `bnfold export --triton-repo` writes; Triton and KServe load the same folder). Everything is
@@ -12,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -272,4 +279,90 @@ def load_repository(root: str | os.PathLike, device: str = "cpu", *, threads: in
     return models
 
 
-__all__ = ["load_repository", "parse_pbtxt", "read_model_config", "check_model_name"]
+# ---------------------------------------------------------------------------------------------
+# Several sources: files, export folders, repositories, `NAME=PATH`.
+
+
+def file_model_name(path: Path, arch: str | None) -> str:
+    """The name a model file is served under: its spec's arch (else the file's first name part),
+    then the rest of its file name: `model.onnx` -> `lenet`, `model.int8.onnx` -> `lenet.int8`.
+
+    Characters a model name may not hold become '_' (as `bnfold export --triton-repo` names
+    a model from its arch).
+    """
+    first, _, rest = path.name.removesuffix(".onnx").partition(".")
+    base = re.sub(r"[^A-Za-z0-9_.-]", "_", arch) if arch else first
+    return check_model_name(f"{base}.{rest}" if rest else base, path)
+
+
+def _is_repository(folder: Path) -> bool:
+    """A Triton layout: some `<name>/<digits>/` folder inside (an export folder has files only)."""
+    return any(version.is_dir() and version.name.isdigit()
+               for model_dir in folder.iterdir() if model_dir.is_dir() and not model_dir.name.startswith(".")
+               for version in model_dir.iterdir())
+
+
+def _export_folder(folder: Path, open_file: Any) -> list[ModelRuntime]:
+    """Every ONNX file side by side in `folder` (what `bnfold export --out` writes)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(".onnx"))
+    for other in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".ts", ".pt2", ".pt")):
+        log.info("skipping %s: the service runs ONNX files", other)
+    return [open_file(path, None) for path in files]
+
+
+def load_models(sources: str | os.PathLike | Sequence[str | os.PathLike], device: str = "cpu", *,
+                threads: int | None = None, cuda_graph: bool = False, name: str | None = None,
+                max_batch_size: int | None = None, instances: int | None = None,
+                dynamic_batching: int | str | None = None) -> dict[str, ModelRuntime]:
+    """Models to serve from ONNX files, export folders and repositories (`bnfold serve A B ...`).
+
+    One source keeps `load_repository`'s meaning (a file, `--name` allowed, or a Triton layout);
+    a folder with ONNX files in it and no version folders is an export folder. A source
+    `NAME=PATH` serves the ONNX file PATH as NAME. Two models with one name are a `ServeError`
+    naming both files.
+    """
+    items = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    if not items:
+        raise ServeError("no model given: name a model.onnx file, an export folder or a repository", status=500)
+    if name is not None and (len(items) > 1 or not Path(items[0]).is_file()):
+        raise ServeError("--name applies to a single model file; for several, give each as NAME=PATH",
+                         status=500)
+
+    def open_file(path: Path, as_name: str | None) -> ModelRuntime:
+        runtime = _open(path, device, _scheduling(None, device, instances, dynamic_batching), threads,
+                        cuda_graph=cuda_graph, name=as_name, max_batch_size=max_batch_size)
+        if as_name is None:   # the name needs the spec, which only the loaded file has
+            runtime.name = file_model_name(path, runtime.spec.arch if runtime.spec is not None else None)
+        return runtime
+
+    found: list[ModelRuntime] = []
+    for item in items:
+        text = os.fspath(item)
+        path = Path(text)
+        given, sep, target = text.partition("=")
+        if sep and not path.exists() and given and os.sep not in given:
+            path = Path(target)
+            if not path.is_file():
+                raise ServeError(f"{text!r}: NAME=PATH needs an ONNX file, and {target!r} is not one", status=500)
+            found.append(open_file(path, check_model_name(given, path)))
+        elif path.is_file():
+            found.append(open_file(path, name))
+        elif path.is_dir() and not _is_repository(path) and any(path.glob("*.onnx")):
+            found.extend(_export_folder(path, open_file))
+        else:
+            found.extend(load_repository(path, device, threads=threads, cuda_graph=cuda_graph,
+                                         max_batch_size=max_batch_size, instances=instances,
+                                         dynamic_batching=dynamic_batching).values())
+    models: dict[str, ModelRuntime] = {}
+    for runtime in found:
+        other = models.get(runtime.name)
+        if other is not None:
+            raise ServeError(f"two models would both be served as {runtime.name!r}: {other.path} and "
+                             f"{runtime.path}; give one another name with NAME=PATH (e.g. "
+                             f"{runtime.name}-2={runtime.path}), or serve them separately", status=500)
+        models[runtime.name] = runtime
+    return models
+
+
+__all__ = ["load_models", "load_repository", "file_model_name", "parse_pbtxt", "read_model_config",
+           "read_scheduling", "check_model_name"]
