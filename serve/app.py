@@ -98,33 +98,55 @@ class AccessLog:
 
 
 class _Metrics:
-    """Prometheus counters per model and endpoint, children bound once so the hot path is two calls.
+    """Prometheus counters per model, endpoint and protocol, children bound once so the hot path is two calls.
 
-    `outcomes[model]` counts successful and failed inference requests apart, for `/stats`.
+    `outcomes[model]` counts successful and failed inference requests apart (HTTP and gRPC
+    together), for `/stats` and gRPC's ModelStatistics.
     """
 
     def __init__(self, models: Mapping[str, Runtime]) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)   # CPU seconds, memory, open files: read only when scraped
-        self.requests = Counter("bnfold_requests", "inference requests", ["model", "endpoint"],
-                                registry=self.registry)
-        self.errors = Counter("bnfold_errors", "inference requests answered with an error",
-                              ["model", "endpoint", "status"], registry=self.registry)
+        labels = ["model", "endpoint", "protocol"]
+        self.requests = Counter("bnfold_requests", "inference requests", labels, registry=self.registry)
+        self.errors = Counter("bnfold_errors", "inference requests answered with an error (status: the HTTP "
+                              "status, or the gRPC status name)", labels + ["status"], registry=self.registry)
         self.latency = Histogram("bnfold_request_latency_seconds", "time from request to response, server side",
-                                 ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.bound: dict[tuple[str, str], tuple[Any, Any]] = {}
+                                 labels, buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.bound: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.outcomes: dict[str, list[int]] = {name: [0, 0] for name in models}   # [success, fail]
-        for name in list(models) + ["-"]:
-            for endpoint in ("infer", "predictions"):
-                self.bound[(name, endpoint)] = (self.requests.labels(name, endpoint),
-                                                self.latency.labels(name, endpoint))
+        # Per onnxruntime run (serve.scheduler): with dynamic batching one run answers several requests.
+        self.batch_size = Histogram("bnfold_batch_size", "rows (batch size) of each model run; with dynamic "
+                                    "batching one run serves several requests", ["model"], buckets=_BATCH_BUCKETS,
+                                    registry=self.registry)
+        self.queue_wait = Histogram("bnfold_queue_seconds", "time a request waited for its model run to start "
+                                    "(dynamic batching delay, or a busy instance)", ["model"],
+                                    buckets=_LATENCY_BUCKETS, registry=self.registry)
+        for protocol, endpoints in (("http", ("infer", "predictions")), ("grpc", ("infer",))):
+            for name in list(models) + ["-"]:
+                for endpoint in endpoints:
+                    self.bound[(name, endpoint, protocol)] = (self.requests.labels(name, endpoint, protocol),
+                                                              self.latency.labels(name, endpoint, protocol))
 
-    def observe(self, model: str, endpoint: str, status: int, seconds: float) -> None:
-        requests, latency = self.bound[(model, endpoint)]
+    def run_observer(self, model: str) -> RunObserver:
+        """The scheduler's callback for `model`: rows per run and each request's wait for its run."""
+        rows = self.batch_size.labels(model)
+        waits = self.queue_wait.labels(model)
+
+        def observe(batch: int, waited: Any, seconds: float) -> None:
+            rows.observe(batch)
+            for wait in waited:
+                waits.observe(wait)
+        return observe
+
+    def observe(self, model: str, endpoint: str, status: int, seconds: float, protocol: str = "http",
+                code: str | None = None) -> None:
+        """One request; `status` is HTTP's (or the HTTP status of a gRPC error), `code` a gRPC status name."""
+        requests, latency = self.bound[(model, endpoint, protocol)]
         requests.inc()
         latency.observe(seconds)
         if status >= 400:
-            self.errors.labels(model, endpoint, str(status)).inc()
+            self.errors.labels(model, endpoint, protocol, code or str(status)).inc()
         if endpoint == "infer" and model in self.outcomes:
             self.outcomes[model][status >= 400] += 1
 
@@ -155,6 +177,10 @@ class InferenceApp:
         self.encoders = {name: ResponseEncoder(m) for name, m in self.models.items()}
         self.ready = True
         self._flusher: asyncio.Task | None = None
+        # Servers that share this app's loop and lifespan (serve.grpc_service): awaited at start-up, in
+        # order, and at shutdown after HTTP has stopped taking requests.
+        self.startup_hooks: list[Callable[[], Awaitable[Any]]] = []
+        self.shutdown_hooks: list[Callable[[], Awaitable[Any]]] = []
         self.routes = list(ROUTES if routes is None else routes)
         self.router = Router(self.routes, self.models)
         # Constant answers are encoded once.
@@ -205,9 +231,17 @@ class InferenceApp:
                              details.get("path", "?"), m.device,
                              ", ".join(f"{k} {v}" for k, v in details.items() if k not in ("path", "metadata")),
                              m.max_batch_size or "fixed", m.inline_batch)
+                try:
+                    for hook in self.startup_hooks:
+                        await hook()
+                except ServeError as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self.ready = False
+                for hook in self.shutdown_hooks:
+                    await hook()
                 if self._flusher is not None:
                     self._flusher.cancel()
                 self.access_log.flush()

@@ -29,6 +29,7 @@ class ServeConfig:
     device: str = "cpu"
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_port: int | None = None         # gRPC (inference.GRPCInferenceService) port; None: no gRPC; 0: a free one
     threads: int | None = None           # onnxruntime intra-op threads; None: the CPUs this process may use
     cuda_graph: bool = False
     log_level: str = "info"
@@ -51,6 +52,8 @@ class ServeConfig:
             raise ServeError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if not (isinstance(self.port, int) and 0 <= self.port <= 65535):
             raise ServeError(f"--port must be between 0 and 65535, got {self.port}")
+        if self.grpc_port is not None and not (isinstance(self.grpc_port, int) and 0 <= self.grpc_port <= 65535):
+            raise ServeError(f"--grpc-port must be between 0 and 65535, got {self.grpc_port}")
         if self.threads is not None and self.threads < 1:
             raise ServeError(f"--threads must be at least 1, got {self.threads}")
         if self.cuda_graph and self.device != "cuda":
@@ -95,6 +98,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where onnxruntime runs; cuda refuses to start unless CUDAExecutionProvider is active")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (0-65535)")
+    p.add_argument("--grpc-port", type=int, default=None, metavar="PORT",
+                   help="also serve the Open Inference Protocol over gRPC (inference.GRPCInferenceService, "
+                        "what tritonclient.grpc speaks) on this port, in the same process with the same "
+                        "models and limits; 0 picks a free port (printed at start); default: no gRPC")
     p.add_argument("--threads", type=int, default=None,
                    help="onnxruntime intra-op threads (default: the CPUs this process may use)")
     p.add_argument("--cuda-graph", action="store_true", help="capture a CUDA graph for the fixed batch-1 shape")

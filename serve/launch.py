@@ -77,6 +77,11 @@ def serve(config: ServeConfig) -> int:
     _give_large_buffers_back()
     app = create_app(config)
     sock = _bind(config.host, config.port)
+    if config.grpc_port is not None:
+        # Imported only when asked for: grpc and tritonclient's messages take ~1 s to import.
+        from bnfold.serve.grpc_service import attach_grpc
+
+        attach_grpc(app, config.host, config.grpc_port, max_concurrent_rpcs=config.max_connections)
     limits = ConnectionLimits(max_header_bytes=config.max_header_bytes, max_headers=config.max_headers,
                               request_timeout=config.request_timeout, max_connections=config.max_connections)
     # httptools, with the limits and with head and body of each response in one write.
