@@ -288,3 +288,15 @@ def test_a_busy_or_invalid_grpc_port_is_a_one_line_error(tiny_onnx: Path) -> Non
                                   capture_output=True, text=True, timeout=120)
             lines = done.stderr.strip().splitlines()
             assert done.returncode == 2 and len(lines) == 1 and words in lines[0], done.stderr[-2000:]
+
+
+def test_loadtest_over_grpc_checks_every_answer(served) -> None:
+    from bnfold.bench.loadtest import run_loadtest
+
+    result = run_loadtest(served[1], "tiny", protocol="grpc", concurrency=2, requests=60, warmup=2)
+    assert (result.mode, result.requests, result.errors, result.first_error) == ("grpc", 60, 0, None)
+    assert result.p50_ms > 0 and result.rps > 0
+    # a batch over the limit: every call is refused, and the load test says how
+    refused = run_loadtest(served[1], "tiny", protocol="grpc", concurrency=1, requests=5, warmup=0,
+                           inputs=_x(MAX_BATCH + 1))
+    assert refused.errors == 5 and refused.first_error.startswith("gRPC INVALID_ARGUMENT: batch size 9")
