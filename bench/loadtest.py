@@ -254,16 +254,27 @@ def _run(coro):
 def run_loadtest(url: str, model: str | None, *, concurrency: int = 8, requests: int = 2000,
                  binary: bool = True, inputs: np.ndarray | list[np.ndarray] | None = None,
                  reference: bool = False, input_shape: tuple[int, ...] | None = None,
-                 warmup: int = 10, seed: int = 0) -> LoadtestResult:
+                 warmup: int = 10, seed: int = 0, protocol: str = "http") -> LoadtestResult:
     """Send `requests` inferences over `concurrency` keep-alive connections and time them.
 
     url: server base URL. model: the v2 model name (ignored with `reference`). inputs: one
     array or a list cycled through (default: 4 random arrays of the model's batch-1 shape).
     reference: drive the reference FastAPI service's `POST /predict` instead of v2.
     warmup: untimed requests per connection before its timed ones.
+    protocol: "http", or "grpc" for ModelInfer calls to the gRPC address `url` ("host:port", the
+    port of `bnfold serve --grpc-port`), raw tensor contents (`bench.grpc_load`).
     """
     if concurrency < 1 or requests < 1:
         raise ServeError(f"concurrency and requests must be at least 1, got {concurrency} and {requests}")
+    if protocol == "grpc":
+        if reference or not binary:
+            raise ServeError("--protocol grpc sends tensors as raw contents; --json and --reference are HTTP's")
+        from .grpc_load import run_grpc_loadtest
+
+        return run_grpc_loadtest(url, model, concurrency=concurrency, requests=requests, inputs=inputs,
+                                 input_shape=input_shape, warmup=warmup, seed=seed)
+    if protocol != "http":
+        raise ServeError(f"--protocol must be http or grpc, got {protocol!r}")
     host, port, base = _split(url)
     rng = np.random.default_rng(seed)
     if reference:

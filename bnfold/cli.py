@@ -216,7 +216,8 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
     from bnfold.bench.loadtest import run_loadtest
 
     result = run_loadtest(args.url, args.model, concurrency=args.concurrency, requests=args.requests,
-                          binary=args.binary, reference=args.reference, input_shape=args.input_shape)
+                          binary=args.binary, reference=args.reference, input_shape=args.input_shape,
+                          protocol=args.protocol)
     print(result)
     return 0 if result.errors == 0 else 1
 
@@ -409,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model name on the server (required unless --reference)")
     p.add_argument("--concurrency", type=int, default=8, help="connections sending requests at the same time")
     p.add_argument("--requests", type=int, default=2000, help="total requests over all connections")
+    p.add_argument("--protocol", choices=("http", "grpc"), default="http",
+                   help="http (default), or grpc: ModelInfer calls with raw tensor contents to the address "
+                        "`bnfold serve --grpc-port` listens on (URL then host:port, e.g. 127.0.0.1:8001)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--binary", dest="binary", action="store_true", default=True,
                       help="binary tensor extension (default)")
