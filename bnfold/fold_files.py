@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import onnx
 import torch
 from torch import nn
 
+from bnfold.adapters import Adapter
 from bnfold.errors import BnfoldError, first_line
 from bnfold.fx_fold import count_batchnorm, fold
 from bnfold.onnx_fold import count_onnx_batchnorm, fold_onnx, load_onnx
@@ -80,9 +81,14 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
 
 
 def fold_and_save(model: nn.Module, out: str | os.PathLike, *, input_shape: Sequence[int] | None,
-                  rtol: float = 1e-5, samples: int = 8, seed: int = 0) -> FoldOutcome:
+                  rtol: float = 1e-5, samples: int = 8, seed: int = 0,
+                  batchnorms: Mapping[type, Adapter] | None = None) -> FoldOutcome:
     """Fold `model`, compare it with the original on `samples` random batches of `input_shape`
     (batch included), and `torch.save` the folded module to `out` when the parity holds.
+
+    The first batch is also the fold's example input: modules of the model's own are recognized
+    as BatchNorms by what they compute on the input the model feeds them. `batchnorms` declares
+    classes and their adapters (`bnfold.fold`'s).
     """
     if input_shape is None:
         raise BnfoldError(f"the input shape of this model is unknown: {_SHAPE_HINT}")
@@ -90,10 +96,10 @@ def fold_and_save(model: nn.Module, out: str | os.PathLike, *, input_shape: Sequ
     if samples < 1:
         raise BnfoldError(f"--samples must be at least 1, got {samples}")
     model = model.eval()
-    folded, report = fold(model)
     generator = torch.Generator().manual_seed(seed)
     dtype = _float_dtype(model)
     inputs = [torch.randn(shape, generator=generator).to(dtype) for _ in range(samples)]
+    folded, report = fold(model, example_inputs=inputs[0], batchnorms=batchnorms)
     try:
         parity = compare(model, folded, inputs)
     except BnfoldError:
@@ -105,7 +111,8 @@ def fold_and_save(model: nn.Module, out: str | os.PathLike, *, input_shape: Sequ
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(folded, out)
-    return FoldOutcome(report, parity, count_batchnorm(model), count_batchnorm(folded), shape, out)
+    return FoldOutcome(report, parity, count_batchnorm(model, batchnorms=batchnorms, example_inputs=inputs[0]),
+                       count_batchnorm(folded, batchnorms=batchnorms, example_inputs=inputs[0]), shape, out)
 
 
 _NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,

@@ -29,33 +29,84 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd
 
-from bnfold.adapters import Adapter, BatchNormReader, BNStats
+from bnfold.adapters import Adapter, BatchNormReader, BNStats, affine_candidate
 from bnfold.errors import BnfoldError, FoldSkipped, first_line
 from bnfold.patterns import PASSTHROUGH, FoldFn, check_hooks, find_fold_fn, layer_kind, merge_folders
 from bnfold.fold_report import FoldReport
 
-__all__ = ["fold", "count_batchnorm"]
+__all__ = ["fold", "count_batchnorm", "record_inputs"]
 
 _FUNCTIONAL_BN = (F.batch_norm, torch.batch_norm)
 
 
-def count_batchnorm(model: nn.Module, *, batchnorms: Mapping[type, Adapter] | None = None) -> int:
+ExampleInputs = Union[torch.Tensor, tuple, list]
+
+
+def count_batchnorm(model: nn.Module, *, batchnorms: Mapping[type, Adapter] | None = None,
+                    example_inputs: ExampleInputs | None = None) -> int:
     """BatchNorm-like modules left in `model`: torch's (1d/2d/3d, Sync, Lazy), frozen ones, timm's
-    BN + activation, and any class with running statistics (see `bnfold.adapters`)."""
-    reader = BatchNormReader(batchnorms)
+    BN + activation, any class with running statistics or that looks like a normalization, and
+    (given `example_inputs`) any module of the caller's computing a per-channel affine map on the
+    input the model feeds it (see `bnfold.adapters`)."""
+    inputs, _ = record_inputs(model, example_inputs)
+    reader = BatchNormReader(batchnorms, inputs)
     return sum(1 for m in model.modules() if reader.is_batchnorm(m))
+
+
+def _as_args(example_inputs: ExampleInputs, model: nn.Module) -> tuple:
+    """The example inputs as call arguments, floating ones in the model's dtype and on its device."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if param is None:
+        return args
+    return tuple(a.to(device=param.device, dtype=param.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                 else a for a in args)
+
+
+def record_inputs(model: nn.Module, example_inputs: ExampleInputs | None) -> tuple[dict[int, torch.Tensor], str | None]:
+    """The input each module of the caller's that might be a per-channel map (`affine_candidate`)
+    receives when `model` runs on `example_inputs` in eval mode under `no_grad`, by `id(module)`
+    (its first call), and a note when the model could not run. The model runs only when it has
+    such a module: torch's and known third-party BatchNorms need no input to be read."""
+    if example_inputs is None:
+        return {}, None
+    candidates = [m for m in model.modules() if affine_candidate(m)]
+    if not candidates:
+        return {}, None
+    seen: dict[int, torch.Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        if id(module) not in seen and args and isinstance(args[0], torch.Tensor):
+            seen[id(module)] = args[0].detach().clone()
+
+    handles = [m.register_forward_pre_hook(hook) for m in candidates]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*_as_args(example_inputs, model))
+    except Exception as exc:  # noqa: BLE001 - the caller's model on the caller's inputs
+        return seen, (f"the model failed on the example inputs ({first_line(exc, with_type=True, limit=160)}); "
+                      "modules of its own were judged by their attributes only")
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, training in modes:
+            m.training = training
+    return seen, None
 
 
 def fold(model: nn.Module, *, inplace: bool = False,
          folders: Mapping[tuple[type, type], FoldFn | None] | None = None,
-         batchnorms: Mapping[type, Adapter] | None = None) -> tuple[nn.Module, FoldReport]:
+         batchnorms: Mapping[type, Adapter] | None = None,
+         example_inputs: ExampleInputs | None = None) -> tuple[nn.Module, FoldReport]:
     """Fold every eval-mode BatchNorm of `model` into its neighbouring Conv/ConvTranspose/Linear.
 
     Returns `(folded, report)`. `folded` is in eval mode; it is `model` itself when `inplace`,
@@ -67,7 +118,11 @@ def fold(model: nn.Module, *, inplace: bool = False,
     `batchnorms` maps a BatchNorm-like class of the caller's to an adapter `module -> BNStats`
     (`bnfold.adapters`); torch's, torchvision's and timm's BatchNorms are built in, and other
     classes with running statistics are folded once a float64 probe shows they compute a BatchNorm.
-    Every BatchNorm-like module left in place is listed once in `report.skipped` with the reason.
+    `example_inputs` (a tensor, or a tuple of the forward's arguments) lets modules of the caller's
+    be recognized by what they do: the model runs on them once, each such module's input is
+    recorded, and a module that computes a per-channel affine map on it is folded whatever its
+    attributes are called. Every BatchNorm-like module left in place, and every module that looks
+    like a normalization, is listed once in `report.skipped` with the reason.
     """
     if not isinstance(model, nn.Module):
         raise BnfoldError(f"bnfold.fold expects an nn.Module, got {type(model).__name__}")
@@ -75,7 +130,15 @@ def fold(model: nn.Module, *, inplace: bool = False,
         raise BnfoldError("bnfold.fold cannot rewrite a TorchScript module; fold the eager model before scripting")
     root = model if inplace else copy.deepcopy(model)
     root.eval()
-    fold_pass = _FoldPass(root, merge_folders(folders), BatchNormReader(batchnorms))
+    inputs, problem = record_inputs(root, example_inputs)
+    reader = BatchNormReader(batchnorms, inputs)
+    for module in root.modules():
+        # Probe now: FX's tracer patches torch functions while it traces, and asks which modules are
+        # BatchNorms (leaves) from inside; a probe run there would fail on its patched calls.
+        reader.is_batchnorm(module)
+    fold_pass = _FoldPass(root, merge_folders(folders), reader)
+    if problem:
+        fold_pass.report.notes.append(problem)
     result = fold_pass.fold_module(root, "")
     fold_pass.report_leftovers(result)
     return result.eval(), fold_pass.report
@@ -118,7 +181,7 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (id(m) in self.opaque or type(m) in self.leaf_types or layer_kind(m) is not None
-                or self.reader.is_batchnorm(m) or super().is_leaf_module(m, module_qualified_name))
+                or self.reader.is_leaf(m) or super().is_leaf_module(m, module_qualified_name))
 
 
 # Reads of a tensor that never touch its values: a BN folded into the tensor's producer changes
@@ -182,6 +245,7 @@ class _FoldPass:
         self.table = table
         self.reader = reader
         self.leaf_types = frozenset(t for pair in table for t in pair)
+        self.root = root
         self.report = FoldReport()
         self.handled: set[str] = set()
         paths = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
@@ -197,13 +261,25 @@ class _FoldPass:
 
     def skipped(self, bn: str, reason: str) -> None:
         if bn not in self.handled:
-            self.report.skipped.append((bn, reason))
             self.handled.add(bn)
+            try:
+                module = self.root.get_submodule(bn)
+            except AttributeError:  # a functional call's name
+                module = None
+            if module is not None and self.reader.quiet(module):
+                # A per-channel map of the caller's that is no normalization: worth a word, but not
+                # a BatchNorm left behind.
+                self.report.notes.append(f"{bn} ({type(module).__name__}) computes a per-channel affine map "
+                                         f"but was not folded: {reason}")
+                return
+            self.report.skipped.append((bn, reason))
 
     def report_leftovers(self, root: nn.Module) -> None:
         """Every BatchNorm-like module still in `root` and not reported yet gets its entry."""
         for name, module in root.named_modules():
-            if name not in self.handled and self.reader.is_batchnorm(module):
+            # A module whose own F.batch_norm was reported is reported under that name already.
+            inner = any(h.startswith(f"{name} (") for h in self.handled)
+            if name not in self.handled and not inner and self.reader.is_batchnorm(module):
                 self.skipped(name, "never called in the traced forward")
 
     def _shared(self, module: nn.Module) -> str | None:
@@ -253,7 +329,7 @@ class _FoldPass:
     def _untraceable_children(self, module: nn.Module) -> dict[str, nn.Module]:
         found = {}
         for name, child in module.named_children():
-            if any(True for _ in child.children()) and not self.reader.is_batchnorm(child):
+            if any(True for _ in child.children()) and not self.reader.is_leaf(child):
                 try:
                     self._trace(child)
                 except Exception:  # see fold_module

@@ -124,6 +124,14 @@ def _check_pair(layer: nn.Module, bn: Any) -> BNStats:
     return stats
 
 
+def _check_linear_rank(layer: nn.Module, bn: BNStats) -> None:
+    # A Linear's features are the last axis, a BatchNorm's channels axis 1: the same axis only on
+    # 2-D inputs. The rank is known when the BatchNorm was probed on the input the model feeds it.
+    if isinstance(layer, nn.Linear) and bn.rank is not None and bn.rank != 2:
+        raise FoldSkipped(f"the BatchNorm normalizes axis 1 of a {bn.rank}-D input, which is not the features "
+                          f"axis (the last) of the {type(layer).__name__}")
+
+
 def _out_channels(layer: nn.Module) -> int:
     if isinstance(layer, nn.Linear):
         return layer.out_features
@@ -162,6 +170,7 @@ def fold_bn_after_layer(layer: nn.Module, bn: Any) -> nn.Module:
     `eps`, `weight`, `bias`.
     """
     bn = _check_pair(layer, bn)
+    _check_linear_rank(layer, bn)
     channels = _out_channels(layer)
     if bn.num_features != channels:
         raise FoldSkipped(f"shapes disagree: {type(layer).__name__} produces {channels} channels, "
@@ -202,6 +211,7 @@ def fold_bn_before_layer(bn: Any, layer: nn.Module) -> nn.Module:
     if _zero_padding(layer):
         raise FoldSkipped(f"BatchNorm before a zero-padded {type(layer).__name__} (padding={_padding_text(layer)}) "
                           "cannot be folded exactly: the padded zeros were never shifted by the BN")
+    _check_linear_rank(layer, bn)
     channels = _in_channels(layer)
     if bn.num_features != channels:
         raise FoldSkipped(f"shapes disagree: {type(layer).__name__} takes {channels} channels, "

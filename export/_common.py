@@ -86,14 +86,15 @@ def reference_module(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).cpu().float().eval()
 
 
-def prepare(model: nn.Module, *, fold: bool, fp16: bool) -> Prepared:
-    """Fold (or copy) the model for export; the given module is left exactly as it was."""
+def prepare(model: nn.Module, *, fold: bool, fp16: bool, example: torch.Tensor | None = None) -> Prepared:
+    """Fold (or copy) the model for export; the given module is left exactly as it was. `example`
+    is an input of the model's shape: modules of its own are recognized by what they compute on it."""
     if not isinstance(model, nn.Module):
         raise ExportError(f"expected a torch.nn.Module to export, got {type(model).__name__}")
     reference = reference_module(model)
     if fold:
         # bnfold.fold works on a copy, computes in float64 and returns an eval-mode module.
-        module, report = bnfold.fold(reference)
+        module, report = bnfold.fold(reference, example_inputs=example)
     else:
         module, report = copy.deepcopy(reference), None
     module = module.cpu().float().eval()
@@ -278,11 +279,12 @@ def write_verified(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, s
     `samples` (random inputs when None), and only then move it into place.
     """
     start = time.perf_counter()
-    prepared = prepare(model, fold=options.fold, fp16=options.fp16)
     dynamic_batch = options.dynamic_batch
+    example = example_input(spec, dynamic_batch)
+    prepared = prepare(model, fold=options.fold, fp16=options.fp16, example=example)
     with quiet(not options.verbose):
         try:
-            exported = steps.export(prepared.module, example_input(spec, dynamic_batch))
+            exported = steps.export(prepared.module, example)
         except ExportError:
             raise
         except Exception as exc:  # the exporters raise many types; all become one clear error

@@ -507,6 +507,22 @@ def import_class(ref: str) -> Any:
     return obj
 
 
+def load_batchnorms(declarations: Sequence[str] | None) -> dict[type, Any]:
+    """`--batchnorm CLASS=ADAPTER` declarations as `bnfold.fold`'s `batchnorms=` mapping: CLASS and
+    ADAPTER are FILE.py:NAME or package.module:NAME, the adapter a function `module -> BNStats`."""
+    found: dict[type, Any] = {}
+    for text in declarations or ():
+        cls_ref, sep, fn_ref = text.partition("=")
+        if not sep or not cls_ref.strip() or not fn_ref.strip():
+            raise LoaderError(f"--batchnorm {text!r}: expected CLASS=ADAPTER, e.g. "
+                              "--batchnorm my_layers.py:MyBN=my_layers.py:read_bn (ADAPTER: module -> bnfold.BNStats)")
+        cls, fn = import_class(cls_ref.strip()), import_class(fn_ref.strip())
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise LoaderError(f"--batchnorm {text!r}: {cls_ref.strip()!r} is not an nn.Module class")
+        found[cls] = fn
+    return found
+
+
 def build_class(ref: str, args: Any) -> tuple[nn.Module, str]:
     """An untrained module from `ref` and its arguments, and how it was built (for messages)."""
     if ref.startswith("torchvision:"):
@@ -620,4 +636,4 @@ def _class_name(module: nn.Module) -> str:
 
 
 __all__ = ["KINDS", "LoadedModel", "LoaderError", "build_class", "check_input_shape", "detect_kind",
-           "example_shape", "import_class", "is_onnx_file", "load_model"]
+           "example_shape", "import_class", "is_onnx_file", "load_batchnorms", "load_model"]
