@@ -88,6 +88,7 @@ class Backend:
     versus_eager: str | None = None            # label of its "<x> vs eager" speed-up, if any
     # Further speed-ups: (label, baseline backend, candidate backend), on each device.
     speedups: tuple[tuple[str, str, str], ...] = field(default_factory=tuple)
+    label: str = ""                            # the name people know it by, for charts and tables
 
     @property
     def in_process(self) -> bool:
@@ -314,39 +315,51 @@ def _measure_http(ctx: BackendContext, device: str, seconds: float) -> list[Benc
 
 
 # ---------------------------------------------------------------------------------------------
-# The table. Order is the order of the report's rows and speed-ups.
+# The table. Order is the order of the report's rows and speed-ups. A backend's key is what
+# --backends takes; its label is what a reader knows it as (charts and report tables).
 
 BACKENDS: dict[str, Backend] = {
-    "eager": Backend("the checkpoint's eval-mode module, BatchNorm unfolded", _build_eager),
+    "eager": Backend("the checkpoint's eval-mode module, BatchNorm unfolded", _build_eager, label="PyTorch eager"),
     "folded": Backend("bnfold.fold of the same module", _build_folded,
-                      versus_eager="folded vs unfolded eager"),
+                      versus_eager="folded vs unfolded eager", label="PyTorch eager, BN folded"),
     "torchscript": Backend("exported TorchScript file (folded) loaded with torch.jit.load", _build_torchscript,
-                           needs="torchscript", versus_eager="torchscript vs eager"),
+                           needs="torchscript", versus_eager="TorchScript vs eager", label="TorchScript"),
     "program": Backend("exported torch.export file (folded) loaded with torch.export.load", _build_program,
-                       needs="program", versus_eager="program vs eager"),
+                       needs="program", versus_eager="torch.export vs eager", label="torch.export"),
     "compile": Backend("torch.compile (inductor) of the unfolded module", _build_compile, default=False,
-                       versus_eager="compile vs eager"),
+                       versus_eager="torch.compile vs eager", label="torch.compile"),
     "ort": Backend("onnxruntime, numpy in and numpy out (host to host)", _build_ort("onnx"), needs="onnx",
-                   with_on_cuda=("ort-iobinding", "ort-cudagraph"), versus_eager="ort vs eager"),
+                   with_on_cuda=("ort-iobinding", "ort-cudagraph"), versus_eager="ort vs eager", label="onnxruntime"),
     "ort-iobinding": Backend("onnxruntime CUDA, input and output bound on the device (IO binding)",
                              lambda ctx, d, b: _build_ort_bound(ctx, d, b, cuda_graph=False),
                              needs="onnx", requestable=False, versus_eager="ort-iobinding vs eager",
-                             speedups=(("ort IO binding vs ort host-to-host", "ort", "ort-iobinding"),)),
+                             speedups=(("ort IO binding vs ort host-to-host", "ort", "ort-iobinding"),),
+                             label="onnxruntime, IO binding"),
     "ort-cudagraph": Backend("onnxruntime CUDA with enable_cuda_graph, IO binding, batch dimension pinned",
                              lambda ctx, d, b: _build_ort_bound(ctx, d, b, cuda_graph=True),
                              needs="onnx", requestable=False, versus_eager="ort-cudagraph vs eager",
-                             speedups=(("ort CUDA graph vs ort IO binding", "ort-iobinding", "ort-cudagraph"),)),
+                             speedups=(("ort CUDA graph vs ort IO binding", "ort-iobinding", "ort-cudagraph"),),
+                             label="onnxruntime, CUDA graph"),
     "ort-int8": Backend("onnxruntime CPU on model.int8.onnx (QDQ, calibrated, accuracy-gated), host to host",
                         _build_ort("int8"), needs="int8", default=False, versus_eager="ort-int8 vs eager",
-                        speedups=(("ort INT8 vs ort FP32", "ort", "ort-int8"),)),
+                        speedups=(("ort INT8 vs ort FP32", "ort", "ort-int8"),), label="onnxruntime INT8"),
     "ort-fp16": Backend("onnxruntime on model.fp16.onnx (float16 weights, float32 edges), host to host",
                         _build_ort("fp16"), needs="fp16", default=False, versus_eager="ort-fp16 vs eager",
-                        speedups=(("ort FP16 vs ort FP32", "ort", "ort-fp16"),)),
+                        speedups=(("ort FP16 vs ort FP32", "ort", "ort-fp16"),), label="onnxruntime FP16"),
     "http": Backend("bnfold serve on loopback, one connection, binary tensors (bench.loadtest)",
                     measure_apart=_measure_http, needs="onnx",
-                    speedups=(("ort vs http, in-process against one HTTP hop", "http", "ort"),)),
-    "http-8conn": Backend("bnfold serve on loopback, eight connections (bench.loadtest)", requestable=False),
+                    speedups=(("ort vs http, in-process against one HTTP hop", "http", "ort"),),
+                    label="HTTP, 1 connection"),
+    "http-8conn": Backend("bnfold serve on loopback, eight connections (bench.loadtest)", requestable=False,
+                          label="HTTP, 8 connections"),
 }
+
+
+def backend_label(name: str) -> str:
+    """The name a reader knows a backend by ("program" is torch.export); an unknown name as given."""
+    backend = BACKENDS.get(name)
+    return backend.label if backend is not None and backend.label else name
+
 
 # What a caller can ask for; on CUDA, "ort" also yields the IO-binding and CUDA-graph rows, and
 # "http" yields a latency row ("http") and an 8-connection throughput row ("http-8conn").
@@ -373,4 +386,4 @@ def expand(backends: list[str] | tuple[str, ...], device: str) -> list[str]:
 
 
 __all__ = ["BACKENDS", "DEFAULT_BACKENDS", "DEVICES", "REQUESTABLE", "Backend", "BackendContext", "Unavailable",
-           "bound_runner", "check_cuda_ort", "requestable", "check_cuda_torch", "expand", "torch_call", "torch_input"]
+           "backend_label", "bound_runner", "check_cuda_ort", "requestable", "check_cuda_torch", "expand", "torch_call", "torch_input"]

@@ -20,9 +20,9 @@ from bnfold.bench.run import BenchResult
 from bnfold.bench.timing import BenchRow
 from bnfold.models.plotting import pyplot
 
+from .backends import backend_label
+
 LATENCY_CHART = "latency.png"
-# Largest p90 over smallest p50 beyond which the latency chart's axis is logarithmic.
-WIDE_SPREAD = 10.0
 THROUGHPUT_CHART = "throughput.png"
 
 
@@ -41,6 +41,12 @@ def _ms(value: float | None) -> str:
 
 def _rate(value: float | None) -> str:
     return "–" if value is None else f"{value:,.0f}"
+
+
+def _named(backend: str) -> str:
+    """A table's backend cell: the name people know, then the `--backends` key where they differ."""
+    label = backend_label(backend)
+    return label if label == backend else f"{label} (`{backend}`)"
 
 
 def _title(env: dict[str, Any]) -> str:
@@ -83,7 +89,7 @@ def latency_table(result: BenchResult, batch_size: int = 1) -> str:
         status = row.status if row.ok else f"{row.status} (reason below)"
         if row.warning:
             status += f" ⚠ {row.warning}"
-        lines.append(f"| {row.backend} | {row.device} | {_ms(row.p50_ms)} | {_ms(row.p90_ms)} | "
+        lines.append(f"| {_named(row.backend)} | {row.device} | {_ms(row.p50_ms)} | {_ms(row.p90_ms)} | "
                      f"{_ms(row.p99_ms)} | {_ms(row.mean_ms)} | {row.iterations} | {status} |")
     return "\n".join(lines)
 
@@ -109,7 +115,7 @@ def throughput_table(result: BenchResult) -> str:
             row = result.row(backend, device, b)
             cells.append(_rate(row.items_per_s) if row is not None and row.ok else "–")
         if any(c != "–" for c in cells):
-            lines.append(f"| {backend} | {device} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_named(backend)} | {device} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -127,7 +133,7 @@ def not_measured_table(result: BenchResult) -> str:
         return "_Every requested row was measured._"
     lines = ["| device | backends | batch sizes | status | reason |", "|---|---|---|---|---|"]
     for (device, status, reason), group in groups.items():
-        lines.append(f"| {device} | {', '.join(group['backends'])} | "
+        lines.append(f"| {device} | {', '.join(_named(b) for b in group['backends'])} | "
                      f"{', '.join(str(b) for b in sorted(group['sizes']))} | {status} | {reason.replace('|', '/')} |")
     return "\n".join(lines)
 
@@ -137,7 +143,7 @@ def notes_table(result: BenchResult) -> str:
     lines = ["| backend | what is timed |", "|---|---|"]
     for backend in seen:
         note = next((r.note for r in result.rows if r.backend == backend and r.note), "")
-        lines.append(f"| {backend} | {note} |")
+        lines.append(f"| {_named(backend)} | {note} |")
     return "\n".join(lines)
 
 
@@ -167,28 +173,48 @@ def render_markdown(result: BenchResult, chart_names: list[str] | None = None, *
 # Charts
 
 
-def latency_scale(rows: list[BenchRow]) -> str:
-    """"log" when the largest p90 is over `WIDE_SPREAD` times the smallest p50, else "linear".
+def _threads(env: dict[str, Any]) -> str:
+    n = env.get("threads")
+    return f"{n} thread" if n == 1 else f"{n} threads"
 
-    A fast ONNX row beside a slow eager one, or p90 whiskers far past p50 on a busy machine: on a
-    linear axis the short bars vanish.
-    """
-    lows = [r.p50_ms for r in rows if r.p50_ms]
-    highs = [max(r.p90_ms or 0.0, r.p50_ms) for r in rows if r.p50_ms]  # type: ignore[type-var]
-    return "log" if lows and max(highs) / min(lows) > WIDE_SPREAD else "linear"
+
+def _versus(p50: float, baseline: float | None) -> str:
+    """A row's p50 against the baseline's, in words a reader does not have to invert."""
+    if baseline is None:
+        return ""
+    ratio = baseline / p50
+    if abs(ratio - 1) < 0.005:
+        return "same as eager"
+    return f"{ratio:.2f}x faster than eager" if ratio > 1 else f"{1 / ratio:.2f}x slower than eager"
 
 
 def plot_latency(result: BenchResult, path: Path) -> Path:
-    """Horizontal bars of batch-1 p50 per backend, one colour per device, whiskers up to p90."""
+    """latency.png: `latency_figure`, saved."""
     plt = pyplot()
-    # The 8-connection row is a throughput figure (latency under load), not a batch-1 latency.
-    rows = [r for r in result.rows if r.batch_size == 1 and r.ok and r.p50_ms and r.backend != "http-8conn"]
+    fig = latency_figure(result)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def latency_figure(result: BenchResult) -> Any:
+    """Horizontal bars of batch-1 p50 per backend and device on a linear axis from 0, whiskers to p90.
+
+    Each bar has its p50 written beside it and its ratio to eager on the same device, so that the
+    reader gets the figures without reading them off an axis (a logarithmic axis made bar lengths
+    lie about ratios). The 8-connection HTTP row is drawn too: its p50 is the latency under that
+    load, and its requests per second are written beside it.
+    """
+    plt = pyplot()
+    rows = [r for r in result.rows if r.batch_size == 1 and r.ok and r.p50_ms]
     backends = list(dict.fromkeys(r.backend for r in rows))
     devices = list(dict.fromkeys(r.device for r in rows)) or ["cpu"]
     height = 0.8 / len(devices)
-    fig, ax = plt.subplots(figsize=(8, 0.5 * max(len(backends), 2) * max(len(devices), 1) + 1.5))
+    fig, ax = plt.subplots(figsize=(9, 0.55 * max(len(backends), 2) * max(len(devices), 1) + 1.6))
+    right = max([max(r.p90_ms or 0.0, r.p50_ms) for r in rows], default=1.0)  # type: ignore[type-var]
     for i, device in enumerate(devices):
-        ys, p50s, whiskers = [], [], []
+        eager = next((r.p50_ms for r in rows if r.backend == "eager" and r.device == device), None)
+        ys, p50s, whiskers, texts = [], [], [], []
         for j, backend in enumerate(backends):
             row = next((r for r in rows if r.backend == backend and r.device == device), None)
             if row is None:
@@ -196,26 +222,33 @@ def plot_latency(result: BenchResult, path: Path) -> Path:
             ys.append(j + (i - (len(devices) - 1) / 2) * height)
             p50s.append(row.p50_ms)
             whiskers.append(max((row.p90_ms or row.p50_ms) - row.p50_ms, 0.0))  # type: ignore[operator]
+            words = [f"{_ms(row.p50_ms)} ms"]
+            if backend == "http-8conn":
+                words.append(f"p50 under load, {_rate(row.items_per_s)} requests/s")
+            elif backend != "eager":
+                words.append(_versus(row.p50_ms, eager))  # type: ignore[arg-type]
+            if row.warning:
+                words.append("noisy, see report.md")
+            texts.append(", ".join(w for w in words if w))
         if ys:
             ax.barh(ys, p50s, height=height, xerr=[[0] * len(ys), whiskers], capsize=3, label=device)
-            for y, v, w in zip(ys, p50s, whiskers):
-                ax.text(v + w, y, f"  {_ms(v)}", va="center", fontsize=8)
-    ax.set_yticks(range(len(backends)), backends)
+            for y, v, w, text in zip(ys, p50s, whiskers, texts):
+                ax.text(v + w + right * 0.01, y, text, va="center", fontsize=8)
+    ax.set_yticks(range(len(backends)), [backend_label(b) for b in backends])
     ax.invert_yaxis()
-    ax.set_xscale(latency_scale(rows))
-    ax.set_xlabel("latency at batch size 1, ms (bar: p50, whisker: p90)")
+    ax.set_xlim(0, right * 1.75)   # room on the right for the written figures
+    ax.set_xlabel("latency at batch size 1, ms (bar: p50, whisker: p90; linear axis from 0)")
     env = result.environment
     ax.set_title(f"{_title(env)}: {env.get('cpu')}" + (f" / {env['gpu']}" if env.get("gpu") else "")
-                 + f", {env.get('threads')} threads", fontsize=9)
-    ax.legend(title="device", fontsize=8)
-    skipped = sorted({f"{r.backend}@{r.device}" for r in result.rows if r.batch_size == 1 and not r.ok})
+                 + f", {_threads(env)}", fontsize=9)
+    ax.legend(title="device", fontsize=8, loc="upper right")
+    skipped = sorted({f"{backend_label(r.backend)} on {r.device}" for r in result.rows
+                      if r.batch_size == 1 and not r.ok})
     if skipped:
-        fig.text(0.01, 0.005, "not measured (see report.md): " + ", ".join(skipped), fontsize=6,
+        fig.text(0.01, 0.005, "not measured (reasons in report.md): " + "; ".join(skipped), fontsize=7,
                  wrap=True, va="bottom")
-    fig.tight_layout(rect=(0, 0.04 if skipped else 0, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    fig.tight_layout(rect=(0, 0.05 if skipped else 0, 1, 1))
+    return fig
 
 
 def plot_throughput(result: BenchResult, path: Path) -> Path:
@@ -228,14 +261,14 @@ def plot_throughput(result: BenchResult, path: Path) -> Path:
                         if (r.backend, r.device) == (backend, device) and r.ok and r.items_per_s)
         if points:
             xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", label=f"{backend} ({device})")
+            ax.plot(xs, ys, marker="o", label=f"{backend_label(backend)} ({device})")
     sizes = sorted({r.batch_size for r in result.rows})
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel("batch size")
     ax.set_ylabel("items / s (batch size / mean latency)")
-    ax.set_title(f"{_title(result.environment)}, {result.environment.get('threads')} threads", fontsize=9)
+    ax.set_title(f"{_title(result.environment)}, {_threads(result.environment)}", fontsize=9)
     if ax.lines:
         ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
@@ -293,4 +326,4 @@ def summary_lines(result: BenchResult) -> list[str]:
 
 
 __all__ = ["ReportFiles", "write_report", "render_markdown", "latency_table", "speedup_table",
-           "throughput_table", "environment_table", "summary_lines", "plot_latency", "plot_throughput", "latency_scale"]
+           "throughput_table", "environment_table", "summary_lines", "plot_latency", "latency_figure", "plot_throughput"]

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from bnfold.bench.report import latency_scale, summary_lines
+from bnfold.bench.report import summary_lines
 from bnfold.bench.run import BenchResult, Speedup, flag_untrustworthy
 from bnfold.bench.timing import BenchRow
 from bnfold.cli import main
@@ -91,12 +91,6 @@ def test_noisy_rows_and_busy_machines_are_flagged_not_reported_as_results():
     text = "\n".join(summary_lines(result))
     assert "(from a noisy row: not a result)" in text and "load average 9.5" in text
     assert flag_untrustworthy(rows[:1], {"load_average": [0.5, 0.5, 0.5], "cpus_available": 2}, 30) == ""
-
-
-def test_latency_axis_turns_logarithmic_when_the_spread_is_wide():
-    close = [BenchRow("eager", "cpu", 1, p50_ms=1.0, p90_ms=1.3), BenchRow("ort", "cpu", 1, p50_ms=0.4, p90_ms=0.5)]
-    wide = [BenchRow("eager", "cpu", 1, p50_ms=1.0, p90_ms=100.0), BenchRow("ort", "cpu", 1, p50_ms=0.4, p90_ms=0.5)]
-    assert latency_scale(close) == "linear" and latency_scale(wide) == "log"
 
 
 def test_a_fixed_batch_program_is_told_to_export_with_static_batch_and_reuse_the_folder(tmp_path, capsys):
