@@ -67,6 +67,11 @@ def serve(config: ServeConfig) -> int:
     connection limits of `config` (see serve.connection), its own access log off (the app
     writes JSON lines instead).
     """
+    if config.ray is not None:   # the same app as replicas on a Ray cluster (serve.ray_app); returns once RUNNING
+        from bnfold.serve.ray_app import deploy
+
+        deploy(config)
+        return 0
     import uvicorn
 
     from bnfold.serve.app import create_app
