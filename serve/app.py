@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Mapping
@@ -30,13 +31,14 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 from bnfold.models.spec import triton_model_config
 from bnfold.serve import images
 from bnfold.serve.config import ServeConfig
+from bnfold.serve.decoding import PixelBudget, decode_pool
 from bnfold.serve.errors import ServeError, client_text, limit_error
-from bnfold.serve.openapi import PREDICTIONS_DOC, docs_html, infer_doc, ok, openapi_document
+from bnfold.serve.openapi import DOCS_HEADERS, PREDICTIONS_DOC, docs_html, infer_doc, ok, openapi_document
 from bnfold.serve.page import PageAssets
 from bnfold.serve.protocol import RequestParser, ResponseEncoder, parse_header_length
 from bnfold.serve.repository import load_models
 from bnfold.serve.routes import Request, Response, Route, Router
-from bnfold.serve.runtime import V2_TO_NUMPY, Runtime
+from bnfold.serve.runtime import V2_TO_NUMPY, Runtime, available_cpus
 from bnfold.versions import __version__
 
 Scope = dict[str, Any]
@@ -50,8 +52,9 @@ EXTENSIONS = ["binary_tensor_data", "classification", "statistics"]
 log = logging.getLogger("bnfold.serve")
 
 _JSON = [(b"content-type", b"application/json")]
-_HTML = [(b"content-type", b"text/html; charset=utf-8")]
 _OCTET = b"application/octet-stream"
+# Of a runtime's details(), what the model metadata document shows clients.
+_CLIENT_DETAILS = ("metadata",)
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                     0.5, 1.0, 2.5, 10.0)
 
@@ -159,6 +162,7 @@ class InferenceApp:
 
     def __init__(self, models: Mapping[str, Runtime], *, max_body_bytes: int = 16 << 20,
                  max_multipart_parts: int = 16, max_pending_bytes: int = 128 << 20,
+                 max_decode_pixels: int = 48_000_000, decode_wait: float = 30.0, decode_workers: int = 2,
                  access_log: AccessLog | None = None, routes: list[Route] | None = None) -> None:
         if not models:
             raise ServeError("no models to serve", status=500)
@@ -169,8 +173,14 @@ class InferenceApp:
         # connections each sending 16 MB held 8 GB (40 held 600 MB, and glibc kept it afterwards).
         # The default, 128 MB, is also what the loop can get through at once: 17 bodies of 15 MB
         # finishing together (256 MB) kept a health check waiting 1.2 s, at ~65 ms of loop each.
+        # Counted as bytes arrive and as they are inflated, never from a Content-Length: eight
+        # idle connections declaring 16 MB each once locked every other client out.
         self.max_pending_bytes = max_pending_bytes
         self.pending_bytes = 0
+        self._pending_lock = threading.Lock()   # inflating takes its share from a decoding thread
+        # Decoded images: pixels held at once, and their own threads (serve.decoding).
+        self.pixels = PixelBudget(max_decode_pixels, decode_wait)
+        self.decode_pool = decode_pool(decode_workers)
         self.access_log = access_log if access_log is not None else AccessLog()
         self.metrics = _Metrics(self.models)
         self.parsers = {name: RequestParser(m) for name, m in self.models.items()}
@@ -198,10 +208,15 @@ class InferenceApp:
     # ------------------------------------------------------------------ metadata documents
     @staticmethod
     def _metadata(m: Runtime) -> dict[str, Any]:
+        # What a client needs to call the model, and the model file's own metadata (fold summary,
+        # parity; the page's cards show it); nothing of the host: the file's path, thread count and
+        # providers are in the start-up log only.
+        details = m.details()
         return {"name": m.name, "versions": [m.version], "platform": m.platform,
                 "inputs": [t.to_dict() for t in m.inputs], "outputs": [t.to_dict() for t in m.outputs],
                 "parameters": {"device": m.device, "max_batch_size": m.max_batch_size,
-                               "spec": m.spec.to_dict() if m.spec is not None else None, **m.details()}}
+                               "spec": m.spec.to_dict() if m.spec is not None else None,
+                               **{k: details[k] for k in _CLIENT_DETAILS if k in details}}}
 
     @staticmethod
     def _config(m: Runtime) -> dict[str, Any]:
@@ -245,6 +260,7 @@ class InferenceApp:
                 if self._flusher is not None:
                     self._flusher.cancel()
                 self.access_log.flush()
+                self.decode_pool.shutdown(wait=False)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -261,6 +277,12 @@ class InferenceApp:
         model_name = None
         request = None
         try:
+            if b"%" in scope.get("raw_path", b"") and b"%2f" in scope["raw_path"].lower():
+                # uvicorn decodes %2F into the path, where it would read as a separator. No name here
+                # holds a '/' (models, versions, static files), so such a path names nothing.
+                raise ServeError(f"no route for {method} {scope['raw_path'][:200].decode('latin-1')}: an "
+                                 f"encoded '/' (%2F) is not a path separator, and no name here contains one",
+                                 status=404)
             route, params = self.router.match(method, path)
             model_name = params.get("model")
             request = Request(method, path, scope, receive, params)
@@ -275,10 +297,11 @@ class InferenceApp:
             log.exception("unexpected error serving %s %s", method, path[:200])
             status, headers, body = 500, _JSON, _error(f"internal error ({type(exc).__name__}); see the server log")
         finally:
-            if request is not None:
-                self.pending_bytes -= request.reserved   # the handler is done with its body
-        await send({"type": "http.response.start", "status": status,
-                    "headers": headers + [(b"content-length", str(len(body)).encode())]})
+            if request is not None and request.reserved:
+                with self._pending_lock:
+                    self.pending_bytes -= request.reserved   # the handler is done with its body
+        await send({"type": "http.response.start", "status": status,   # a 304 has no length of its own
+                    "headers": headers + [(b"content-length", str(len(body)).encode())] if status != 304 else headers})
         await send({"type": "http.response.body", "body": body})
         elapsed = time.perf_counter() - start
         if route is not None and route.endpoint is not None:
@@ -325,13 +348,13 @@ class InferenceApp:
         return 200, _JSON, self._openapi
 
     async def docs_page(self, request: Request) -> Response:
-        return 200, _HTML, self._docs
+        return 200, DOCS_HEADERS, self._docs
 
     async def page_index(self, request: Request) -> Response:
-        return self._page.index()
+        return self._page.index(request.header(b"if-none-match"))
 
     async def page_static(self, request: Request) -> Response:
-        return self._page.get(request.params["file"])
+        return self._page.get(request.params["file"], request.header(b"if-none-match"))
 
     async def infer(self, request: Request) -> Response:
         name = request.model
@@ -339,9 +362,11 @@ class InferenceApp:
         body = await self._read_body(request)
         encoding = request.header(b"content-encoding")
         if encoding is not None and encoding.strip().lower() not in (b"", b"identity"):
-            # Inflating is CPU work proportional to the output (up to the body limit): off the loop.
-            body = await asyncio.get_running_loop().run_in_executor(None, inflate, body, encoding,
-                                                                    self.max_body_bytes)
+            # Inflating is CPU work proportional to the output (up to the body limit): off the loop,
+            # its output counted against --max-pending-mb as it grows.
+            body = await asyncio.get_running_loop().run_in_executor(
+                self.decode_pool, inflate, body, encoding, self.max_body_bytes,
+                lambda size: self._reserve(request, size))
         header_length = parse_header_length(request.header(b"inference-header-content-length"), len(body))
         parsed = self.parsers[name].parse(body, header_length)
         results = await self._run(model, parsed.array)
@@ -364,10 +389,16 @@ class InferenceApp:
         k = images.parse_top_k(request.scope.get("query_string", b""), max(1, len(spec.labels)))
         body = await self._read_body(request)
         content_type = request.header(b"content-type")
-        # Multipart splitting, image decoding and preprocessing are blocking: a worker thread does them.
-        x = await asyncio.get_running_loop().run_in_executor(
-            None, images.prepare_upload, body, content_type.decode("latin-1") if content_type else None,
-            spec, V2_TO_NUMPY[model.inputs[0].datatype], self.max_multipart_parts)
+        # Multipart splitting, image decoding and preprocessing are blocking: the decoding threads do
+        # them, the header first, then the pixels once the budget has room for them (serve.decoding).
+        loop = asyncio.get_running_loop()
+        image = await loop.run_in_executor(self.decode_pool, images.open_upload, body,
+                                           content_type.decode("latin-1") if content_type else None,
+                                           self.max_multipart_parts)
+        async with self.pixels.hold(image.width * image.height):
+            x = await loop.run_in_executor(self.decode_pool, images.upload_to_input, image, spec,
+                                           V2_TO_NUMPY[model.inputs[0].datatype])
+        del image
         model_start = time.perf_counter()
         logits = (await self._run(model, x))[0]
         model_ms = (time.perf_counter() - model_start) * 1e3
@@ -388,14 +419,14 @@ class InferenceApp:
                 raise ServeError(f"Content-Length must be an integer, got {declared[:40]!r}")
             if size > limit:
                 raise limit_error(f"request body of {size} bytes", f"{limit} bytes", "--max-body-mb")
-            self._reserve(request, size)   # all of it up front: refused before any of it is read
+        # What arrives is counted against --max-pending-mb, not what Content-Length promises: until
+        # the handler reads, uvicorn holds at most 64 KB of a body and stops reading the socket.
         receive = request.receive
         message = await receive()
         if message["type"] == "http.disconnect":
             raise _Disconnected
         body = message.get("body", b"")
-        if declared is None:
-            self._reserve(request, len(body))
+        self._reserve(request, len(body))
         if not message.get("more_body", False):
             return body
         chunks = [body]
@@ -408,19 +439,25 @@ class InferenceApp:
             size += len(chunk)
             if size > limit:
                 raise limit_error("request body", f"{limit} bytes", "--max-body-mb")
-            if declared is None:   # chunked: counted as it arrives
-                self._reserve(request, len(chunk))
+            self._reserve(request, len(chunk))
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
     def _reserve(self, request: Request, size: int) -> None:
-        """Count `size` body bytes against --max-pending-mb (503 past it); _http gives them back."""
-        if self.pending_bytes + size > self.max_pending_bytes:
-            raise limit_error(f"request bodies held at once ({self.pending_bytes} bytes, and {size} more for "
-                              f"this one)", f"{self.max_pending_bytes} bytes", "--max-pending-mb", status=503)
-        self.pending_bytes += size
-        request.reserved += size
+        """Count `size` body bytes against --max-pending-mb (503 past it); _http gives them back.
+
+        Called on the event loop for received bytes and from a decoding thread for inflated ones.
+        """
+        with self._pending_lock:
+            if self.pending_bytes + size > self.max_pending_bytes:
+                held = self.pending_bytes
+            else:
+                self.pending_bytes += size
+                request.reserved += size
+                return
+        raise limit_error(f"request bodies held at once ({held} bytes, and {size} more for this one)",
+                          f"{self.max_pending_bytes} bytes", "--max-pending-mb", status=503)
 
     async def _run(self, model: Runtime, x: np.ndarray) -> list[np.ndarray]:
         # Decided per request: a batch the model runs in under INLINE_THRESHOLD_MS stays on the
@@ -437,12 +474,14 @@ _MAX_GZIP_MEMBERS = 1000
 _FEED_BYTES = 64 * 1024
 
 
-def inflate(body: bytes, encoding: bytes, limit: int) -> bytes:
+def inflate(body: bytes, encoding: bytes, limit: int, hold: Callable[[int], None] | None = None) -> bytes:
     """A gzip/deflate body (tritonclient's request_compression_algorithm), inflated to at most `limit` bytes.
 
     zlib stops at `limit + 1` bytes of output in all, so a bomb costs at most that much memory and
     time before it is refused. A gzip body may hold several members (their contents are joined);
     bytes after a deflate stream, or after a member that are not another member, are refused.
+    `hold(n)` is told of each piece of output before it is kept (the app's pending-bytes budget,
+    which raises when full).
     """
     kind = encoding.strip().lower()
     if kind == b"gzip":
@@ -469,6 +508,8 @@ def inflate(body: bytes, encoding: bytes, limit: int) -> bytes:
         if size > limit:
             raise limit_error(f"request body inflated from {len(body)} bytes ({name})", f"{limit} bytes",
                               "--max-body-mb")
+        if hold is not None:
+            hold(len(out))
         pieces.append(out)
         if inflater.eof:
             pos -= len(inflater.unused_data)   # fed, but after this stream's end
@@ -500,7 +541,9 @@ def create_app(config: ServeConfig, models: Mapping[str, Runtime] | None = None)
     access = config.access_log and config.log_level in ("debug", "info")
     return InferenceApp(models, max_body_bytes=config.max_body_bytes,
                         max_multipart_parts=config.max_multipart_parts,
-                        max_pending_bytes=config.max_pending_bytes, access_log=AccessLog(enabled=access))
+                        max_pending_bytes=config.max_pending_bytes,
+                        max_decode_pixels=config.max_decode_pixels,
+                        decode_workers=max(2, min(4, available_cpus())), access_log=AccessLog(enabled=access))
 
 
 def _give_spec(models: Mapping[str, Runtime], path: str | os.PathLike) -> None:

@@ -44,6 +44,7 @@ class ServeConfig:
     max_connections: int = 512           # open connections; more are answered 503 and closed
     max_multipart_parts: int = 16        # parts of a multipart/form-data upload
     max_pending_mb: float = 128.0        # request bodies held at once, all connections together
+    max_decode_mpx: float = 48.0         # image megapixels being decoded at once, all uploads together
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -54,19 +55,17 @@ class ServeConfig:
             raise ServeError(f"--port must be between 0 and 65535, got {self.port}")
         if self.grpc_port is not None and not (isinstance(self.grpc_port, int) and 0 <= self.grpc_port <= 65535):
             raise ServeError(f"--grpc-port must be between 0 and 65535, got {self.grpc_port}")
-        if self.threads is not None and self.threads < 1:
-            raise ServeError(f"--threads must be at least 1, got {self.threads}")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            # 100,000 threads hung start-up for minutes while onnxruntime created them
+            raise ServeError(f"--threads must be at least 1 and at most {MAX_THREADS}, got {self.threads}")
         if self.cuda_graph and self.device != "cuda":
             raise ServeError("--cuda-graph needs --device cuda")
-        if self.max_batch_size is not None and self.max_batch_size < 1:
-            raise ServeError(f"--max-batch-size must be at least 1, got {self.max_batch_size}")
-        for option, value in [("--max-body-mb", self.max_body_mb), ("--max-header-kb", self.max_header_kb),
-                              ("--max-headers", self.max_headers), ("--request-timeout", self.request_timeout),
-                              ("--keep-alive", self.keep_alive), ("--max-connections", self.max_connections),
-                              ("--max-multipart-parts", self.max_multipart_parts),
-                              ("--max-pending-mb", self.max_pending_mb)]:
-            if not value > 0:   # also refuses NaN
-                raise ServeError(f"{option} must be positive, got {value}")
+        if self.max_batch_size is not None and not 1 <= self.max_batch_size <= 1 << 24:
+            raise ServeError(f"--max-batch-size must be at least 1 and at most {1 << 24}, got {self.max_batch_size}")
+        for name, (option, most) in LIMIT_BOUNDS.items():
+            value = getattr(self, name)
+            if not 0 < value <= most:   # also refuses NaN and infinity
+                raise ServeError(f"{option} must be positive and at most {most}, got {value}")
 
     @property
     def max_body_bytes(self) -> int:
@@ -79,6 +78,22 @@ class ServeConfig:
     @property
     def max_header_bytes(self) -> int:
         return int(self.max_header_kb * 1024)
+
+    @property
+    def max_decode_pixels(self) -> int:
+        return int(self.max_decode_mpx * 1_000_000)
+
+
+MAX_THREADS = 1024
+# Each limit's option and largest value, checked when the config is made (at parse time): far above
+# any real need, and low enough that the byte counts stay exact integers (1e308 MB was a traceback).
+LIMIT_BOUNDS: dict[str, tuple[str, float]] = {
+    "max_body_mb": ("--max-body-mb", 4096), "max_header_kb": ("--max-header-kb", 1024),
+    "max_headers": ("--max-headers", 10_000), "request_timeout": ("--request-timeout", 86_400),
+    "keep_alive": ("--keep-alive", 86_400), "max_connections": ("--max-connections", 1_000_000),
+    "max_multipart_parts": ("--max-multipart-parts", 10_000), "max_pending_mb": ("--max-pending-mb", 1_000_000),
+    "max_decode_mpx": ("--max-decode-mpx", 100_000),
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -103,7 +118,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "what tritonclient.grpc speaks) on this port, in the same process with the same "
                         "models and limits; 0 picks a free port (printed at start); default: no gRPC")
     p.add_argument("--threads", type=int, default=None,
-                   help="onnxruntime intra-op threads (default: the CPUs this process may use)")
+                   help="onnxruntime intra-op threads, 1 to 1024 (default: the CPUs this process may use)")
     p.add_argument("--cuda-graph", action="store_true", help="capture a CUDA graph for the fixed batch-1 shape")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="server log level")
     p.add_argument("--no-access-log", action="store_true", help="do not write the JSON-lines access log to stderr")
@@ -125,8 +140,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-multipart-parts", type=int, default=16,
                         help="parts in a multipart/form-data image upload (413 beyond)")
     limits.add_argument("--max-pending-mb", type=float, default=128.0,
-                        help="request bodies held in memory at once, all connections together: a body that "
-                             "would pass this is answered 503 (each may be up to --max-body-mb)")
+                        help="request bodies held in memory at once, all connections together, counted as "
+                             "they arrive and as they are inflated: a body that would pass this is answered "
+                             "503 (each may be up to --max-body-mb)")
+    limits.add_argument("--max-decode-mpx", type=float, default=48.0,
+                        help="image megapixels being decoded at once, all /predictions uploads together (a "
+                             "pixel costs 2 to 8 bytes while decoding): an upload waits for room, up to 30 s, "
+                             "then 503; an image larger than this (or than 40 megapixels) is answered 413")
 
 
 def from_args(args: argparse.Namespace) -> ServeConfig:

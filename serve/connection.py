@@ -3,13 +3,17 @@
 Two jobs, both per connection and cheap on the hot path (a few attribute writes per request):
 
 - **Limits.** The request line and headers are capped in bytes and in count (431), counted as
-  they arrive, before httptools has buffered more than one read past the limit; a connection
+  they arrive, before httptools has buffered more than one read past the limit (a read that
+  ends one request and begins the next counts only from the next one's start); a connection
   must deliver a whole request within `request_timeout` seconds of its first byte (or of
   connecting), else it is answered 408 and closed; past `max_connections` open connections a new
   one is answered 503 and closed. A refused request is answered with `{"error": ...}` naming the
-  limit and the `bnfold serve` option that raises it, the connection is half-closed (the client
-  reads the answer; what it still sends is dropped), and each kind of refusal is logged, at most
-  one line per second with a count. Idle keep-alive connections are uvicorn's `timeout_keep_alive`.
+  limit and the `bnfold serve` option that raises it, after every answer to the requests that
+  came before it on the connection (pipelined), the connection is half-closed (the client reads
+  the answers; what it still sends is dropped), and each kind of refusal is logged, at most one
+  line per second with a count. A request line without an HTTP version (HTTP/0.9 to httptools)
+  is a 400, versions other than 1.0 and 1.1 a 505 (RFC 9110 15.6.6), transfer codings other than
+  `chunked` a 501 (RFC 9112 6.1). Idle keep-alive connections are uvicorn's `timeout_keep_alive`.
 - **One write per response.** uvicorn writes the status line and headers when the app sends
   `http.response.start`, and the body in a second `transport.write`. On loopback each write wakes
   the client, which often preempts the server only to find half a response: measured here, the
@@ -36,7 +40,9 @@ except ImportError:  # uvicorn without httptools support: serve.launch falls bac
 
 log = logging.getLogger("bnfold.serve")
 
-_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large",
+            501: b"Not Implemented", 503: b"Service Unavailable", 505: b"HTTP Version Not Supported"}
+_VERSIONS = ("1.1", "1.0")
 
 
 @dataclass(frozen=True)
@@ -67,28 +73,46 @@ class RefusalLog:
     def __init__(self, interval: float = 1.0) -> None:
         self.interval = interval
         self._pending: dict[str, int] = {}
+        self._messages: dict[str, str] = {}   # the latest message of each kind not yet logged
         self._last: dict[str, float] = {}
 
     def note(self, kind: str, message: str) -> None:
         self._pending[kind] = self._pending.get(kind, 0) + 1
+        self._messages[kind] = message
+        self._log_due(kind, time.monotonic())
+
+    def flush(self) -> None:
+        """Log the refusals counted but not yet logged whose interval has passed (the sweeper calls it)."""
         now = time.monotonic()
+        for kind in list(self._pending):
+            self._log_due(kind, now)
+
+    def _log_due(self, kind: str, now: float) -> None:
         if now - self._last.get(kind, 0.0) >= self.interval:
             count = self._pending.pop(kind)
             self._last[kind] = now
-            log.warning("refused %d connection(s): %s", count, message)
+            log.warning("refused %d connection(s): %s", count, self._messages.pop(kind))
 
 
 class _OneWriteTransport:
-    """Delegates to the real transport; a response head is held until the next write."""
+    """Delegates to the real transport; a response head is held until the next write.
 
-    __slots__ = ("_transport", "_held", "_loop")
+    After `write_eof` (a refusal's half-close) further writes are dropped: the transport would
+    raise `RuntimeError: Cannot call write() after write_eof()` in whatever task wrote.
+    """
+
+    __slots__ = ("_transport", "_held", "_loop", "_ended")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._held: bytes | None = None
         self._loop = loop
+        self._ended = False
 
     def write(self, data: bytes) -> None:
+        if self._ended:
+            log.debug("dropped %d bytes written after the connection was half-closed", len(data))
+            return
         held = self._held
         if held is not None:
             self._held = None
@@ -106,6 +130,11 @@ class _OneWriteTransport:
             self._held = None
             if not self._transport.is_closing():
                 self._transport.write(held)
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._ended = True
+        self._transport.write_eof()
 
     def close(self) -> None:
         self.flush()
@@ -130,8 +159,12 @@ if HttpToolsProtocol is not None:
             super().__init__(*args, **kwargs)
             self._deadline: float | None = None   # when the request in progress must be complete
             self._in_head = False                 # between a request's first byte and its headers' end
-            self._head_bytes = 0
+            self._head_bytes = 0                  # bytes of the head in progress, from reads after its first
+            self._head_began = False              # a head began during the read being parsed
+            self._read_bytes = 0                  # size of the read being parsed
             self._refused = False
+            self._running: Any = None             # the request cycle whose handler runs now
+            self._deferred: tuple[int, str] | None = None   # a refusal waiting for earlier answers
 
         # -------------------------------------------------------------- connection
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -156,6 +189,8 @@ if HttpToolsProtocol is not None:
             if self._refused:
                 return   # answered already; what the client still sends is dropped
             self._unset_keepalive_if_required()
+            self._head_began = False
+            self._read_bytes = len(data)
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserUpgrade:
@@ -172,9 +207,11 @@ if HttpToolsProtocol is not None:
                     # wrote a log line per request) and answers in plain text: rate-limited and JSON.
                     self._refuse(400, f"malformed HTTP request: {str(exc)[:100]}")
                 return
-            if self._in_head:
+            if self._in_head and not self._head_began:
                 # Count what httptools buffers for a head still incomplete, so a 64 MB header line
-                # is refused after one read past the limit, not after it has all arrived.
+                # is refused after one read past the limit, not after it has all arrived. The read in
+                # which a head begins may end an earlier request (its body, pipelined heads): it is
+                # not counted here, and a head complete within it is measured exactly when complete.
                 self._head_bytes += len(data)
                 if self._head_bytes > self.limits.max_header_bytes:
                     self._refuse(431, self._header_size_message())
@@ -185,6 +222,7 @@ if HttpToolsProtocol is not None:
             self._deadline = self.loop.time() + self.limits.request_timeout
             self._in_head = True
             self._head_bytes = 0
+            self._head_began = True
 
         # The URL and header bytes are counted in data_received (what arrives while the head is
         # incomplete), not per callback: an override of on_header would cost every request a
@@ -192,10 +230,39 @@ if HttpToolsProtocol is not None:
         # the byte limit bounds it.
         def on_headers_complete(self) -> None:
             self._in_head = False
-            if len(self.headers) > self.limits.max_headers:
-                raise _Refusal(431, f"request has {len(self.headers)} header fields, over the limit of "
+            headers = self.headers
+            if len(headers) > self.limits.max_headers:
+                raise _Refusal(431, f"request has {len(headers)} header fields, over the limit of "
                                     f"{self.limits.max_headers} (raise it with `bnfold serve --max-headers`)")
+            # Heads counted only in part (see data_received) are measured once, exactly, when they may
+            # be over: the line and each field with its ": " and CRLF.
+            if self._head_bytes + self._read_bytes > self.limits.max_header_bytes and \
+                    len(self.url) + sum(len(k) + len(v) + 4 for k, v in headers) > self.limits.max_header_bytes:
+                raise _Refusal(431, self._header_size_message())
+            version = self.parser.get_http_version()
+            if version not in _VERSIONS:
+                if version == "0.9":   # what httptools makes of a request line without a version
+                    raise _Refusal(400, "malformed HTTP request: the request line has no HTTP version (HTTP/0.9 "
+                                        "is not spoken here); end it with HTTP/1.1")
+                raise _Refusal(505, f"HTTP version {version} is not supported; this server speaks HTTP/1.1 "
+                                    f"(and 1.0)")
+            for name, value in headers:
+                if name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+                    # llhttp reads `gzip, chunked` as chunked and passes the gzip on untouched.
+                    raise _Refusal(501, f"Transfer-Encoding {value[:60].decode('latin-1')!r} is not supported; "
+                                        f"only chunked is (compress the body with Content-Encoding instead)")
             super().on_headers_complete()
+
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+            self._running = cycle
+            super()._start_asgi_task(cycle, app)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()   # starts the next pipelined request, if any
+            if self._deferred is not None and not self._answers_pending():
+                status, message = self._deferred
+                self._deferred = None
+                self._write_refusal(status, message)
 
         def on_message_complete(self) -> None:
             self._deadline = None
@@ -206,10 +273,34 @@ if HttpToolsProtocol is not None:
             return (f"request line and headers are over the limit of {self.limits.max_header_bytes} bytes "
                     f"(raise it with `bnfold serve --max-header-kb`)")
 
+        def _answers_pending(self) -> bool:
+            """Requests before the refused one still owe the client an answer (running or queued)."""
+            running = self._running
+            return bool(self.pipeline) or (running is not None and not running.response_complete
+                                           and not running.disconnected)
+
         def _refuse(self, status: int, message: str) -> None:
+            """Answer `status`, after the answers still owed to earlier requests, and half-close."""
             self._refused = True
             self._in_head = False
+            self._deadline = None
             self.refusals.note(f"status {status}", message)
+            cycle = self.cycle
+            if cycle is not None and cycle.more_body and not cycle.response_complete:
+                # The refused request is the one whose body was arriving (a malformed chunk): its
+                # handler gets a disconnect, and the refusal answers it.
+                cycle.disconnected = True
+                cycle.message_event.set()
+                if any(queued is cycle for queued, _ in self.pipeline):
+                    self.pipeline = type(self.pipeline)(e for e in self.pipeline if e[0] is not cycle)
+            if self._answers_pending():
+                self._deferred = (status, message)   # written by on_response_complete
+            else:
+                self._write_refusal(status, message)
+
+        def _write_refusal(self, status: int, message: str) -> None:
+            if self.transport.is_closing():
+                return
             self.transport.write(error_response(status, message))
             try:
                 self.transport.write_eof()   # half-close: the client reads the answer, we drop the rest
@@ -224,6 +315,7 @@ if HttpToolsProtocol is not None:
         def _sweep(cls, loop: asyncio.AbstractEventLoop, connections: set) -> None:
             """Close every connection whose request is overdue (408), then look again later."""
             now = loop.time()
+            cls.refusals.flush()
             for connection in list(connections):
                 deadline = getattr(connection, "_deadline", None)
                 if deadline is None or now < deadline or connection.transport.is_closing():

@@ -2,7 +2,9 @@
 
 The spec's `Preprocess` is replayed with PIL and numpy (no torchvision at serving time) by
 `models.preprocess_image`: convert to the mode, resize, center-crop, scale, normalize. All of it
-is blocking work: the app runs `prepare_upload` in a worker thread, never on the event loop.
+is blocking work, done in the decoding threads (`serve.decoding`), never on the event loop, in two
+steps: `open_upload` reads the image's header (its size, for the pixel budget) and
+`upload_to_input` decodes and preprocesses it. `prepare_upload` does both at once.
 """
 from __future__ import annotations
 
@@ -82,29 +84,61 @@ def _file_part(body: bytes, content_type: str, max_parts: int) -> bytes:
                      "(curl -F data=@digit.png)")
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """A PIL image from PNG/JPEG/... bytes; ServeError (400) when the bytes are not an image."""
+def _undecodable(data: bytes, reason: object) -> ServeError:
+    return ServeError(f"cannot decode the body as an image (expected PNG or JPEG; {len(data)} bytes "
+                      f"starting {data[:8]!r}): {reason}")
+
+
+def open_image(data: bytes) -> Image.Image:
+    """A PIL image from PNG/JPEG/... bytes, its header read and its pixels not yet decoded.
+
+    ServeError 400 when the bytes are not an image, 413 over `_MAX_PIXELS` (decompression bombs).
+    """
     try:
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-        if image.width * image.height > _MAX_PIXELS:
-            raise ServeError(f"image of {image.width}x{image.height} pixels is over the limit of "
-                             f"{_MAX_PIXELS} pixels", status=413)
-        image.load()
-    except ServeError:
-        raise
     except UnidentifiedImageError:   # its message holds the BytesIO's repr: say it in our words
-        raise ServeError(f"cannot decode the body as an image (expected PNG or JPEG; {len(data)} bytes "
-                         f"starting {data[:8]!r}): not an image format Pillow reads here "
-                         f"({', '.join(IMAGE_FORMATS)})")
+        raise _undecodable(data, f"not an image format Pillow reads here ({', '.join(IMAGE_FORMATS)})")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ServeError(f"cannot decode the body as an image (expected PNG or JPEG; {len(data)} bytes "
-                         f"starting {data[:8]!r}): {exc}")
+        raise _undecodable(data, exc)
+    if image.width * image.height > _MAX_PIXELS:
+        raise ServeError(f"image of {image.width}x{image.height} pixels is over the limit of "
+                         f"{_MAX_PIXELS} pixels", status=413)
+    image.info["bnfold_bytes"] = len(data), data[:8]   # for load_image's messages
+    return image
+
+
+# Rows converted at a time from 16 to 8 bits: the wide intermediate stays a few MB.
+_WIDE_ROWS = 256
+
+
+def load_image(image: Image.Image) -> Image.Image:
+    """Decode an `open_image` result's pixels; 16-bit grayscale is scaled to 8 bits, not clipped."""
+    try:
+        image.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        size, start = image.info.get("bnfold_bytes", (0, b""))
+        raise ServeError(f"cannot decode the body as an image (expected PNG or JPEG; {size} bytes "
+                         f"starting {start!r}): {exc}")
     if image.mode.startswith("I;16"):
         # 16-bit grayscale (PNG, TIFF): Pillow's convert("L") clips every value over 255 to white,
-        # so scale 0..65535 to 0..255 instead, as the same picture saved at 8 bits would be.
-        wide = np.asarray(image).astype(np.uint32)
-        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
+        # so scale 0..65535 to 0..255 instead, as the same picture saved at 8 bits would be. By
+        # blocks of rows: at once, the uint32 intermediates of a 40-megapixel image were 480 MB.
+        # (np.asarray of the whole image would also copy all of it first.)
+        width, height = image.size
+        out = np.empty((height, width), dtype=np.uint8)
+        for row in range(0, height, _WIDE_ROWS):
+            block = np.asarray(image.crop((0, row, width, min(height, row + _WIDE_ROWS))), dtype=np.uint32)
+            block *= 255
+            block += 32767
+            block //= 65535
+            out[row:row + _WIDE_ROWS] = block
+        image = Image.fromarray(out)
     return image
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """A decoded PIL image from PNG/JPEG/... bytes; ServeError (400) when the bytes are not an image."""
+    return load_image(open_image(data))
 
 
 def image_to_input(image: Image.Image, spec: ModelSpec) -> np.ndarray:
@@ -125,11 +159,20 @@ def image_to_input(image: Image.Image, spec: ModelSpec) -> np.ndarray:
     return array[None]
 
 
+def open_upload(body: bytes, content_type: str | None, max_parts: int = 16) -> Image.Image:
+    """The upload's image, header read, pixels not decoded: its `width * height` is what decoding costs."""
+    return open_image(extract_upload(body, content_type, max_parts))
+
+
+def upload_to_input(image: Image.Image, spec: ModelSpec, dtype: np.dtype) -> np.ndarray:
+    """An `open_upload` image decoded, preprocessed and cast: the model's input (blocking work)."""
+    return image_to_input(load_image(image), spec).astype(dtype, copy=False)
+
+
 def prepare_upload(body: bytes, content_type: str | None, spec: ModelSpec, dtype: np.dtype,
                    max_parts: int = 16) -> np.ndarray:
     """Upload body to model input: the file part, decoded, preprocessed, cast (blocking work)."""
-    data = extract_upload(body, content_type, max_parts)
-    return image_to_input(decode_image(data), spec).astype(dtype, copy=False)
+    return upload_to_input(open_upload(body, content_type, max_parts), spec, dtype)
 
 
 def top_k(logits: np.ndarray, labels: list[str], k: int) -> list[dict[str, Any]]:

@@ -7,12 +7,15 @@ No CDN in the page: machines that serve models may be offline.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bnfold.serve.routes import Route
+from bnfold.serve.page import html_headers
+from bnfold.serve.routes import Headers, Route
 from bnfold.serve.runtime import V2_TO_NUMPY, Runtime
 from bnfold.versions import __version__
 
@@ -127,8 +130,22 @@ def openapi_document(routes: Sequence[Route], models: Mapping[str, Runtime]) -> 
                              "device": m.device} for n, m in models.items()}}
 
 
+# The /docs page's only style, inline; its hash is the one style the page's policy allows.
+_DOCS_STYLE = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
+section{border-top:1px solid #ddd;padding:.3rem 0}code,pre{background:#f4f4f4;padding:.1rem .3rem}
+pre{padding:.5rem;overflow:auto}.m{display:inline-block;min-width:3.5rem;color:#fff;background:#2a6;
+padding:.1rem .4rem;border-radius:3px;font-size:.8em}"""
+_DOCS_STYLE_HASH = "'sha256-" + base64.b64encode(hashlib.sha256(_DOCS_STYLE.encode()).digest()).decode() + "'"
+# No script at all, no images, nothing loaded: the page is text and links.
+DOCS_HEADERS: Headers = html_headers(f"default-src 'none'; style-src {_DOCS_STYLE_HASH}; base-uri 'none'; "
+                                     f"form-action 'none'; frame-ancestors 'none'")
+
+
 def docs_html(document: dict[str, Any]) -> str:
-    """A readable page of the OpenAPI document, rendered on the server: no scripts, no CDN."""
+    """A readable page of the OpenAPI document, rendered on the server: no scripts, no CDN.
+
+    Serve it with `DOCS_HEADERS` (its Content-Security-Policy allows its one inline style only).
+    """
     esc = html.escape
     rows = []
     for path, ops in document["paths"].items():
@@ -151,10 +168,7 @@ def docs_html(document: dict[str, Any]) -> str:
     info = document["info"]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(info['title'])}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}}
-section{{border-top:1px solid #ddd;padding:.3rem 0}}code,pre{{background:#f4f4f4;padding:.1rem .3rem}}
-pre{{padding:.5rem;overflow:auto}}.m{{display:inline-block;min-width:3.5rem;color:#fff;background:#2a6;
-padding:.1rem .4rem;border-radius:3px;font-size:.8em}}</style></head><body>
+<style>{_DOCS_STYLE}</style></head><body>
 <h1>{esc(info['title'])} <small>{esc(info['version'])}</small></h1><p>{esc(info['description'])}</p>
 <h2>Models</h2><ul>{models}</ul>
 <p>Errors are <code>{{"error": "..."}}</code> with a 4xx status for the caller's mistakes.

@@ -9,6 +9,7 @@ these same-origin files: no inline script, no CDN (machines that serve models ma
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from bnfold.serve.errors import ServeError
@@ -27,6 +28,15 @@ _TYPES = {".html": b"text/html; charset=utf-8", ".js": b"text/javascript; charse
 _FILES = ("index.html", "page.js", "page.css")
 
 
+def html_headers(policy: str, content_type: bytes = _TYPES[".html"]) -> Headers:
+    """The headers of every page this service answers (here and /docs): its policy, no sniffing, revalidated."""
+    return [(b"content-type", content_type),
+            (b"content-security-policy", policy.encode()),
+            (b"x-content-type-options", b"nosniff"),
+            # Revalidated on every load, so a restarted server's new page is picked up.
+            (b"cache-control", b"no-cache")]
+
+
 class PageAssets:
     """The page's files in memory, each with its headers; `get(name)` answers one of them."""
 
@@ -39,15 +49,14 @@ class PageAssets:
             except OSError as exc:
                 raise ServeError(f"the page file {path} cannot be read ({exc.strerror or exc}); bnfold was "
                                  f"installed without its static files", status=500) from exc
-            headers = [(b"content-type", _TYPES[path.suffix]),
-                       (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
-                       (b"x-content-type-options", b"nosniff"),
-                       # Revalidated on every load, so a restarted server's new page is picked up.
-                       (b"cache-control", b"no-cache")]
+            # A strong validator from the content: "no-cache" revalidates, and an unchanged file is a 304.
+            etag = b'"' + hashlib.sha256(body).hexdigest()[:32].encode() + b'"'
+            headers = html_headers(CONTENT_SECURITY_POLICY, _TYPES[path.suffix]) + [(b"etag", etag)]
             self.files[name] = (headers, body)
 
-    def get(self, name: str) -> Response:
-        """(200, headers, body) for one of the page's files; a 404 `ServeError` for anything else.
+    def get(self, name: str, if_none_match: bytes | None = None) -> Response:
+        """(200, headers, body) for one of the page's files, 304 when `if_none_match` names its ETag;
+        a 404 `ServeError` for anything else.
 
         Only the names read at start-up exist: a path never reaches the file system, so `..`
         cannot either.
@@ -56,7 +65,15 @@ class PageAssets:
         if entry is None:
             raise ServeError(f"no static file {name!r}; the page's files are {sorted(self.files)}", status=404)
         headers, body = entry
+        if if_none_match is not None and _matches(if_none_match, headers[-1][1]):
+            return 304, headers, b""
         return 200, headers, body
 
-    def index(self) -> Response:
-        return self.get("index.html")
+    def index(self, if_none_match: bytes | None = None) -> Response:
+        return self.get("index.html", if_none_match)
+
+
+def _matches(if_none_match: bytes, etag: bytes) -> bool:
+    """RFC 9110 13.1.2: `*`, or any listed tag equal to `etag` by weak comparison."""
+    tags = [t.strip() for t in if_none_match.split(b",")]
+    return b"*" in tags or any(t.removeprefix(b"W/") == etag for t in tags)

@@ -67,6 +67,10 @@ def check_shape(model: Runtime, name: str, shape: Any) -> tuple[int, ...]:
     if len(shape) != len(expected) or any(e != -1 and e != d for e, d in zip(expected, shape)):
         raise ServeError(f"unexpected shape for input {name!r} for model {model.name!r}. "
                          f"Expected {_shape_str(expected)}, got {_shape_str(shape)}")
+    if expected and expected[0] == -1 and shape[0] == 0:
+        # An empty batch asks for nothing: answered 200 with empty outputs, it hid a client's bug.
+        raise ServeError(f"batch size 0 of input {name!r} for model {model.name!r}: a request carries at least "
+                         f"one row")
     limit = model.max_batch_size
     if limit and shape[0] > limit:
         raise ServeError(f"batch size {shape[0]} of input {name!r} for model {model.name!r} is over the limit "
