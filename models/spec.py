@@ -79,6 +79,35 @@ class Preprocess:
 
 @dataclass
 class ModelSpec:
+    """What a served or exported model needs besides its weights: input shape, preprocessing, labels.
+
+    `bnfold train` writes one into every checkpoint and the loader makes one for a model you bring
+    (`--input-shape`, `--labels`, `--mean`, `--std`). From Python, the exporters take your module
+    and one of these; it goes into the ONNX file's metadata, so that `bnfold serve` can turn an
+    uploaded image into the input tensor and name the classes:
+
+        import torch
+        from bnfold.export import export_onnx
+        from bnfold.models.spec import ModelSpec, Preprocess
+
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                  torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+        spec = ModelSpec(
+            arch="catdog",                  # the name it is served under (`bnfold serve` URL)
+            arch_kwargs={},                 # constructor arguments, for models.build (registry models only)
+            task="classification",
+            input_shape=[3, 64, 64],        # one sample, batch excluded
+            preprocess=Preprocess(mode="RGB", resize=72, crop=[64, 64],   # shorter side to 72, center 64x64
+                                  mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+            labels=["cat", "dog"],          # one per output score
+            dataset="my photos")            # for the record
+        export_onnx(net.eval(), spec, "catdog.onnx")   # folded, checked against `net`, then written
+
+    Then `bnfold serve catdog.onnx` answers `curl -T cat.jpg http://127.0.0.1:8000/predictions/catdog`.
+    The remaining fields are filled in by training (epoch, metrics, train_transform) and export
+    (versions); `spec_version` lets a newer bnfold refuse a spec it cannot read.
+    """
+
     arch: str                                   # registry name for models.build
     arch_kwargs: dict[str, Any]                 # constructor arguments for models.build
     task: str                                   # "classification" or "segmentation"
