@@ -136,6 +136,24 @@ class _Tally:
             self.first_error = problem
 
 
+def _dechunk(buffer: bytearray, pos: int) -> tuple[bytes, int] | None:
+    """A chunked body starting at `pos`: (body, end of the message), or None while incomplete."""
+    parts = []
+    while True:
+        line_end = buffer.find(b"\r\n", pos)
+        if line_end < 0:
+            return None
+        size = int(bytes(buffer[pos:line_end]).split(b";")[0], 16)
+        if size == 0:   # the last chunk, then trailer fields (none, usually) and an empty line
+            end = buffer.find(b"\r\n\r\n", line_end)
+            return None if end < 0 else (b"".join(parts), end + 4)
+        start = line_end + 2
+        if len(buffer) < start + size + 2:
+            return None
+        parts.append(bytes(buffer[start:start + size]))
+        pos = start + size + 2
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection that sends the next request from inside `data_received`.
 
@@ -187,17 +205,26 @@ class _Connection(asyncio.Protocol):
                 head = bytes(buffer[:end]).lower()
                 self._status = int(head[9:12])
                 at = head.find(b"\r\ncontent-length:")
-                if at < 0:
-                    self._fail(ServeError(f"response without Content-Length: {head[:200]!r}"))
-                    return
-                stop = head.find(b"\r\n", at + 2)
-                length = int(head[at + 17:stop if stop > 0 else len(head)])
                 self._body_at = end + 4
-                self._need = self._body_at + length
-            if len(buffer) < self._need:
+                if at < 0:
+                    if b"\r\ntransfer-encoding: chunked" not in head:   # what KServe's ModelServer sends
+                        self._fail(ServeError(f"response without Content-Length: {head[:200]!r}"))
+                        return
+                    self._need = 0   # chunked: the end is known once the last chunk is in
+                else:
+                    stop = head.find(b"\r\n", at + 2)
+                    length = int(head[at + 17:stop if stop > 0 else len(head)])
+                    self._need = self._body_at + length
+            if self._need == 0:
+                chunked = _dechunk(buffer, self._body_at)
+                if chunked is None:
+                    return
+                body, self._need = chunked
+            elif len(buffer) < self._need:
                 return
+            else:
+                body = bytes(buffer[self._body_at:self._need])
             elapsed = time.perf_counter() - self.start
-            body = bytes(buffer[self._body_at:self._need])
             del buffer[:self._need]
             self._need = -1
             self.tally.record(self.index, self._status, body, elapsed if self.timed else None)
