@@ -14,6 +14,15 @@ _INTERPOLATION = {
 }
 
 
+def resized_size(width: int, height: int, size: int | list[int]) -> tuple[int, int]:
+    """(width, height) after `resize`: an int sets the shorter side keeping the aspect ratio, [h, w] is exact."""
+    if isinstance(size, int):
+        if width <= height:
+            return size, int(size * height / width)
+        return int(size * width / height), size
+    return int(size[1]), int(size[0])
+
+
 def resize(img: Image.Image, size: int | list[int], interpolation: str = "bilinear") -> Image.Image:
     """torchvision's Resize semantics: an int sets the shorter side keeping the aspect ratio."""
     try:
@@ -21,13 +30,7 @@ def resize(img: Image.Image, size: int | list[int], interpolation: str = "biline
     except KeyError:
         raise BnfoldError(f"unknown interpolation {interpolation!r}; choose one of {sorted(_INTERPOLATION)}") from None
     width, height = img.size
-    if isinstance(size, int):
-        if width <= height:
-            new_w, new_h = size, int(size * height / width)
-        else:
-            new_w, new_h = int(size * width / height), size
-    else:
-        new_h, new_w = int(size[0]), int(size[1])
+    new_w, new_h = resized_size(width, height, size)
     if (new_w, new_h) == (width, height):
         return img
     return img.resize((new_w, new_h), method)

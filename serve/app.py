@@ -163,12 +163,14 @@ class InferenceApp:
     def __init__(self, models: Mapping[str, Runtime], *, max_body_bytes: int = 16 << 20,
                  max_multipart_parts: int = 16, max_pending_bytes: int = 128 << 20,
                  max_decode_pixels: int = 48_000_000, decode_wait: float = 30.0, decode_workers: int = 2,
-                 access_log: AccessLog | None = None, routes: list[Route] | None = None) -> None:
+                 access_log: AccessLog | None = None, routes: list[Route] | None = None,
+                 strict_images: bool = False) -> None:
         if not models:
             raise ServeError("no models to serve", status=500)
         self.models = dict(models)
         self.max_body_bytes = max_body_bytes
         self.max_multipart_parts = max_multipart_parts
+        self.strict_images = strict_images   # refuse uploads far from the model's input (images.describe_image)
         # Bodies held by requests in progress, all connections together: without a bound, 512
         # connections each sending 16 MB held 8 GB (40 held 600 MB, and glibc kept it afterwards).
         # The default, 128 MB, is also what the loop can get through at once: 17 bodies of 15 MB
@@ -395,6 +397,9 @@ class InferenceApp:
         image = await loop.run_in_executor(self.decode_pool, images.open_upload, body,
                                            content_type.decode("latin-1") if content_type else None,
                                            self.max_multipart_parts)
+        note = images.describe_image(image, spec)   # from the header: say what preprocessing does to it
+        if self.strict_images:
+            images.refuse_far_image(note)
         async with self.pixels.hold(image.width * image.height):
             x = await loop.run_in_executor(self.decode_pool, images.upload_to_input, image, spec,
                                            V2_TO_NUMPY[model.inputs[0].datatype])
@@ -402,11 +407,15 @@ class InferenceApp:
         model_start = time.perf_counter()
         logits = (await self._run(model, x))[0]
         model_ms = (time.perf_counter() - model_start) * 1e3
-        answer = json.dumps({"model": model.name, "predictions": images.top_k(logits[0], spec.labels, k)}).encode()
+        answer = json.dumps({"model": model.name, "predictions": images.top_k(logits[0], spec.labels, k),
+                             "image": note.to_dict()}).encode()
         # Server-side latency in the standard header (the page shows it; browsers' devtools too):
         # total = body read, decode, preprocess, model and top-k; model = the onnxruntime call.
         timing = f"total;dur={(time.perf_counter() - start) * 1e3:.3f}, model;dur={model_ms:.3f}"
-        return 200, _JSON + [(b"server-timing", timing.encode())], answer
+        headers = [(b"server-timing", timing.encode()), (b"bnfold-image", note.header().encode("latin-1", "replace"))]
+        if note.warning is not None:
+            headers.append((b"bnfold-image-warning", note.warning.encode("latin-1", "replace")))
+        return 200, _JSON + headers, answer
 
     # ------------------------------------------------------------------ helpers
     async def _read_body(self, request: Request) -> bytes:
@@ -543,7 +552,8 @@ def create_app(config: ServeConfig, models: Mapping[str, Runtime] | None = None)
                         max_multipart_parts=config.max_multipart_parts,
                         max_pending_bytes=config.max_pending_bytes,
                         max_decode_pixels=config.max_decode_pixels,
-                        decode_workers=max(2, min(4, available_cpus())), access_log=AccessLog(enabled=access))
+                        decode_workers=max(2, min(4, available_cpus())), access_log=AccessLog(enabled=access),
+                        strict_images=config.strict_images)
 
 
 def _give_spec(models: Mapping[str, Runtime], path: str | os.PathLike) -> None:

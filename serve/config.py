@@ -34,6 +34,7 @@ class ServeConfig:
     cuda_graph: bool = False
     log_level: str = "info"
     access_log: bool = True
+    strict_images: bool = False          # /predictions refuses images far from the model's input (else a warning)
     # Limits (each a `bnfold serve` option; each refusal is a 4xx naming the option).
     max_body_mb: float = 16.0            # request body, after decompression too
     max_batch_size: int | None = None    # None: config.pbtxt's in a repository, else MAX_BATCH_SIZE
@@ -122,6 +123,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graph", action="store_true", help="capture a CUDA graph for the fixed batch-1 shape")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="server log level")
     p.add_argument("--no-access-log", action="store_true", help="do not write the JSON-lines access log to stderr")
+    p.add_argument("--strict-images", action="store_true",
+                   help="/predictions refuses (422) an image far from the model's input: enlarged more than 4 "
+                        "times, shrunk more than 32 times, or an aspect ratio more than 2:1 off; without it the "
+                        "answer carries a warning field and a bnfold-image-warning header")
     limits = p.add_argument_group("limits (a request over one is refused with a 4xx naming the option)")
     limits.add_argument("--max-body-mb", type=float, default=16.0,
                         help="largest request body, also after gzip/deflate decompression (413 beyond)")

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import io
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from bnfold.errors import BnfoldError
-from bnfold.models.preprocess import preprocess_image
+from bnfold.models.preprocess import preprocess_image, resized_size
 from bnfold.models.spec import ModelSpec
 from bnfold.serve.errors import ServeError, limit_error
 
@@ -205,3 +206,111 @@ def parse_top_k(query: bytes, num_classes: int) -> int:
             if k < 1:
                 raise ServeError(f"top_k must be a positive integer, got {k}")
     return min(k, num_classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# What /predictions did to an image: said in the answer, never done silently.
+
+# Beyond these the answer carries a warning (and --strict-images refuses the image): a picture
+# blown up more than 4 times holds little the model can read; one shrunk more than 32 times loses
+# most of its detail; one whose aspect ratio is more than 2:1 off the model's is mostly cropped
+# away (or stretched, for an exact [h, w] resize).
+MAX_UPSCALE = 4.0
+MAX_DOWNSCALE = 32.0
+MAX_ASPECT_RATIO = 2.0
+
+_MODE_WORDS = {"L": "grey", "RGB": "colour", "RGBA": "colour with alpha", "LA": "grey with alpha",
+               "P": "palette", "PA": "palette with alpha", "1": "1-bit", "CMYK": "CMYK", "YCbCr": "YCbCr",
+               "I": "32-bit integer", "F": "32-bit float", "I;16": "16-bit grey", "I;16B": "16-bit grey",
+               "I;16L": "16-bit grey", "I;16N": "16-bit grey", "LAB": "Lab", "HSV": "HSV"}
+
+
+@dataclass(frozen=True)
+class ImageNote:
+    """An upload as it arrived and what preprocessing does to it, from its header alone (no pixels)."""
+
+    width: int
+    height: int
+    mode: str
+    format: str | None
+    conversions: list[str]        # in the order they are applied, in words
+    scale: float                  # resize factor of the shorter side (>1: enlarged)
+    warning: str | None           # far from the model's input size or aspect ratio
+
+    def to_dict(self) -> dict[str, Any]:
+        note: dict[str, Any] = {"width": self.width, "height": self.height, "mode": self.mode,
+                                "format": self.format, "conversions": self.conversions,
+                                "scale": round(self.scale, 4)}
+        if self.warning is not None:
+            note["warning"] = self.warning
+        return note
+
+    def header(self) -> str:
+        """The note in one line for the `bnfold-image` response header (ASCII)."""
+        said = f"{self.width}x{self.height} {self.mode} {self.format or 'image'}"
+        return "; ".join([said, *self.conversions]) if self.conversions else f"{said}; used as is"
+
+
+def _mode_change(mode: str, target: str) -> str | None:
+    if mode == target:
+        return None
+    words = f"{_MODE_WORDS.get(mode, mode)} to {_MODE_WORDS.get(target, target)}"
+    if mode.startswith("I;16"):
+        words = f"16-bit grey scaled to 8 bits (0..65535 -> 0..255), then {words}" if target != "L" else \
+            "16-bit grey scaled to 8 bits (0..65535 -> 0..255)"
+    elif mode in ("RGBA", "LA", "PA"):
+        words += " (alpha channel dropped: transparent pixels keep their colour values)"
+    return f"{words} ({mode} -> {target})"
+
+
+def describe_image(image: Image.Image, spec: ModelSpec) -> ImageNote:
+    """What `image_to_input` will do to `image` under `spec`, in words, and whether it is far off.
+
+    Reads only the header fields (size, mode, format), so it runs before the pixels are decoded.
+    """
+    width, height, mode = image.width, image.height, image.mode
+    pre = spec.preprocess
+    steps = []
+    change = _mode_change(mode, pre.mode)
+    if change is not None:
+        steps.append(change)
+    new_w, new_h = resized_size(width, height, pre.resize)
+    scale = min(new_w, new_h) / max(1, min(width, height))
+    if (new_w, new_h) != (width, height):
+        steps.append(f"resized {width}x{height} -> {new_w}x{new_h} (x{_factor(new_w / width, new_h / height)})")
+    if pre.crop is not None and [pre.crop[1], pre.crop[0]] != [new_w, new_h]:
+        kept = pre.crop[0] * pre.crop[1] / max(1, new_w * new_h)
+        steps.append(f"center-cropped to {pre.crop[1]}x{pre.crop[0]} ({kept:.0%} of the picture kept)")
+    return ImageNote(width, height, mode, image.format, steps, scale, _warning(width, height, scale, spec))
+
+
+def _factor(fx: float, fy: float) -> str:
+    def one(f: float) -> str:
+        return f"{f:.3g}"
+    return one(fx) if abs(fx - fy) <= 0.01 * max(fx, fy) else f"{one(fx)} wide, x{one(fy)} high"
+
+
+def _warning(width: int, height: int, scale: float, spec: ModelSpec) -> str | None:
+    in_h, in_w = spec.input_shape[-2], spec.input_shape[-1]
+    wanted = f"the model's input is {in_w}x{in_h}"
+    if scale > MAX_UPSCALE:
+        return (f"the {width}x{height} image was enlarged {scale:.3g} times ({wanted}): the model sees a "
+                f"blown-up picture, and its answer says little about it")
+    if scale < 1 / MAX_DOWNSCALE:
+        return (f"the {width}x{height} image was shrunk {1 / scale:.3g} times ({wanted}): most of its detail "
+                f"is lost")
+    aspect, model_aspect = width / height, in_w / in_h
+    off = max(aspect / model_aspect, model_aspect / aspect)
+    if off > MAX_ASPECT_RATIO:
+        how = "stretched to fit" if spec.preprocess.crop is None and not isinstance(spec.preprocess.resize, int) \
+            else "mostly cropped away"
+        return (f"the {width}x{height} image's aspect ratio is {off:.3g} times off the model's ({wanted}): "
+                f"it is {how}")
+    return None
+
+
+def refuse_far_image(note: ImageNote) -> None:
+    """`--strict-images`: an image with a warning is refused (422) instead of answered."""
+    if note.warning is not None:
+        raise ServeError(f"image refused (the server runs with --strict-images): {note.warning}; send an image "
+                         f"closer to the model's input size and shape", status=422)

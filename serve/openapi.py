@@ -64,7 +64,12 @@ PREDICTIONS_DOC: dict[str, Any] = {
     "description": "The image is preprocessed with the spec stored in the model's metadata "
                    "(mode, resize, crop, mean/std). Example: "
                    "`curl -T digit.png http://127.0.0.1:8000/predictions/lenet`. In a multipart body "
-                   "the first part with a filename is the image.",
+                   "the first part with a filename is the image. The answer says what was done to the "
+                   "image (its size, mode and format as sent, each conversion in words) in `image` and in "
+                   "the `bnfold-image` header; an image enlarged more than 4 times, shrunk more than 32 "
+                   "times or with an aspect ratio more than 2:1 off the model's gets `image.warning` and a "
+                   "`bnfold-image-warning` header, or is refused with 422 when the server runs with "
+                   "--strict-images.",
     "parameters": [{"name": "top_k", "in": "query", "required": False,
                     "schema": {"type": "integer", "default": 5, "minimum": 1}}],
     "requestBody": {"required": True, "content": {
@@ -72,8 +77,19 @@ PREDICTIONS_DOC: dict[str, Any] = {
         "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
         "multipart/form-data": {"schema": {"type": "object",
                                            "properties": {"data": {"type": "string", "format": "binary"}}}}}},
-    "responses": {"200": ok("top-k labels", {"$ref": "#/components/schemas/Predictions"}),
-                  "400": _ERROR, "404": _ERROR, "413": _ERROR, "422": _ERROR},
+    "responses": {"200": {**ok("top-k labels and what was done to the image",
+                               {"$ref": "#/components/schemas/Predictions"}),
+                          "headers": {
+                              "bnfold-image": {"description": "the image as sent and each conversion, in one "
+                                                              "line: `1x1 RGB PNG; colour to grey (RGB -> L); "
+                                                              "resized 1x1 -> 28x28 (x28)`",
+                                               "schema": {"type": "string"}},
+                              "bnfold-image-warning": {"description": "present when the image is far from the "
+                                                                      "model's input size or aspect ratio",
+                                                       "schema": {"type": "string"}}}},
+                  "400": _ERROR, "404": _ERROR, "413": _ERROR,
+                  "422": {**_ERROR, "description": "the image cannot be used (or, with --strict-images, is far "
+                                                   "from the model's input)"}},
 }
 
 
@@ -118,7 +134,19 @@ def openapi_document(routes: Sequence[Route], models: Mapping[str, Runtime]) -> 
         "Predictions": {"type": "object", "properties": {
             "model": {"type": "string"},
             "predictions": {"type": "array", "items": {"type": "object", "properties": {
-                "label": {"type": "string"}, "index": {"type": "integer"}, "probability": {"type": "number"}}}}}},
+                "label": {"type": "string"}, "index": {"type": "integer"}, "probability": {"type": "number"}}}},
+            "image": {"type": "object", "description": "the image as sent and what preprocessing did to it",
+                      "required": ["width", "height", "mode", "format", "conversions", "scale"], "properties": {
+                          "width": {"type": "integer"}, "height": {"type": "integer"},
+                          "mode": {"type": "string", "description": "PIL mode as sent: L, RGB, RGBA, P, I;16 ..."},
+                          "format": {"type": ["string", "null"], "description": "PNG, JPEG, ..."},
+                          "conversions": {"type": "array", "items": {"type": "string"},
+                                          "description": "each change, in order, in words; empty when the "
+                                                         "image was used as is"},
+                          "scale": {"type": "number", "description": "resize factor of the shorter side "
+                                                                     "(above 1: enlarged)"},
+                          "warning": {"type": "string", "description": "only when the image is far from the "
+                                                                       "model's input size or aspect ratio"}}}}},
     }
     return {"openapi": "3.1.0",
             "info": {"title": "bnfold inference service", "version": __version__,

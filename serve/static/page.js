@@ -123,13 +123,16 @@ function parseServerTiming(header) {
   return out;
 }
 
-/** The answer area: an error line, the top-k bars and the latency line. */
+/** The answer area: an error line, the top-k bars, what was done to the image, and the latency line. */
 class Answer {
   constructor(id) {
     this.error = el("p", {class: "error", role: "alert", id: `${id}-error`, hidden: true});
     this.bars = el("ol", {class: "bars", id: `${id}-bars`, "aria-label": "top labels"});
     this.latency = el("p", {class: "latency", id: `${id}-latency`});
-    this.node = el("div", {class: "answer", "aria-live": "polite"}, this.error, this.bars, this.latency);
+    this.note = el("p", {class: "image-note", id: `${id}-image-note`});
+    this.warning = el("p", {class: "image-warning", role: "status", id: `${id}-image-warning`, hidden: true});
+    this.node = el("div", {class: "answer", "aria-live": "polite"}, this.error, this.bars, this.warning,
+                   this.note, this.latency);
   }
 
   busy() {
@@ -140,11 +143,13 @@ class Answer {
     this.node.removeAttribute("aria-busy");
     this.bars.replaceChildren();
     this.latency.textContent = "";
+    this.note.textContent = "";
+    this.warning.hidden = true;
     this.error.textContent = message;
     this.error.hidden = false;
   }
 
-  show(predictions, timing, roundTripMs) {
+  show(predictions, timing, roundTripMs, image) {
     this.node.removeAttribute("aria-busy");
     this.error.hidden = true;
     this.error.textContent = "";
@@ -162,6 +167,12 @@ class Answer {
     if (timing.model !== undefined) parts.push(`model ${timing.model.toFixed(3)} ms`);
     parts.push(`round trip ${roundTripMs.toFixed(1)} ms`);
     this.latency.textContent = parts.join(" · ");
+    // What the server did to the picture (the answer's "image"): the model saw it converted.
+    const said = image ? `${image.width}x${image.height} ${image.mode} ${image.format || "image"}` : "";
+    const steps = image && Array.isArray(image.conversions) ? image.conversions : [];
+    this.note.textContent = image ? `sent ${said}: ${steps.length ? steps.join("; ") : "used as is"}` : "";
+    this.warning.textContent = image && image.warning ? `warning: ${image.warning}` : "";
+    this.warning.hidden = !(image && image.warning);
   }
 }
 
@@ -284,7 +295,8 @@ function tryPanel(meta, spec, id) {
         answer.fail(errorText(response, body));
         return;
       }
-      answer.show(body.predictions, parseServerTiming(response.headers.get("server-timing")), roundTrip);
+      answer.show(body.predictions, parseServerTiming(response.headers.get("server-timing")), roundTrip,
+                  body.image);
     } catch (error) {
       if (mine === sequence) answer.fail(`the service did not answer: ${error.message}`);
     }

@@ -217,6 +217,9 @@ def test_a_drawn_stroke_gets_the_answer_the_api_gives_for_the_same_image(browser
     assert len(shown) == 5 and shown == _expected(server, "lenet", png, 5)
     latency = card.find_element("css selector", ".latency").text
     assert re.fullmatch(r"server \d+\.\d\d ms · model \d+\.\d{3} ms · round trip \d+\.\d ms", latency), latency
+    # What the server did to the 224x224 pad image is said under the bars (the answer's "image").
+    note = card.find_element("css selector", ".image-note").text
+    assert note.startswith("sent 224x224 ") and "resized 224x224 -> 28x28 (x0.125)" in note, note
 
 
 def test_an_uploaded_digit_png_shows_the_label_the_api_returns(browser, server: str, tmp_path: Path) -> None:
