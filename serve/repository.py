@@ -200,6 +200,93 @@ def read_model_config(path: Path, name: str, runtime: ModelRuntime) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+def _block(fields: dict[str, list[Any]], key: str, path: Path) -> dict[str, list[Any]] | None:
+    values = fields.get(key, [])
+    if len(values) > 1:
+        raise _start_error(path, f"{key} is given {len(values)} times")
+    if values and not isinstance(values[0], dict):
+        raise _start_error(path, f"{key} must be a message like {key} {{ ... }}, got {values[0]!r}")
+    return values[0] if values else None
+
+
+def read_scheduling(fields: dict[str, list[Any]], path: Path) -> Scheduling:
+    """`instance_group` and `dynamic_batching` of a parsed config.pbtxt, checked (one line per mistake).
+
+    One instance group is served per model (Triton allows several, e.g. one per GPU): `count`
+    sessions of kind KIND_CPU, KIND_GPU or KIND_AUTO (the served device). `dynamic_batching {}`
+    turns batching on with Triton's default delay, 0 microseconds.
+    """
+    instances, kind = 1, None
+    groups = fields.get("instance_group", [])
+    if len(groups) > 1:
+        raise _start_error(path, f"instance_group has {len(groups)} groups; bnfold serves one group per model")
+    if groups:
+        group = groups[0]
+        if not isinstance(group, dict):
+            raise _start_error(path, "instance_group must be a list of messages like [ { count: 2 kind: KIND_CPU } ]")
+        unknown = sorted(set(group) - {"count", "kind", "name"})
+        if unknown:
+            raise _start_error(path, f"instance_group field {unknown[0]!r} is not supported (only count and kind)")
+        count = _one(group, "count", int, path, "instance_group ")
+        if count is not None and not 1 <= count <= MAX_INSTANCES:
+            raise _start_error(path, f"instance_group count must be from 1 to {MAX_INSTANCES}, got {count}")
+        instances = 1 if count is None else count
+        kind = _one(group, "kind", str, path, "instance_group ")
+        if kind is not None and kind not in KINDS + ("KIND_AUTO",):
+            raise _start_error(path, f"instance_group kind must be KIND_CPU, KIND_GPU or KIND_AUTO, got {kind!r}")
+    delay, preferred = None, ()
+    batching = _block(fields, "dynamic_batching", path)
+    if batching is not None:
+        unknown = sorted(set(batching) - {"max_queue_delay_microseconds", "preferred_batch_size"})
+        if unknown:
+            raise _start_error(path, f"dynamic_batching field {unknown[0]!r} is not supported "
+                                     f"(only max_queue_delay_microseconds and preferred_batch_size)")
+        delay = _one(batching, "max_queue_delay_microseconds", int, path, "dynamic_batching ")
+        if delay is not None and not 0 <= delay <= MAX_QUEUE_DELAY_US:
+            raise _start_error(path, f"dynamic_batching max_queue_delay_microseconds must be from 0 to "
+                                     f"{MAX_QUEUE_DELAY_US}, got {delay}")
+        delay = 0 if delay is None else delay
+        preferred = tuple(batching.get("preferred_batch_size", []))
+        bad = [p for p in preferred if not isinstance(p, int) or p < 1]
+        if bad:
+            raise _start_error(path, f"dynamic_batching preferred_batch_size must be positive integers, "
+                                     f"got {bad[0]!r}")
+    return Scheduling(instances=instances, kind=kind or "KIND_AUTO", max_queue_delay_us=delay,
+                      preferred_batch_sizes=preferred)
+
+
+def _scheduling(config: Path | None, device: str, instances: int | None,
+                dynamic_batching: int | str | None) -> Scheduling:
+    """config.pbtxt's scheduling (if any), overridden by `--instances` and `--dynamic-batching`."""
+    kind = "KIND_GPU" if device == "cuda" else "KIND_CPU"
+    delay, preferred, count = None, (), 1
+    if config is not None:
+        try:
+            text = config.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _start_error(config, f"cannot read the model configuration: {exc}") from exc
+        read = read_scheduling(parse_pbtxt(text, config), config)
+        if read.kind not in ("KIND_AUTO", kind):
+            raise _start_error(config, f"instance_group kind {read.kind} does not match --device {device} "
+                                       f"(use {kind})")
+        delay, preferred, count = read.max_queue_delay_us, read.preferred_batch_sizes, read.instances
+    if dynamic_batching == "off":
+        delay = None
+    elif dynamic_batching is not None:
+        delay = int(dynamic_batching)
+    return Scheduling(instances=count if instances is None else instances, kind=kind, max_queue_delay_us=delay,
+                      preferred_batch_sizes=preferred if delay is not None else ())
+
+
+def _open(path: Path, device: str, scheduling: Scheduling, threads: int | None, **options: Any) -> ModelRuntime:
+    """Instance 0 of a model; without --threads each instance gets its share of the CPUs."""
+    if not threads and device == "cpu":   # None or 0 (--threads 0): the CPUs this process may use
+        threads = max(1, available_cpus() // scheduling.instances)
+    runtime = open_session(path, device, threads=threads, **options)
+    runtime.scheduling = scheduling
+    return runtime
+
+
 # The repository walk.
 
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import onnxruntime as ort
 
+from bnfold.options import available_cpus  # the CPUs --threads 0 means, one definition
 from bnfold.models.spec import MAX_BATCH_SIZE, SPEC_METADATA_KEY, ModelSpec, SpecVersionError
 from bnfold.serve.errors import DeviceUnavailableError, ServeError
 
@@ -82,42 +83,6 @@ class Runtime(Protocol):
     def details(self) -> dict[str, Any]:
         """Runtime-specific facts for the metadata document and the start-up log (JSON-able)."""
         ...
-
-
-def available_cpus() -> int:
-    """The CPUs this process may actually use: its affinity mask, capped by a cgroup CPU quota.
-
-    `os.cpu_count()` reports the host's cores, which inside a container limited to two CPUs
-    makes onnxruntime start a pool that fights itself.
-    """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        cpus = os.cpu_count() or 1
-    quota = _cgroup_cpu_quota()
-    if quota is not None:
-        cpus = min(cpus, max(1, math.ceil(quota)))
-    return max(1, cpus)
-
-
-def _cgroup_cpu_quota() -> float | None:
-    """CPUs allowed by cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us`; None when unlimited/unknown."""
-    try:
-        text = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if len(text) == 2 and text[0] != "max":
-            return int(text[0]) / int(text[1])
-        if text:
-            return None
-    except (OSError, ValueError):
-        pass
-    try:
-        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-        if quota > 0 and period > 0:
-            return quota / period
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 def _meta(arg: ort.NodeArg) -> TensorMeta:
@@ -324,7 +289,7 @@ def _check_options(path: Path, device: str, threads: int | None, cuda_graph: boo
         raise ServeError("--cuda-graph needs --device cuda", status=500)
     if not path.is_file():
         raise ServeError(f"model file not found: {path}", status=500)
-    threads = available_cpus() if threads is None else threads
+    threads = available_cpus() if not threads else threads   # None or 0: every CPU this process may use
     if threads < 1:
         raise ServeError(f"threads must be at least 1, got {threads}", status=500)
     return threads
