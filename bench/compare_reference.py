@@ -6,8 +6,9 @@ Both servers run on loopback, single worker, one onnxruntime intra-op thread (th
 hard-codes 1). Rounds alternate between the targets (bnfold binary, bnfold JSON, reference
 JSON), each round measuring sequential latency (one connection) and throughput (8 connections)
 with `bench.loadtest`; latencies are pooled over rounds and throughput is total requests over
-total time. The reference runs with its documented command (`uvicorn plain_fastapi_service:app`,
-uvicorn's defaults); bnfold runs as `bnfold serve` with its default JSON-lines access log on.
+total time. The reference is `bench.reference_service` (FastAPI + a pydantic JSON body, shipped
+in the package, needing the `compare` extra) under uvicorn's defaults; bnfold runs as `bnfold
+serve` with its default JSON-lines access log on.
 """
 from __future__ import annotations
 
@@ -29,18 +30,31 @@ from bnfold.bench.loadtest import LoadtestResult, run_loadtest
 from bnfold.bench.timing import latency_stats
 from bnfold.serve.runtime import ServeError, open_session
 
-REFERENCE_DIR = Path(os.environ.get("BNFOLD_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
+# The reference service, as uvicorn imports it: a factory in this package (so it runs from a wheel).
+REFERENCE_APP = "bnfold.bench.reference_service:create_app"
+
+
+def check_reference_dependencies() -> None:
+    """The reference service needs FastAPI (and its pydantic): a `ServeError` in one line when missing."""
+    import importlib.util
+
+    missing = [name for name in ("fastapi", "pydantic") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ServeError(f"the reference service needs {' and '.join(missing)}, which is not installed: "
+                         f"pip install 'bnfold[compare]'", status=500)
 
 
 @contextlib.contextmanager
 def reference_server(onnx_path: str | os.PathLike, port: int | None = None, startup_timeout: float = 120.0,
                      on_ready: Callable[[subprocess.Popen], None] | None = None) -> Iterator[str]:
-    """The reference FastAPI service under uvicorn (its documented command), yielding its base URL."""
+    """The reference FastAPI service (`bench.reference_service`) under uvicorn, yielding its base URL."""
+    from .reference_service import MODEL_ENV
+
+    check_reference_dependencies()
     port = free_port() if port is None else port
-    command = [sys.executable, "-m", "uvicorn", "plain_fastapi_service:app", "--app-dir", str(REFERENCE_DIR),
-               "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "uvicorn", "--factory", REFERENCE_APP, "--host", "127.0.0.1", "--port", str(port)]
     with server_process(command, port, ready_path="/openapi.json", startup_timeout=startup_timeout,
-                        env={"BNFOLD_REF_MODEL": str(Path(onnx_path).resolve())}, on_ready=on_ready) as url:
+                        env={MODEL_ENV: str(Path(onnx_path).resolve())}, on_ready=on_ready) as url:
         yield url
 
 
@@ -78,6 +92,7 @@ def _pool(name: str, sequential: list[LoadtestResult], concurrent: list[Loadtest
 def compare(onnx_path: str | os.PathLike, *, rounds: int = 3, sequential: int = 1000, concurrent: int = 4000,
             concurrency: int = 8, threads: int = 1) -> dict:
     """Measure both services interleaved; returns the pooled figures and the ratios."""
+    check_reference_dependencies()   # before anything starts
     runtime = open_session(onnx_path, threads=1, warmup=False)
     name = runtime.name
     x = np.random.default_rng(0).standard_normal(runtime.sample_input(1).shape).astype(np.float32)
@@ -132,7 +147,7 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bnfold.bench.compare_reference", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--onnx", required=True, help="the model both services load (LeNet model.onnx)")
@@ -142,8 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrent", type=int, default=4000, help="requests per round over --concurrency")
     parser.add_argument("--concurrency", type=int, default=8,
                         help="connections of the throughput part (default 8)")
-    parser.add_argument("--out", default=None, help="also write the figures as JSON here")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", default=None, metavar="FILE.json", help="also write the figures as JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         report = compare(args.onnx, rounds=args.rounds, sequential=args.sequential, concurrent=args.concurrent,
                          concurrency=args.concurrency)

@@ -6,14 +6,8 @@ import os
 import platform
 from typing import Any
 
+from bnfold.options import available_cpus
 from bnfold.versions import __version__ as bnfold_version, cpu_name, package_version
-
-
-def available_cpus() -> int:
-    """The CPUs this process may use (its affinity mask), the default thread count of every backend."""
-    from bnfold.serve.runtime import available_cpus as _available
-
-    return _available()
 
 
 def collect_environment(*, threads: int, spec: Any = None, checkpoint: str | os.PathLike | None = None,

@@ -22,6 +22,31 @@ from bnfold.bench.timing import latency_stats
 from bnfold.serve.runtime import V2_TO_NUMPY, ServeError
 
 
+TENSOR_ENCODINGS = ("binary", "json")
+PROTOCOLS = ("http", "grpc")
+
+
+@dataclass
+class LoadtestConfig:
+    """One `bnfold loadtest` run: which server and model, how many requests over how many connections."""
+
+    url: str                             # the server's base URL
+    name: str | None = None              # the model's name on the server (as `bnfold serve --name`)
+    concurrency: int = 8
+    requests: int = 2000
+    tensors: str = "binary"              # binary (the binary tensor extension) or json
+    reference: bool = False              # the reference FastAPI service's POST /predict instead of /v2
+    input_shape: tuple[int, ...] | None = None
+    protocol: str = "http"               # http, or grpc (to `bnfold serve --grpc-port`)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ServeError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if self.tensors not in TENSOR_ENCODINGS:
+            raise ServeError(f"--tensors must be one of {', '.join(TENSOR_ENCODINGS)}, got {self.tensors!r}")
+        # --concurrency, --requests and --name are run_loadtest's checks, which library callers get too.
+
+
 @dataclass
 class LoadtestResult:
     """Latency percentiles over all timed requests and throughput over the whole run."""
@@ -309,7 +334,8 @@ def run_loadtest(url: str, model: str | None, *, concurrency: int = 8, requests:
         datatype, input_name = "FP32", None
     else:
         if not model:
-            raise ServeError("--model is required for an Open Inference Protocol server")
+            raise ServeError("--name is required for an Open Inference Protocol server: the model's name on it "
+                             "(GET /v2/models lists them)")
         meta = fetch_model_metadata(url, model)
         first = meta["inputs"][0]
         datatype, input_name = first["datatype"], first["name"]

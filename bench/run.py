@@ -38,7 +38,8 @@ import numpy as np
 from bnfold.errors import BnfoldError, first_line
 from bnfold.bench.backends import (BACKENDS, DEFAULT_BACKENDS, DEVICES, BackendContext, Unavailable,
                                    check_cuda_torch, expand, requestable)
-from bnfold.bench.environment import available_cpus, collect_environment
+from bnfold.bench.environment import collect_environment
+from bnfold.options import resolve_threads
 from bnfold.bench.timing import FAILED, SKIPPED, BenchRow, TimedCall, measure_interleaved, warm_up
 
 if TYPE_CHECKING:
@@ -57,14 +58,15 @@ class BenchError(BnfoldError):
 
 @dataclass
 class BenchConfig:
-    """Everything `bnfold bench` takes (the report folder aside: writing is `bench.report`'s job)."""
+    """Everything `bnfold bench` takes; `run_bench` measures, `bench.report.write_report` writes to `out`."""
 
-    checkpoint: str | os.PathLike             # any model models.load_model reads (ONNX: ort and HTTP rows only)
+    source: str | os.PathLike                 # any model models.load_model reads (ONNX: ort and HTTP rows only)
     devices: Sequence[str] = ("cpu", "cuda")
     backends: Sequence[str] = DEFAULT_BACKENDS
     batch_sizes: Sequence[int] = (1, 8, 32)   # 1 is the latency headline; HTTP rows run at 1 only
-    # One thread by default, as the pipeline: with every core, a busy machine gave p90 = 100x p50.
-    threads: int | None = 1                   # every backend's threads; None or 0: the CPUs this process may use
+    # Every backend's threads, as every command's --threads: 0 = the CPUs this process may use. On a
+    # busy machine every core gave p90 = 100x p50: pass 1 for a small model there.
+    threads: int = 0
     min_iterations: int = MIN_ITERATIONS      # calls per row at least, however long they take
     seconds: float = 2.0                      # measured time per backend and batch size (warm-up on top)
     progress: bool = True
@@ -76,6 +78,10 @@ class BenchConfig:
     weights: str | os.PathLike | None = None
     trust_pickle: bool = False
     input_shape: tuple[int, ...] | None = None   # batch first; where the file does not say it
+    out: str | os.PathLike | None = None      # the report folder of `bnfold bench` (bench.report writes it)
+
+    def __post_init__(self) -> None:
+        _validate(self)   # the one place bench's values are checked
 
 
 @dataclass
@@ -193,8 +199,8 @@ def _validate(config: BenchConfig) -> None:
         raise BenchError("devices, backends and batch sizes must each name at least one value")
     if any(int(b) < 1 for b in config.batch_sizes):
         raise BenchError(f"batch sizes must be positive, got {list(config.batch_sizes)}")
-    if config.threads is not None and config.threads < 0:
-        raise BenchError(f"threads must be 1 or more (0: the CPUs this process may use), got {config.threads}")
+    if config.threads is None or config.threads < 0:
+        raise BenchError(f"threads must be 0 (the CPUs this process may use) or more, got {config.threads}")
     if config.min_iterations < 1:
         raise BenchError(f"min_iterations must be at least 1, got {config.min_iterations}")
     if not config.seconds > 0:
@@ -255,7 +261,7 @@ def _build_calls(ctx: BackendContext, devices: Sequence[str], backends: Sequence
 
 
 def require_some_device(devices: Sequence[str]) -> None:
-    """`bnfold bench --device cuda` alone, without CUDA, would measure nothing: refuse, as train and serve do.
+    """`bnfold bench --devices cuda` alone, without CUDA, would measure nothing: refuse, as train and serve do.
 
     With cpu,cuda the CUDA rows are reported as skipped instead (what `bnfold pipeline` relies on).
     """
@@ -263,14 +269,14 @@ def require_some_device(devices: Sequence[str]) -> None:
         try:
             check_cuda_torch("cuda")
         except Unavailable as exc:
-            raise BenchError(f"--device cuda asked for, but {exc}; use --device cpu, or --device cpu,cuda "
+            raise BenchError(f"--devices cuda asked for, but {exc}; use --devices cpu, or --devices cpu,cuda "
                              "to report the CUDA rows as skipped") from None
 
 
 def run_bench(config: BenchConfig) -> BenchResult:
     """Measure every requested backend on every requested device at each batch size.
 
-    `config.checkpoint` is any model `models.load_model` reads (a bnfold checkpoint, a state_dict
+    `config.source` is any model `models.load_model` reads (a bnfold checkpoint, a state_dict
     with `config.model_class`, an ONNX file, ...); `config.seconds` is the measured time per backend
     and batch size (warm-up comes on top). `config.export_dir` holds already exported files
     (`export.WRITERS`' file names) to reuse, as `bnfold pipeline` does; missing ones are exported
@@ -280,13 +286,12 @@ def run_bench(config: BenchConfig) -> BenchResult:
 
     from bnfold.models.loader import load_model
 
-    _validate(config)
     devices = list(dict.fromkeys(config.devices))
     backends = list(dict.fromkeys(config.backends))
     batch_sizes = sorted({int(b) for b in config.batch_sizes})
     seconds = config.seconds
-    threads = config.threads or available_cpus()
-    loaded = load_model(config.checkpoint, model_class=config.model_class, model_args=config.model_args,
+    threads = resolve_threads(config.threads)
+    loaded = load_model(config.source, model_class=config.model_class, model_args=config.model_args,
                         weights=config.weights, trust_pickle=config.trust_pickle, input_shape=config.input_shape)
     model, spec = loaded.module, loaded.spec
     sample_shape = loaded.require_shape()[1:]
@@ -313,7 +318,7 @@ def run_bench(config: BenchConfig) -> BenchResult:
             artifacts, errors = {"torchscript": Path(loaded.source)}, {}
         else:
             artifacts, errors = _prepare_artifacts(model, spec or _export_spec(loaded), kinds - {own_kind},
-                                                   Path(tmp), export_dir, config.checkpoint)
+                                                   Path(tmp), export_dir, config.source)
             if own_kind is not None and own is not None:
                 artifacts[own_kind] = own
         ctx = BackendContext(model, spec, threads, artifacts, errors, inputs,
@@ -334,7 +339,7 @@ def run_bench(config: BenchConfig) -> BenchResult:
                 for device in devices:
                     rows += measure(ctx, device, seconds)
 
-    environment = collect_environment(threads=threads, spec=spec, checkpoint=config.checkpoint)
+    environment = collect_environment(threads=threads, spec=spec, checkpoint=config.source)
     environment["source"] = loaded.description  # what the file turned out to be
     if spec is None:
         environment.update({"model": loaded.name, "input_shape": list(sample_shape)})

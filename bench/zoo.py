@@ -373,18 +373,25 @@ def summary(rows: Sequence[ZooRow]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from bnfold.options import SHARED, deprecated
+
     parser = argparse.ArgumentParser(prog="python -m bnfold.bench.zoo", description=__doc__.splitlines()[0])
     parser.add_argument("--models", help="comma-separated tv:NAME / timm:NAME (default: a modest list)")
     parser.add_argument("--torchvision-all", action="store_true", help="every torchvision model")
     parser.add_argument("--timm-families", action="store_true", help="one timm model per family (the smallest)")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--out", metavar="FILE.json", help="also write the rows to this JSON file")
+    deprecated(parser, "--json", "--out", "out")   # --json takes a file nowhere else
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
                         help="seed of the random weights and BatchNorm statistics (default 0)")
     parser.add_argument("--max-params", type=float, default=150.0,
                         help="skip models with more parameters than this, in millions (default 150)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    parser.add_argument("--no-progress", **SHARED["--no-progress"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     models = [m for m in (args.models or "").split(",") if m]
     if args.torchvision_all:
         models += torchvision_all()
@@ -401,11 +408,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         models = [m for m in models if not m.startswith("timm:")]
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     def save(rows: list[ZooRow]) -> None:
-        if args.json:  # after every model: a long run that is stopped keeps what it measured
-            with open(args.json, "w") as fh:
+        if args.out:  # after every model: a long run that is stopped keeps what it measured
+            with open(args.out, "w") as fh:
                 json.dump([asdict(r) for r in rows], fh, indent=1)
 
-    rows = run_zoo(dict.fromkeys(models), seed=args.seed, progress=not args.no_progress,
+    rows = run_zoo(dict.fromkeys(models), seed=args.seed, progress=args.progress,
                    max_params=args.max_params * 1e6, on_row=save)
     print(summary(rows))
     return 0

@@ -31,8 +31,7 @@ if TYPE_CHECKING:  # the stages import their packages when they run
     from bnfold.export.evaluate import EvaluationReport
     from bnfold.models import ModelSpec, TrainResult
 
-# The folded module must match the original to this max relative error (as `bnfold fold --rtol`).
-FOLD_RTOL = 1e-5
+from bnfold.fold_config import FOLD_RTOL  # the folded module's tolerance, as `bnfold fold`'s default
 
 
 @dataclass
@@ -212,18 +211,24 @@ class PipelineConfig:
     devices: Sequence[str] = ("cpu", "cuda")
     backends: Sequence[str] = DEFAULT_BACKENDS
     batch_sizes: Sequence[int] = (1, 8, 32)
-    # One thread count for every benchmarked backend (None: the CPUs this process may use). 1 by
-    # default: batch-1 latency of small models is best single-threaded, and on a shared machine a
-    # second torch thread spinning for a busy core multiplies eager latency.
-    threads: int | None = 1
+    # One thread count for every benchmarked backend, as every command's --threads: 0 = the CPUs this
+    # process may use. Batch-1 latency of small models is best single-threaded, and on a shared
+    # machine a second torch thread spinning for a busy core multiplies eager latency: pass 1 there.
+    threads: int = 0
     progress: bool = True
     int8: bool = True                    # also write model.int8.onnx (calibrated, accuracy-gated) and bench it
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise BnfoldError(f"epochs must be at least 1, got {self.epochs}")
+        if self.threads is None or self.threads < 0:
+            raise BnfoldError(f"--threads must be 0 (the CPUs this process may use) or more, got {self.threads}")
 
     def command(self) -> str:
         """The `bnfold pipeline` command line that runs this configuration (quoted in REPORT.md)."""
         return (f"bnfold pipeline --model {self.model} --dataset {self.dataset} --epochs {self.epochs} "
-                f"--bench-seconds {self.bench_seconds} --device {','.join(self.devices)} "
-                f"--threads {self.threads if self.threads is not None else 0} --out {self.out}"
+                f"--bench-seconds {self.bench_seconds} --devices {','.join(self.devices)} "
+                f"--threads {self.threads} --out {self.out}"
                 + ("" if self.int8 else " --no-int8"))
 
 
@@ -233,8 +238,6 @@ def run_pipeline(config: PipelineConfig, *, log: Callable[[str], None] = print) 
     `log` receives the human-readable progress (stage headers, the fold report, the summary);
     pass `lambda _: None` for silence. A parity failure stops the run with `bnfold.ParityError`.
     """
-    if config.epochs < 1:
-        raise BnfoldError(f"epochs must be at least 1, got {config.epochs}")
     model, dataset, data_root, epochs = config.model, config.dataset, config.data_root, config.epochs
     progress = config.progress
     out_dir = Path(config.out)

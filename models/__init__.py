@@ -33,7 +33,7 @@ _LAZY = {
     "UnknownModelError": "bnfold.models.registry", "build": "bnfold.models.registry", "list_models": "bnfold.models.registry",
     "register": "bnfold.models.registry",
     "SPEC_METADATA_KEY": "bnfold.models.spec", "ModelSpec": "bnfold.models.spec", "Preprocess": "bnfold.models.spec",
-    "TrainConfig": "bnfold.models.training", "TrainingError": "bnfold.models.training", "TrainResult": "bnfold.models.training",
+    "TrainConfig": "bnfold.models.train_config", "TrainingError": "bnfold.models.train_config", "TrainResult": "bnfold.models.training",
     "train": "bnfold.models.training", "train_summary": "bnfold.models.training",
 }
 

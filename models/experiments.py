@@ -130,7 +130,9 @@ def plot_bn_effect(result: BnEffectResult, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from bnfold.options import SHARED
+
     parser = argparse.ArgumentParser(prog="python -m bnfold.models.experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="experiment", required=True)
@@ -141,12 +143,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="comma-separated learning rates, low first")
     p.add_argument("--seed", type=int, default=0, help="the same seed for all four runs")
     p.add_argument("--runs", default=None, help="keep the four training runs here (default: a temporary folder)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
+    p.add_argument("--no-progress", **SHARED["--no-progress"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     command = "python -m bnfold.models.experiments " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         result = bn_effect(args.out, epochs=args.epochs, lrs=args.lrs, seed=args.seed, runs_dir=args.runs,
-                           progress=not args.no_progress, command=command)
+                           progress=args.progress, command=command)
     except BnfoldError as exc:
         print(f"bn-effect: error: {exc}", file=sys.stderr)
         return 2

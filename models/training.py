@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
 from bnfold.errors import BnfoldError
+from bnfold.options import resolve_threads
 from bnfold.models.checkpoint import model_from_payload, read_checkpoint, save_checkpoint, spec_from_payload
 from bnfold.models.data import load_datasets
 from bnfold.models.distributed import DistContext, from_sync_batchnorm, to_sync_batchnorm
@@ -30,44 +31,8 @@ from bnfold.models.factory import build_for_dataset
 from bnfold.models.metrics import headline_metric, task_metric
 from bnfold.models.spec import ModelSpec
 
-DEFAULT_LR = {"sgd": 0.1, "adamw": 3e-3}
-DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 1e-2}
-
-
-class TrainingError(BnfoldError):
-    """Training cannot start or cannot go on (bad option, NaN loss, nothing to resume)."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything `bnfold train` takes; the defaults train LeNet-BN on the bundled digits."""
-
-    model: str = "lenet"
-    dataset: str = "digits"
-    data_root: str = "data"
-    download: bool = False
-    epochs: int = 5
-    batch_size: int = 64                 # per process under torchrun
-    lr: float | None = None              # None: 0.1 for sgd, 3e-3 for adamw
-    optimizer: str = "adamw"             # "sgd" (momentum 0.9, nesterov) or "adamw"
-    schedule: str = "cosine"             # "cosine", "step" (x0.1 at 1/2 and 3/4) or "none"
-    weight_decay: float | None = None    # None: 5e-4 for sgd, 1e-2 for adamw
-    norm: str = "bn"                     # "bn" or "none"
-    activation: str | None = None        # lenet: "relu" (its default), "sigmoid" or "tanh"
-    bn_momentum: float = 0.1
-    bn_eps: float = 1e-5
-    sync_bn: bool = False
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 0
-    out: str = "runs/train"
-    resume: bool = False
-    force: bool = False                  # train afresh into a folder that already holds a run
-    progress: bool = True
-    input_size: int | None = None        # None: the architecture's default for the dataset
-    steps_per_epoch: int | None = None   # cap on optimizer steps per epoch (smoke tests)
-    eval_batch_size: int = 256
-    threads: int | None = None           # torch intra-op threads; None: torch's default
+# The config, its defaults and its checks live torch-free in train_config (the CLI reads them).
+from .train_config import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, TrainConfig, TrainingError  # noqa: E402
 
 
 @dataclass
@@ -140,27 +105,6 @@ def restore_rng(state: dict[str, Any]) -> None:
 def _tuples(value: Any) -> Any:
     # random.setstate wants tuples; a round trip through the checkpoint may turn them into lists.
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _check_config(config: TrainConfig) -> None:
-    if config.epochs <= 0:
-        raise TrainingError(f"epochs must be positive, got {config.epochs}")
-    if config.batch_size <= 0:
-        raise TrainingError(f"batch_size must be positive, got {config.batch_size}")
-    if config.optimizer not in DEFAULT_LR:
-        raise TrainingError(f"unknown optimizer {config.optimizer!r}; choose sgd or adamw")
-    if config.schedule not in ("cosine", "step", "none"):
-        raise TrainingError(f"unknown schedule {config.schedule!r}; choose cosine, step or none")
-    if config.lr is not None and not (config.lr > 0 and math.isfinite(config.lr)):
-        raise TrainingError(f"lr must be a positive number, got {config.lr}")
-    if not 0.0 <= config.bn_momentum <= 1.0:
-        raise TrainingError(f"bn_momentum must be in [0, 1], got {config.bn_momentum}")
-    if config.bn_eps <= 0:
-        raise TrainingError(f"bn_eps must be positive, got {config.bn_eps}")
-    if config.threads is not None and config.threads <= 0:
-        raise TrainingError(f"threads must be positive, got {config.threads}")
-    if config.steps_per_epoch is not None and config.steps_per_epoch <= 0:
-        raise TrainingError(f"steps_per_epoch must be positive, got {config.steps_per_epoch}")
 
 
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -397,11 +341,8 @@ def train(config: TrainConfig) -> TrainResult:
 
     A folder that already holds a run needs `resume` (continue from last.pt) or `force` (replace it).
     """
-    _check_config(config)
     _check_out(config)
-    if config.threads is not None:
-        # Small models on a shared box lose more to thread hand-offs than they gain from a second core.
-        torch.set_num_threads(config.threads)
+    torch.set_num_threads(resolve_threads(config.threads))
     dist = DistContext.from_env()
     device = resolve_device(config.device, dist.local_rank)
     if config.sync_bn and device.type != "cuda":

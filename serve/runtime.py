@@ -19,9 +19,9 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import onnxruntime as ort
 
+from bnfold.options import available_cpus  # the CPUs --threads 0 means, one definition
 from bnfold.models.spec import MAX_BATCH_SIZE, SPEC_METADATA_KEY, ModelSpec, SpecVersionError
 from bnfold.serve.errors import DeviceUnavailableError, ServeError
-from bnfold.serve.scheduler import Scheduling
 
 # A request whose estimated run time is under this runs inside the event loop: a thread hop costs
 # about 50-100 us on a 2-core box, several times what onnxruntime needs for LeNet (~30 us).
@@ -85,42 +85,6 @@ class Runtime(Protocol):
         ...
 
 
-def available_cpus() -> int:
-    """The CPUs this process may actually use: its affinity mask, capped by a cgroup CPU quota.
-
-    `os.cpu_count()` reports the host's cores, which inside a container limited to two CPUs
-    makes onnxruntime start a pool that fights itself.
-    """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        cpus = os.cpu_count() or 1
-    quota = _cgroup_cpu_quota()
-    if quota is not None:
-        cpus = min(cpus, max(1, math.ceil(quota)))
-    return max(1, cpus)
-
-
-def _cgroup_cpu_quota() -> float | None:
-    """CPUs allowed by cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us`; None when unlimited/unknown."""
-    try:
-        text = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if len(text) == 2 and text[0] != "max":
-            return int(text[0]) / int(text[1])
-        if text:
-            return None
-    except (OSError, ValueError):
-        pass
-    try:
-        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-        if quota > 0 and period > 0:
-            return quota / period
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 def _meta(arg: ort.NodeArg) -> TensorMeta:
     datatype = _ORT_TO_V2.get(arg.type)
     if datatype is None:
@@ -159,8 +123,6 @@ class ModelRuntime:
     max_batch_size: int = MAX_BATCH_SIZE   # 0 when the batch axis is fixed
     warmup_ms: float = 0.0
     inline_batch: int = 1          # largest batch run in the event loop (0: every request in a thread)
-    # instance_group / dynamic_batching from config.pbtxt or options; serve.scheduler follows it
-    scheduling: Scheduling = field(default_factory=Scheduling)
     _runner: Callable[[np.ndarray], list[np.ndarray]] | None = field(default=None, repr=False)
 
     @property
@@ -197,14 +159,6 @@ class ModelRuntime:
     def run_all(self, x: np.ndarray) -> list[np.ndarray]:
         """Every output, in the model's order."""
         return self._runner(x)
-
-    def replica(self) -> ModelRuntime:
-        """Another session of the same file with the same options: one more instance of an instance group."""
-        twin = open_session(self.path, self.device, threads=self.threads, cuda_graph=self.cuda_graph,
-                            name=self.name, version=self.version, max_batch_size=self.max_batch_size)
-        twin.spec = self.spec
-        twin.scheduling = self.scheduling
-        return twin
 
     def sample_input(self, batch: int = 1) -> np.ndarray:
         """Zeros of the input's shape with the batch (and any other dynamic dimension) set."""
@@ -335,7 +289,7 @@ def _check_options(path: Path, device: str, threads: int | None, cuda_graph: boo
         raise ServeError("--cuda-graph needs --device cuda", status=500)
     if not path.is_file():
         raise ServeError(f"model file not found: {path}", status=500)
-    threads = available_cpus() if threads is None else threads
+    threads = available_cpus() if not threads else threads   # None or 0: every CPU this process may use
     if threads < 1:
         raise ServeError(f"threads must be at least 1, got {threads}", status=500)
     return threads

@@ -48,7 +48,7 @@ def bench_exports(bench_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
 def cli_report(bench_checkpoint: Path, bench_exports: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One `bnfold bench` run through the CLI, shared by the report checks below."""
     out = tmp_path_factory.mktemp("bench-report")
-    code = main(["bench", str(bench_checkpoint), "--device", "cpu,cuda", "--batch-sizes", "1,4",
+    code = main(["bench", str(bench_checkpoint), "--devices", "cpu,cuda", "--batch-sizes", "1,4",
                  "--threads", "1", "--seconds", "0.1", "--export-dir", str(bench_exports), "--out", str(out)])
     assert code == 0
     return out
@@ -204,7 +204,7 @@ def test_cli_error_exits_2_without_traceback(bench_checkpoint: Path, tmp_path: P
 
 def test_cli_missing_checkpoint_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nope.pt"
-    code = main(["bench", str(missing), "--device", "cpu", "--out", str(tmp_path / "out")])
+    code = main(["bench", str(missing), "--devices", "cpu", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and str(missing) in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()

@@ -34,7 +34,7 @@ def test_state_dict_with_model_class_benches_eager_folded_and_ort(tmp_path, caps
     torch.save(randomize_bn(import_class(f"{file}:Net")(classes=3)).state_dict(), tmp_path / "sd.pt")
     out = tmp_path / "bench"
     code = main(["bench", str(tmp_path / "sd.pt"), "--model-class", f"{file}:Net", "--input-shape", "1,3,16,16",
-                 "--device", "cpu", "--backends", "eager,folded,ort", "--batch-sizes", "1", "--seconds", "0.05",
+                 "--devices", "cpu", "--backends", "eager,folded,ort", "--batch-sizes", "1", "--seconds", "0.05",
                  "--min-iterations", "20", "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -49,7 +49,7 @@ def test_state_dict_with_model_class_benches_eager_folded_and_ort(tmp_path, caps
 
 def test_an_onnx_file_benches_without_a_checkpoint(tmp_path, tiny_onnx, capsys):
     """It used to fail in torch.load with weights_only advice and raw ANSI codes."""
-    code = main(["bench", str(tiny_onnx), "--device", "cpu", "--backends", "eager,ort", "--batch-sizes", "1,2",
+    code = main(["bench", str(tiny_onnx), "--devices", "cpu", "--backends", "eager,ort", "--batch-sizes", "1,2",
                  "--seconds", "0.05", "--min-iterations", "10", "--out", str(tmp_path / "bench")])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -65,7 +65,7 @@ def test_a_torchscript_file_runs_eager_and_torchscript_and_skips_the_rest_saying
     """The folded, export and HTTP rows were "failed" with a nested RuntimeError/BnfoldError each."""
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten()).eval()
     torch.jit.save(torch.jit.trace(model, torch.randn(1, 3, 8, 8)), str(tmp_path / "net.ts"))
-    code = main(["bench", str(tmp_path / "net.ts"), "--input-shape", "1,3,8,8", "--device", "cpu",
+    code = main(["bench", str(tmp_path / "net.ts"), "--input-shape", "1,3,8,8", "--devices", "cpu",
                  "--backends", "eager,folded,torchscript,program,ort,http", "--batch-sizes", "1",
                  "--seconds", "0.05", "--min-iterations", "10", "--out", str(tmp_path / "bench")])
     captured = capsys.readouterr()
@@ -97,7 +97,7 @@ def test_a_fixed_batch_program_is_told_to_export_with_static_batch_and_reuse_the
     """The exporter's hint said "try --static-batch", an option bench does not have."""
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten()).eval()
     torch.export.save(torch.export.export(model, (torch.randn(1, 3, 8, 8),)), str(tmp_path / "net.pt2"))
-    common = ["--device", "cpu", "--backends", "eager,ort", "--batch-sizes", "1", "--seconds", "0.05",
+    common = ["--devices", "cpu", "--backends", "eager,ort", "--batch-sizes", "1", "--seconds", "0.05",
               "--min-iterations", "10"]
     assert main(["bench", str(tmp_path / "net.pt2"), *common, "--out", str(tmp_path / "b1")]) == 0
     rows = {r["backend"]: r for r in json.loads((tmp_path / "b1" / "report.json").read_text())["results"]}
@@ -116,7 +116,7 @@ def test_a_fixed_batch_program_is_told_to_export_with_static_batch_and_reuse_the
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_only_cuda_asked_for_on_a_machine_without_it_is_refused(tmp_path, capsys):
     """It used to write a report whose every row was skipped, and exit 0."""
-    assert main(["bench", "no-such-model.pt", "--device", "cuda", "--out", str(tmp_path / "b")]) == 2
+    assert main(["bench", "no-such-model.pt", "--devices", "cuda", "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
     assert "--device cuda asked for, but CUDA is not available" in err and "--device cpu,cuda" in err
     assert not (tmp_path / "b").exists()

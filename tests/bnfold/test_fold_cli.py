@@ -105,7 +105,7 @@ def _export_lenet_head(path: Path, randomize_bn, dynamic_spatial: bool = False) 
 def test_fold_onnx(tmp_path: Path, capsys, randomize_bn) -> None:
     src, dst = tmp_path / "in.onnx", tmp_path / "out" / "folded.onnx"
     _export_lenet_head(src, randomize_bn)
-    assert main(["fold-onnx", str(src), str(dst)]) == 0
+    assert main(["fold-onnx", str(src), "--out", str(dst)]) == 0
     printed = capsys.readouterr().out
     assert "BatchNorm left: 0 of 1" in printed and "Gemm" in printed and "parity over 8 samples" in printed
     assert not any(n.op_type == "BatchNormalization" for n in onnx.load(str(dst)).graph.node)
@@ -113,20 +113,23 @@ def test_fold_onnx(tmp_path: Path, capsys, randomize_bn) -> None:
 
 def test_fold_onnx_errors(tmp_path: Path, capsys, randomize_bn) -> None:
     dst = tmp_path / "never.onnx"
-    assert "no ONNX file" in _error(["fold-onnx", str(tmp_path / "missing.onnx"), str(dst)], capsys)
+    assert "no ONNX file" in _error(["fold-onnx", str(tmp_path / "missing.onnx"), "--out", str(dst)], capsys)
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"\x08\x07garbage" * 50)
-    assert "ONNX" in _error(["fold-onnx", str(corrupt), str(dst)], capsys)
+    assert "ONNX" in _error(["fold-onnx", str(corrupt), "--out", str(dst)], capsys)
 
     src = tmp_path / "dyn.onnx"
     _export_lenet_head(src, randomize_bn, dynamic_spatial=True)
-    err = _error(["fold-onnx", str(src), str(dst)], capsys)
+    err = _error(["fold-onnx", str(src), "--out", str(dst)], capsys)
     assert "symbolic axis 2 (h)" in err and "--input-shape" in err
-    assert main(["fold-onnx", str(src), str(dst), "--input-shape", "1,1,10,10"]) == 0
+    assert main(["fold-onnx", str(src), "--out", str(dst), "--input-shape", "1,1,10,10"]) == 0
     capsys.readouterr()
     dst.unlink()
+    # The first spelling, `fold-onnx IN OUT`, still works and says to use --out.
     err = _error(["fold-onnx", str(src), str(dst), "--input-shape", "1,1,10,10", "--rtol", "1e-15"], capsys)
     assert "disagrees with its source" in err and not dst.exists()
+    assert "the positional output is deprecated, use --out" in err
+    assert "--out is required" in _error(["fold-onnx", str(src)], capsys)
 
 
 def test_console_entry_exits_2_without_traceback(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from bnfold.cli import main
 def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny pipeline run (1 epoch, 0.05 s per bench row) shared by the checks below."""
     out = tmp_path_factory.mktemp("pipeline") / "demo"
-    code = main(["pipeline", "--epochs", "1", "--bench-seconds", "0.05", "--device", "cpu,cuda",
+    code = main(["pipeline", "--epochs", "1", "--bench-seconds", "0.05", "--devices", "cpu,cuda",
                  "--out", str(out)])
     assert code == 0
     return out

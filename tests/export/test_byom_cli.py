@@ -151,7 +151,7 @@ def test_onnx_from_elsewhere_gets_a_spec_and_predictions_answer_its_labels(tmp_p
     assert spec.preprocess.std == [0.3081] and spec.input_shape == [1, 28, 28]
 
     # fold-onnx takes the same spec options; the raw file is served with --spec.
-    assert main(["fold-onnx", str(src), str(tmp_path / "folded.onnx"), "--labels", "n,e,s,w"]) == 0
+    assert main(["fold-onnx", str(src), "--out", str(tmp_path / "folded.onnx"), "--labels", "n,e,s,w"]) == 0
     assert _spec(tmp_path / "folded.onnx").labels == ["n", "e", "s", "w"]
     (tmp_path / "spec.json").write_text(json.dumps({"labels": ["N", "E", "S", "W"], "mean": [0.5], "std": [0.5],
                                                     "input_shape": [1, 28, 28]}))
@@ -188,7 +188,7 @@ def test_export_paper_cuts(tmp_path, capsys, untrained_lenet_checkpoint):
     assert "truncated or corrupt" in err()
     assert main(["bench", str(tmp_path / "cut.pt"), "--out", str(tmp_path / "b")]) == 2
     assert "truncated or corrupt" in err()  # the same words in bench as in export
-    assert main(["fold-onnx", str(tmp_path), str(tmp_path / "f.onnx")]) == 2
+    assert main(["fold-onnx", str(tmp_path), "--out", str(tmp_path / "f.onnx")]) == 2
     assert "is a folder; give an ONNX file" in err()
     assert main(["serve", str(untrained_lenet_checkpoint), "--port", "0"]) == 2
     assert "is a PyTorch file; `bnfold serve` runs ONNX: export it first" in err()

@@ -321,12 +321,12 @@ def test_loadtest_against_the_server(server: str) -> None:
 def test_loadtest_command(server: str, capsys: pytest.CaptureFixture) -> None:
     from bnfold.cli import main
 
-    assert main(["loadtest", server, "--model", "tiny", "--requests", "300", "--concurrency", "3"]) == 0
+    assert main(["loadtest", server, "--name", "tiny", "--requests", "300", "--concurrency", "3"]) == 0
     out = capsys.readouterr().out
     assert "binary x3: 300 requests" in out and "req/s" in out and "errors 0" in out
-    assert main(["loadtest", server, "--model", "tiny", "--requests", "50", "--json"]) == 0
+    assert main(["loadtest", server, "--name", "tiny", "--requests", "50", "--tensors", "json"]) == 0
     assert "json x8: 50 requests" in capsys.readouterr().out
-    assert main(["loadtest", server, "--model", "nope", "--requests", "5"]) == 2
+    assert main(["loadtest", server, "--name", "nope", "--requests", "5"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
 
 

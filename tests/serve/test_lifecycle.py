@@ -132,7 +132,9 @@ def test_cuda_server_matches_cpu(tiny_onnx: Path, extra: list[str]) -> None:
     with running_server(tiny_onnx, device="cuda", extra_args=extra) as url:
         client = triton_http.InferenceServerClient(url=url.removeprefix("http://"))
         meta = client.get_model_metadata("tiny")
-        assert meta["parameters"]["providers"][0] == "CUDAExecutionProvider"
+        # The server starts only when CUDAExecutionProvider is active (no silent fallback); metadata says
+        # the device and nothing of the host's providers.
+        assert meta["parameters"]["device"] == "cuda" and "providers" not in meta["parameters"]
         for binary in (True, False):
             inp = triton_http.InferInput("input", [1, 1, 28, 28], "FP32")
             inp.set_data_from_numpy(x, binary_data=binary)
