@@ -6,6 +6,7 @@ site-packages would shadow the `models.py` most ML projects have.
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -13,13 +14,17 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 # What the build reads: pyproject.toml (with README.md as the long description) and the packages.
 SOURCES = ("pyproject.toml", "README.md", "bnfold", "models", "export", "serve", "bench")
 
 
-def test_the_wheel_holds_only_the_bnfold_package_with_its_four_subpackages(tmp_path: Path) -> None:
-    # Built from a copy, so that build/ and *.egg-info never land in the working tree.
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel of this tree, built from a copy so that build/ and *.egg-info never land in the working tree."""
+    tmp_path = tmp_path_factory.mktemp("wheel")
     src = tmp_path / "src"
     src.mkdir()
     for name in SOURCES:
@@ -33,7 +38,11 @@ def test_the_wheel_holds_only_the_bnfold_package_with_its_four_subpackages(tmp_p
                              "--no-index", "-q", "-w", str(dist), str(src)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    [wheel] = dist.glob("bnfold-*.whl")
+    [built] = dist.glob("bnfold-*.whl")
+    return built
+
+
+def test_the_wheel_holds_only_the_bnfold_package_with_its_four_subpackages(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
 
     outside = [n for n in names if not (n.startswith("bnfold/") or re.match(r"bnfold-[^/]+\.dist-info/", n))]
@@ -41,6 +50,27 @@ def test_the_wheel_holds_only_the_bnfold_package_with_its_four_subpackages(tmp_p
     for package in ("bnfold", "bnfold/models", "bnfold/export", "bnfold/serve", "bnfold/bench"):
         assert f"{package}/__init__.py" in names, package
     assert "bnfold/serve/static/index.html" in names  # package data travels too
+    assert "bnfold/bench/reference_service.py" in names   # compare_reference's yardstick, inside the package
     assert not any(n.startswith(("bnfold/tests/", "tests/")) for n in names)
     top_level = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/top_level.txt")))
     assert top_level.decode().split() == ["bnfold"]
+
+
+@pytest.mark.slow   # installs the wheel and runs both services for one short round
+def test_compare_reference_runs_from_the_installed_wheel(wheel: Path, tiny_onnx: Path, tmp_path: Path) -> None:
+    """From the wheel it died with uvicorn's 'Could not import module plain_fastapi_service' (a file
+    outside the package); the reference service now ships inside it."""
+    site = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",
+                              str(site), str(wheel)], capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stdout + install.stderr
+    # Run away from the repository, the installed copy first on the path (before the editable install).
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    where = subprocess.run([sys.executable, "-c", "import bnfold.bench.compare_reference as m; print(m.__file__)"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert where.stdout.strip().startswith(str(site)), where.stdout + where.stderr
+    result = subprocess.run([sys.executable, "-m", "bnfold.bench.compare_reference", "--onnx", str(tiny_onnx),
+                             "--rounds", "1", "--sequential", "20", "--concurrent", "40", "--concurrency", "2"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "reference json" in result.stdout and "bnfold binary vs reference" in result.stdout
