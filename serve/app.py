@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any, Awaitable, Callable, TextIO
 
 import numpy as np
+import orjson
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, ProcessCollector,
                                generate_latest)
 
@@ -39,6 +40,7 @@ from bnfold.serve.protocol import RequestParser, ResponseEncoder, parse_header_l
 from bnfold.serve.repository import load_models
 from bnfold.serve.routes import Request, Response, Route, Router
 from bnfold.serve.runtime import V2_TO_NUMPY, Runtime, available_cpus
+from bnfold.serve.scheduler import RunObserver, Scheduler, Scheduling, build_scheduler
 from bnfold.versions import __version__
 
 Scope = dict[str, Any]
@@ -55,6 +57,7 @@ _JSON = [(b"content-type", b"application/json")]
 _OCTET = b"application/octet-stream"
 # Of a runtime's details(), what the model metadata document shows clients.
 _CLIENT_DETAILS = ("metadata",)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                     0.5, 1.0, 2.5, 10.0)
 
@@ -187,6 +190,11 @@ class InferenceApp:
         self.metrics = _Metrics(self.models)
         self.parsers = {name: RequestParser(m) for name, m in self.models.items()}
         self.encoders = {name: ResponseEncoder(m) for name, m in self.models.items()}
+        # Every inference, HTTP or gRPC, runs through its model's scheduler (serve.scheduler).
+        self.schedulers: dict[str, Scheduler] = {
+            name: build_scheduler(m, getattr(m, "scheduling", Scheduling()), self.metrics.run_observer(name))
+            for name, m in self.models.items()}
+        self._scheduler_of = {id(m): self.schedulers[name] for name, m in self.models.items()}
         self.ready = True
         self._flusher: asyncio.Task | None = None
         # Servers that share this app's loop and lifespan (serve.grpc_service): awaited at start-up, in
@@ -226,6 +234,11 @@ class InferenceApp:
         config = triton_model_config(m.name, [(t.name, t.datatype, t.shape) for t in m.inputs],
                                      [(t.name, t.datatype, t.shape) for t in m.outputs],
                                      max_batch_size=m.max_batch_size, device=m.device)
+        scheduling = getattr(m, "scheduling", Scheduling())   # what serve.scheduler follows for this model
+        config["instance_group"] = [{**group, "count": scheduling.instances} for group in config["instance_group"]]
+        if scheduling.batching:
+            config["dynamic_batching"] = {"max_queue_delay_microseconds": scheduling.max_queue_delay_us,
+                                          "preferred_batch_size": list(scheduling.preferred_batch_sizes)}
         return {**config, "platform": m.platform, "backend": "onnxruntime"}
 
     # ------------------------------------------------------------------ ASGI entry
@@ -248,6 +261,8 @@ class InferenceApp:
                              details.get("path", "?"), m.device,
                              ", ".join(f"{k} {v}" for k, v in details.items() if k not in ("path", "metadata")),
                              m.max_batch_size or "fixed", m.inline_batch)
+                for name, scheduler in self.schedulers.items():
+                    log.info("model %r runs on %s", name, scheduler.scheduling.describe())
                 try:
                     for hook in self.startup_hooks:
                         await hook()
@@ -259,6 +274,8 @@ class InferenceApp:
                 self.ready = False
                 for hook in self.shutdown_hooks:
                     await hook()
+                for scheduler in self.schedulers.values():
+                    await asyncio.get_running_loop().run_in_executor(None, scheduler.close)
                 if self._flusher is not None:
                     self._flusher.cancel()
                 self.access_log.flush()
@@ -338,10 +355,10 @@ class InferenceApp:
     async def model_stats(self, request: Request) -> Response:
         model = self.models[request.model]
         success, fail = self.metrics.outcomes[request.model]
-        return 200, _JSON, json.dumps({"model_stats": [{
+        return 200, _JSON, orjson.dumps({"model_stats": [{
             "name": model.name, "version": model.version, "inference_count": success,
             "execution_count": success,
-            "inference_stats": {"success": {"count": success}, "fail": {"count": fail}}}]}).encode()
+            "inference_stats": {"success": {"count": success}, "fail": {"count": fail}}}]})
 
     async def metrics_text(self, request: Request) -> Response:
         return 200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], generate_latest(self.metrics.registry)
@@ -371,7 +388,7 @@ class InferenceApp:
                 lambda size: self._reserve(request, size))
         header_length = parse_header_length(request.header(b"inference-header-content-length"), len(body))
         parsed = self.parsers[name].parse(body, header_length)
-        results = await self._run(model, parsed.array)
+        results = await self.schedulers[name].infer(parsed.array)
         payload, json_length = self.encoders[name].encode(parsed, results)
         if json_length is None:
             return 200, _JSON, payload
@@ -469,11 +486,8 @@ class InferenceApp:
                           f"{self.max_pending_bytes} bytes", "--max-pending-mb", status=503)
 
     async def _run(self, model: Runtime, x: np.ndarray) -> list[np.ndarray]:
-        # Decided per request: a batch the model runs in under INLINE_THRESHOLD_MS stays on the
-        # loop, anything larger goes to a thread (a 5,000-row batch must not stall other clients).
-        if (x.shape[0] if x.ndim else 1) <= model.inline_batch:
-            return model.run_all(x)
-        return await asyncio.get_running_loop().run_in_executor(None, model.run_all, x)
+        """`model`'s outputs for `x` through its scheduler (as `self.schedulers[name].infer(x)`)."""
+        return await self._scheduler_of[id(model)].infer(x)
 
 
 # Concatenated gzip members are one body (RFC 1952; `gzip.decompress` and gunzip agree); each
@@ -544,7 +558,8 @@ def create_app(config: ServeConfig, models: Mapping[str, Runtime] | None = None)
     if models is None:
         models = load_models(config.model, config.device, threads=config.threads,
                                  cuda_graph=config.cuda_graph, name=config.name,
-                                 max_batch_size=config.max_batch_size)
+                                 max_batch_size=config.max_batch_size, instances=config.instances,
+                                 dynamic_batching=config.dynamic_batching)
     if config.spec is not None:
         _give_spec(models, config.spec)
     access = config.access_log and config.log_level in ("debug", "info")

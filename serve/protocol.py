@@ -6,6 +6,13 @@ the `Inference-Header-Content-Length` HTTP header, and each binary input says it
 out (and back), with a `ServeError` naming what was expected for every malformed request. It
 reads a model only through the `Runtime` protocol (names, tensors, spec, batch limit).
 
+JSON is parsed and written by orjson (C); a request's "data" goes from orjson's lists to numpy in
+one call. Types are strict, as the protocol's schema says: "data" holds numbers only (no null, no
+strings, no true/false for a number type, no fractions for an integer type, only true/false for
+BOOL), and every parameter has its type (`binary_data` and `binary_data_output` are booleans); a
+wrong type is a 400 naming the field. null stands for an absent optional field, as in protobuf's
+JSON mapping.
+
 Two rules a client can rely on: a float output that is NaN or infinite is written in JSON as the
 string "NaN", "Infinity" or "-Infinity" (protobuf's JSON mapping; numpy and tritonclient read them
 back), never as a bare token that is not JSON; and the classification extension answers an output
@@ -21,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
+import orjson
 
 from bnfold.serve.errors import ServeError
 from bnfold.serve.runtime import KNOWN_DATATYPES, V2_TO_NUMPY, Runtime, TensorMeta
@@ -94,7 +102,7 @@ def _shape_str(shape: list[int]) -> str:
 def _short(value: Any, limit: int = 60) -> str:
     """A client's value quoted as JSON, cut short: error messages echo at most `limit` characters."""
     try:
-        text = json.dumps(value)
+        text = json.dumps(value[:limit] if isinstance(value, (str, list)) else value)
     except (TypeError, ValueError, RecursionError):
         text = type(value).__name__
     return text if len(text) <= limit else text[:limit] + "..."
@@ -152,31 +160,124 @@ def _load_json(raw: bytes | memoryview) -> dict[str, Any]:
         raise ServeError("empty request body: expected a JSON inference request "
                          '{"inputs": [{"name", "shape", "datatype", "data"}]}')
     try:
-        header = json.loads(bytes(raw))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ServeError(f"malformed JSON in the inference request: {exc}")
-    except RecursionError:
-        raise ServeError(_TOO_DEEP)
+        header = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        # What orjson refuses and Python's json reads: NaN/Infinity tokens (json.dumps writes them) and
+        # integers past 64 bits (then refused as too large for the datatype). Anything else is not JSON,
+        # and the stdlib's message says where.
+        try:
+            header = json.loads(bytes(raw))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ServeError(f"malformed JSON in the inference request: {exc}")
+        except RecursionError:
+            raise ServeError(_TOO_DEEP)
     if not isinstance(header, dict):
         raise ServeError(f"the inference request must be a JSON object, got {type(header).__name__}")
     return header
 
 
 def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
-    params = obj.get("parameters") or {}
+    params = obj.get("parameters")
+    if params is None:
+        return {}
     if not isinstance(params, dict):
         raise ServeError(f"'parameters' of {where} must be an object, got {_short(params)}")
     return params
 
 
+def _flag(params: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    """A boolean parameter: true or false (or null/absent for the default), never "false" or 0."""
+    value = params.get(key)
+    if value is None:
+        return default
+    if type(value) is not bool:
+        raise ServeError(f"parameters.{key} of {where} must be true or false, got {_short(value)}")
+    return value
+
+
+# Inputs may spell non-finite floats as outputs do (see the module's rule).
+_NON_FINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _count_bools(value: Any, skip: Any) -> int:
+    """true/false values in a parsed JSON value, not looking inside `skip` (the input's data)."""
+    if value is skip:
+        return 0
+    if value is True or value is False:
+        return 1
+    if isinstance(value, dict):
+        return sum(_count_bools(v, skip) for v in value.values())
+    if isinstance(value, list):
+        return sum(_count_bools(v, skip) for v in value)
+    return 0
+
+
+def _flat(data: Any) -> list[Any]:
+    out: list[Any] = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        else:
+            out.append(item)
+    return out
+
+
+def _refuse_element(model: Runtime, name: str, data: Any, integer: bool, boolean: bool) -> None:
+    """Raise a `ServeError` naming the first element of `data` the model's datatype cannot hold."""
+    datatype = model.inputs[0].datatype
+    where = f"'data' of input {name!r} for model {model.name!r}"
+    for index, value in enumerate(_flat(data)):
+        kind = type(value)
+        if boolean:
+            ok = kind is bool
+        elif kind is str and not integer and value in _NON_FINITE_IN:
+            value = _NON_FINITE_IN[value]
+            ok = True
+        else:
+            ok = kind is int or (kind is float and not integer)
+        if not ok:
+            what = ("null" if value is None else "a string" if kind is str else "true/false" if kind is bool
+                    else "a fraction" if kind is float else "an object" if kind is dict else kind.__name__)
+            takes = ("true/false" if boolean else "integers" if integer
+                     else 'numbers (or "NaN", "Infinity", "-Infinity")')
+            raise ServeError(f"{where} must be a (nested) list of {takes} for datatype {datatype}; it holds "
+                             f"{what} ({_short(value, 20)}) at element {index}")
+
+
 def _tensor_from_json(model: Runtime, name: str, dtype: np.dtype, shape: tuple[int, ...],
-                      data: Any) -> np.ndarray:
+                      data: Any, may_hold_bools: bool) -> np.ndarray:
+    """`data` as an array of `dtype`, its JSON types checked (see the module's rule).
+
+    numpy reads the (nested) list in one call and says what it found: an integer, float or bool
+    array, or an object/str array when a null, a string or an object is inside. The one mix it
+    hides is true/false among numbers (it makes them 1/0), so when the request holds more
+    true/false tokens than its parameters account for (`may_hold_bools`), the elements are
+    looked at one by one.
+    """
     count = math.prod(shape)
+    integer = dtype.kind in "iu"
+    boolean = dtype.kind == "b"
+    if not isinstance(data, list):
+        raise ServeError(f"'data' of input {name!r} for model {model.name!r} must be a (nested) list of "
+                         f"numbers for datatype {model.inputs[0].datatype}, got {_short(data)}")
     try:
         # over="raise": a finite number that only fits as infinity (1e300 or 10**300 for FP32) is
-        # refused like 10**400 is, not silently turned into inf. NaN/Infinity tokens stay allowed.
+        # refused like 10**400 is, not silently turned into inf.
         with np.errstate(over="raise"):
-            array = np.asarray(data, dtype=dtype).reshape(-1)
+            found = np.array(data)
+            kind = found.dtype.kind
+            fits = (kind == "b") if boolean else (kind in "iu" if integer else kind in "iuf")
+            if not fits or may_hold_bools:
+                _refuse_element(model, name, data, integer, boolean)   # raises naming the element, if any
+                if not fits:   # only non-finite spellings ("NaN") made numpy see strings
+                    found = np.array([_NON_FINITE_IN.get(v, v) if type(v) is str else v for v in _flat(data)])
+            if integer and found.dtype.kind in "iu" and found.size:
+                limits = np.iinfo(dtype)
+                if found.min() < limits.min or found.max() > limits.max:
+                    raise OverflowError
+            array = found.astype(dtype, copy=False).reshape(-1)
     except (ValueError, TypeError, RecursionError):
         raise ServeError(f"'data' of input {name!r} for model {model.name!r} must be a (nested) list of "
                          f"numbers for datatype {model.inputs[0].datatype}")
@@ -230,12 +331,16 @@ def parse_infer(model: Runtime, body: bytes, header_length: int | None) -> Infer
         if "data" not in tensor:
             raise ServeError(f"input {name!r} for model {model.name!r} has neither 'data' nor "
                              f"parameters.binary_data_size")
-        array = _tensor_from_json(model, name, dtype, shape, tensor["data"])
+        data = tensor["data"]
+        # true/false tokens in the JSON beyond those the rest of the request holds may be in the data.
+        text = body if header_length is None else bytes(raw)
+        may_hold_bools = (text.count(b"true") + text.count(b"false")) > _count_bools(header, data)
+        array = _tensor_from_json(model, name, dtype, shape, data, may_hold_bools)
 
     request_id = header.get("id")
-    if request_id is not None and not isinstance(request_id, (str, int, float)):
+    if request_id is not None and not isinstance(request_id, str):
         raise ServeError(f"'id' must be a string, got {_short(request_id)}")
-    binary_default = bool(_parameters(header, "the request").get("binary_data_output", False))
+    binary_default = _flag(_parameters(header, "the request"), "binary_data_output", False, "the request")
     return InferRequest(array=array, outputs=_requested_outputs(model, header.get("outputs"), binary_default),
                         id=None if request_id is None else str(request_id))
 
@@ -261,7 +366,7 @@ def _requested_outputs(model: Runtime, requested: Any, binary_default: bool) -> 
         if classes and (len(meta.shape) != 2 or meta.datatype not in _SCORES):
             raise ServeError(f"output {name!r} of model {model.name!r} has shape {_shape_str(meta.shape)} and "
                              f"datatype {meta.datatype}; classification needs [batch, classes] scores")
-        chosen.append(OutputRequest(meta, bool(params.get("binary_data", binary_default)), classes))
+        chosen.append(OutputRequest(meta, _flag(params, "binary_data", binary_default, f"output {name!r}"), classes))
     return chosen
 
 
@@ -291,10 +396,16 @@ def _bytes_tensor(array: np.ndarray) -> bytes:
 _NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
-def json_values(array: np.ndarray) -> list[Any]:
-    """The array's elements for a JSON body; NaN and infinities as strings (see the module's rule)."""
+def json_values(array: np.ndarray) -> list[Any] | np.ndarray:
+    """The array's elements for a JSON body; NaN and infinities as strings (see the module's rule).
+
+    A numeric array comes back flat as itself, for orjson to write in C (`OPT_SERIALIZE_NUMPY`;
+    a float32 in its shortest form that reads back to the same float32).
+    """
+    if array.dtype.kind in "iub" or (array.dtype.kind == "f" and np.isfinite(array).all()):
+        return np.ascontiguousarray(array).ravel()
     values = array.ravel().tolist()
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
+    if array.dtype.kind == "f":
         values = [v if math.isfinite(v) else _NON_FINITE[repr(v)] for v in values]
     elif array.dtype == object:
         values = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in values]
@@ -398,7 +509,7 @@ class ResponseEncoder:
         if request.id is not None:
             body["id"] = request.id
         body["outputs"] = outputs
-        header = json.dumps(body, separators=(",", ":")).encode()
+        header = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
         if key is not None and len(self._cache) < 64:
             self._cache[key] = header
         if not any_binary:

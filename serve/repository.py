@@ -24,7 +24,8 @@ from typing import Any
 
 from bnfold.models.spec import MODEL_NAME_PATTERN
 from bnfold.serve.errors import ServeError
-from bnfold.serve.runtime import ModelRuntime, TensorMeta, open_session
+from bnfold.serve.runtime import ModelRuntime, TensorMeta, available_cpus, open_session
+from bnfold.serve.scheduler import KINDS, MAX_INSTANCES, MAX_QUEUE_DELAY_US, Scheduling
 
 log = logging.getLogger("bnfold.serve")
 
@@ -199,7 +200,6 @@ def read_model_config(path: Path, name: str, runtime: ModelRuntime) -> int:
     return max_batch
 
 
-# ---------------------------------------------------------------------------------------------
 def _block(fields: dict[str, list[Any]], key: str, path: Path) -> dict[str, list[Any]] | None:
     values = fields.get(key, [])
     if len(values) > 1:
@@ -287,6 +287,7 @@ def _open(path: Path, device: str, scheduling: Scheduling, threads: int | None, 
     return runtime
 
 
+# ---------------------------------------------------------------------------------------------
 # The repository walk.
 
 
@@ -328,19 +329,22 @@ def _latest_version(model_dir: Path, root: Path) -> Path | None:
 
 def load_repository(root: str | os.PathLike, device: str = "cpu", *, threads: int | None = None,
                     cuda_graph: bool = False, name: str | None = None,
-                    max_batch_size: int | None = None) -> dict[str, ModelRuntime]:
+                    max_batch_size: int | None = None, instances: int | None = None,
+                    dynamic_batching: int | str | None = None) -> dict[str, ModelRuntime]:
     """Models to serve from a `model.onnx` file or a Triton-layout folder, checked and warmed up.
 
     A folder holds `<name>/<version>/model.onnx`; the highest numeric version of each model is
     served. A single file is served under `name` (default: its spec's arch, else the file stem).
     `max_batch_size` given here applies to every model; otherwise a repository model's
-    config.pbtxt sets it, and `MAX_BATCH_SIZE` is the default.
+    config.pbtxt sets it, and `MAX_BATCH_SIZE` is the default. `instances` and `dynamic_batching`
+    (microseconds, or "off") likewise override config.pbtxt's instance_group and dynamic_batching;
+    each model's `scheduling` says what it got (one instance, no batching by default).
     """
     root = Path(root)
     if root.is_file():
-        runtime = open_session(root, device, threads=threads, cuda_graph=cuda_graph,
-                               name=None if name is None else check_model_name(name, root),
-                               max_batch_size=max_batch_size)
+        scheduling = _scheduling(None, device, instances, dynamic_batching)
+        runtime = _open(root, device, scheduling, threads, cuda_graph=cuda_graph,
+                        name=None if name is None else check_model_name(name, root), max_batch_size=max_batch_size)
         return {runtime.name: runtime}
     if not root.is_dir():
         raise ServeError(f"no such model file or repository folder: {root}", status=500)
@@ -358,11 +362,13 @@ def load_repository(root: str | os.PathLike, device: str = "cpu", *, threads: in
         if latest is None:
             log.warning("skipping %s: no <version>/model.onnx inside", model_dir)
             continue
-        runtime = open_session(latest / "model.onnx", device, threads=threads, cuda_graph=cuda_graph,
-                               name=model_dir.name, version=latest.name, max_batch_size=max_batch_size)
         config = model_dir / "config.pbtxt"
         if config.exists():
             _inside(config, real_root)
+        scheduling = _scheduling(config if config.exists() else None, device, instances, dynamic_batching)
+        runtime = _open(latest / "model.onnx", device, scheduling, threads, cuda_graph=cuda_graph,
+                        name=model_dir.name, version=latest.name, max_batch_size=max_batch_size)
+        if config.exists():
             configured = read_model_config(config, model_dir.name, runtime)
             if max_batch_size is None and configured > 0:   # 0: Triton's 'no batching'; ours stays
                 runtime.max_batch_size = configured

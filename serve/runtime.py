@@ -22,6 +22,7 @@ import onnxruntime as ort
 from bnfold.options import available_cpus  # the CPUs --threads 0 means, one definition
 from bnfold.models.spec import MAX_BATCH_SIZE, SPEC_METADATA_KEY, ModelSpec, SpecVersionError
 from bnfold.serve.errors import DeviceUnavailableError, ServeError
+from bnfold.serve.scheduler import Scheduling
 
 # A request whose estimated run time is under this runs inside the event loop: a thread hop costs
 # about 50-100 us on a 2-core box, several times what onnxruntime needs for LeNet (~30 us).
@@ -123,6 +124,8 @@ class ModelRuntime:
     max_batch_size: int = MAX_BATCH_SIZE   # 0 when the batch axis is fixed
     warmup_ms: float = 0.0
     inline_batch: int = 1          # largest batch run in the event loop (0: every request in a thread)
+    # instance_group / dynamic_batching from config.pbtxt or options; serve.scheduler follows it
+    scheduling: Scheduling = field(default_factory=Scheduling)
     _runner: Callable[[np.ndarray], list[np.ndarray]] | None = field(default=None, repr=False)
 
     @property
@@ -159,6 +162,14 @@ class ModelRuntime:
     def run_all(self, x: np.ndarray) -> list[np.ndarray]:
         """Every output, in the model's order."""
         return self._runner(x)
+
+    def replica(self) -> ModelRuntime:
+        """Another session of the same file with the same options: one more instance of an instance group."""
+        twin = open_session(self.path, self.device, threads=self.threads, cuda_graph=self.cuda_graph,
+                            name=self.name, version=self.version, max_batch_size=self.max_batch_size)
+        twin.spec = self.spec
+        twin.scheduling = self.scheduling
+        return twin
 
     def sample_input(self, batch: int = 1) -> np.ndarray:
         """Zeros of the input's shape with the batch (and any other dynamic dimension) set."""
