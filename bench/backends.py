@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bnfold.errors import first_line
-from bnfold.bench.timing import FAILED, SKIPPED, BenchRow
+from bnfold.bench.timing import FAILED, SKIPPED, BenchRow, latency_stats
 
 if TYPE_CHECKING:
     from torch import nn
@@ -280,31 +280,46 @@ def bound_runner(session: Any, x: np.ndarray, expected: np.ndarray, device: str 
 
 
 def _measure_http(ctx: BackendContext, device: str, seconds: float) -> list[BenchRow]:
-    """Latency over one connection and throughput over eight, against `bnfold serve` on loopback."""
+    """Latency over one connection (HTTP and gRPC, interleaved) and HTTP throughput over eight, on loopback.
+
+    One `bnfold serve --grpc-port` process answers both protocols; the one-connection HTTP and gRPC
+    runs alternate in two halves each, and their latencies are pooled per protocol.
+    """
     rows = [BenchRow("http", device, 1, note=BACKENDS["http"].note),
-            BenchRow("http-8conn", device, 1, note=BACKENDS["http-8conn"].note)]
+            BenchRow("http-8conn", device, 1, note=BACKENDS["http-8conn"].note),
+            BenchRow("grpc", device, 1, note=BACKENDS["grpc"].note)]
     try:
         check_cuda_ort(device)
         onnx_path = ctx.artifact("onnx")
         from bnfold.bench.loadtest import run_loadtest
-        from bnfold.serve.launch import running_server
+        from bnfold.serve.launch import free_port, running_server
 
         name = "bench"
-        with running_server(onnx_path, device=device, threads=ctx.threads, name=name) as url:
+        grpc_address = f"127.0.0.1:{free_port()}"
+        with running_server(onnx_path, device=device, threads=ctx.threads, name=name,
+                            extra_args=["--grpc-port", grpc_address.rsplit(":", 1)[1]]) as url:
             x = ctx.inputs[1]
             probe = run_loadtest(url, name, concurrency=1, requests=30, inputs=x)
             # Size the runs so that each lasts about `seconds`.
             requests = int(np.clip(seconds * 1e3 / max(probe.mean_ms, 1e-3), 50, 50_000))
-            single = run_loadtest(url, name, concurrency=1, requests=requests, inputs=x)
+            single, over_grpc = [], []
+            for _ in range(2):
+                single.append(run_loadtest(url, name, concurrency=1, requests=requests // 2, inputs=x))
+                over_grpc.append(run_loadtest(grpc_address, name, concurrency=1, requests=requests // 2, inputs=x,
+                                              protocol="grpc"))
             many = run_loadtest(url, name, concurrency=8, requests=max(2 * requests, 200), inputs=x)
-        for row, result in zip(rows, (single, many)):
-            row.p50_ms, row.p90_ms, row.p99_ms, row.mean_ms = (result.p50_ms, result.p90_ms,
-                                                               result.p99_ms, result.mean_ms)
-            row.iterations = int(result.requests)
-            row.items_per_s = float(result.rps)
-            if result.errors:
+        for row, results in zip(rows, (single, [many], over_grpc)):
+            ms = np.concatenate([r.latencies_ms for r in results])
+            stats = latency_stats(ms)
+            row.p50_ms, row.p90_ms, row.p99_ms, row.mean_ms = (stats["p50_ms"], stats["p90_ms"], stats["p99_ms"],
+                                                               stats["mean_ms"])
+            row.iterations = int(ms.size)
+            row.items_per_s = float(sum(r.requests for r in results) / sum(r.seconds for r in results))
+            errors = sum(r.errors for r in results)
+            if errors:
                 row.status = FAILED
-                row.reason = f"{result.errors} of {result.requests} requests failed: {result.first_error}"
+                first = next(r.first_error for r in results if r.first_error)
+                row.reason = f"{errors} of {ms.size} requests failed: {first}"
     except Unavailable as exc:
         for row in rows:
             row.status, row.reason = SKIPPED, str(exc)
@@ -352,6 +367,10 @@ BACKENDS: dict[str, Backend] = {
                     label="HTTP, 1 connection"),
     "http-8conn": Backend("bnfold serve on loopback, eight connections (bench.loadtest)", requestable=False,
                           label="HTTP, 8 connections"),
+    "grpc": Backend("bnfold serve --grpc-port on loopback, one connection, raw tensor contents, "
+                    "interleaved with the HTTP row (bench.grpc_load)", requestable=False,
+                    speedups=(("http vs grpc, one HTTP hop against one gRPC call", "grpc", "http"),),
+                    label="gRPC, 1 connection"),
 }
 
 
@@ -362,7 +381,8 @@ def backend_label(name: str) -> str:
 
 
 # What a caller can ask for; on CUDA, "ort" also yields the IO-binding and CUDA-graph rows, and
-# "http" yields a latency row ("http") and an 8-connection throughput row ("http-8conn").
+# "http" yields a latency row ("http"), an 8-connection throughput row ("http-8conn") and a gRPC
+# latency row ("grpc", the same server's gRPC port).
 def requestable() -> list[str]:
     """The backend names a caller may ask for, read from the table as it is now."""
     return [name for name, b in BACKENDS.items() if b.requestable]

@@ -255,7 +255,7 @@ def plot_throughput(result: BenchResult, path: Path) -> Path:
     """Items per second against batch size, one line per in-process backend and device."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    keys = list(dict.fromkeys((r.backend, r.device) for r in result.rows if not r.backend.startswith("http")))
+    keys = list(dict.fromkeys((r.backend, r.device) for r in result.rows if not r.backend.startswith(("http", "grpc"))))
     for backend, device in keys:
         points = sorted((r.batch_size, r.items_per_s) for r in result.rows
                         if (r.backend, r.device) == (backend, device) and r.ok and r.items_per_s)

@@ -38,7 +38,7 @@ def bench_exports(bench_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
     """
     out = tmp_path_factory.mktemp("bench-exports")
     model, spec = models.load_checkpoint(bench_checkpoint)
-    export.export_onnx(model, spec, out / "model.onnx", legacy=True)
+    export.export_onnx(model, spec, out / "model.onnx", legacy_onnx=True)
     export.export_torchscript(model, spec, out / "model.ts")
     export.export_program(model, spec, out / "model.pt2")
     return out
@@ -120,8 +120,8 @@ def test_report_json_is_well_formed(cli_report: Path) -> None:
 
 def test_http_rows_measured_at_batch_one(cli_report: Path) -> None:
     rows = json.loads((cli_report / "report.json").read_text())["results"]
-    http = {r["backend"]: r for r in rows if r["backend"].startswith("http") and r["device"] == "cpu"}
-    assert set(http) == {"http", "http-8conn"}
+    http = {r["backend"]: r for r in rows if r["backend"] in ("http", "http-8conn", "grpc") and r["device"] == "cpu"}
+    assert set(http) == {"http", "http-8conn", "grpc"}   # the gRPC row: the same server's --grpc-port
     for row in http.values():
         assert row["status"] == OK, row
         assert row["batch_size"] == 1 and row["iterations"] >= 50 and row["items_per_s"] > 0
@@ -135,7 +135,7 @@ def test_cuda_rows_are_skipped_with_reason(cli_report: Path) -> None:
     backends = {r["backend"] for r in cuda}
     # Every requested backend has a CUDA row, plus the CUDA-only onnxruntime variants.
     assert {"eager", "folded", "torchscript", "program", "ort", "ort-iobinding", "ort-cudagraph",
-            "http", "http-8conn"} <= backends
+            "http", "http-8conn", "grpc"} <= backends
     for row in cuda:
         assert row["status"] == SKIPPED and "CUDA" in row["reason"], row
         assert row["p50_ms"] is None
