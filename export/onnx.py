@@ -40,17 +40,17 @@ DYNAMO_OPSETS = (18, _MAX_OPSET)
 LEGACY_OPSETS = (9, _LEGACY_MAX_OPSET)
 
 
-def supported_opsets(legacy: bool = False) -> tuple[int, int]:
+def supported_opsets(legacy_onnx: bool = False) -> tuple[int, int]:
     """The inclusive opset range accepted for the chosen exporter."""
-    return LEGACY_OPSETS if legacy else DYNAMO_OPSETS
+    return LEGACY_OPSETS if legacy_onnx else DYNAMO_OPSETS
 
 
-def check_opset(opset: int | None, legacy: bool = False) -> None:
+def check_opset(opset: int | None, legacy_onnx: bool = False) -> None:
     if opset is None:
         return
-    low, high = supported_opsets(legacy)
+    low, high = supported_opsets(legacy_onnx)
     if not isinstance(opset, int) or not low <= opset <= high:
-        which = "legacy (TorchScript-based)" if legacy else "dynamo"
+        which = "legacy (TorchScript-based)" if legacy_onnx else "dynamo"
         raise OpsetError(f"ONNX opset {opset!r} is outside the range the {which} exporter supports: "
                          f"{low} to {high}")
 
@@ -135,8 +135,8 @@ def read_spec(model_or_path: onnx.ModelProto | str | os.PathLike) -> ModelSpec:
 
 
 def _run_exporter(module: nn.Module, example: torch.Tensor, out: str, *, opset: int | None,
-                  dynamic_batch: bool, legacy: bool, verbose: bool = False) -> onnx.ModelProto:
-    if legacy:
+                  dynamic_batch: bool, legacy_onnx: bool, verbose: bool = False) -> onnx.ModelProto:
+    if legacy_onnx:
         buffer = io.BytesIO()
         dynamic_axes = {INPUT_NAME: {0: "batch"}, out: {0: "batch"}} if dynamic_batch else None
         torch.onnx.export(module, (example,), buffer, dynamo=False, input_names=[INPUT_NAME],
@@ -181,7 +181,7 @@ def cpu_session(path: str | os.PathLike, threads: int | None = None) -> Any:
 
 def export_onnx(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *, fold: bool = True,
                 opset: int | None = None, dynamic_batch: bool = True, fp16: bool = False,
-                legacy: bool = False, samples: torch.Tensor | None = None,
+                legacy_onnx: bool = False, samples: torch.Tensor | None = None,
                 verbose: bool = False) -> ArtifactReport:
     """Write `model` as a verified ONNX file at `path`.
 
@@ -191,13 +191,13 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *, f
     float32 edges. It is written only after onnxruntime (CPU) matched the eval-mode `model` on
     `samples` (random inputs of the spec's shape when None); otherwise `bnfold.ParityError`.
     """
-    check_opset(opset, legacy)
+    check_opset(opset, legacy_onnx)
     out = output_name(spec)
     notes: list[str] = []
 
     def export(module: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
         proto = _run_exporter(module, example, out, opset=opset, dynamic_batch=dynamic_batch,
-                              legacy=legacy, verbose=verbose)
+                              legacy_onnx=legacy_onnx, verbose=verbose)
         proto = _remove_batchnorm(proto, notes)
         _check_io(proto, out)
         set_metadata(proto, {**spec_metadata(spec), "bnfold.folded": str(fold).lower(),
@@ -208,7 +208,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *, f
             raise ExportError(f"onnx.checker rejected the exported {spec.arch} model: {exc}") from exc
         return proto
 
-    steps = FormatSteps("onnx", f"torch.onnx.export(dynamo={not legacy})",
+    steps = FormatSteps("onnx", f"torch.onnx.export(dynamo={not legacy_onnx})",
                         "ONNX export of {arch} ({dtype}, onnxruntime CPU)", export,
                         save=lambda proto, tmp: onnx.save_model(proto, os.fspath(tmp)), load=cpu_session,
                         static_batch_hint=True)
@@ -233,7 +233,7 @@ def export_from_config(model: nn.Module, spec: ModelSpec, path: Path, config: Ex
                        samples: torch.Tensor | None) -> ArtifactReport:
     """`export_onnx` with the options of an `ExportConfig` (the entry in `export.WRITERS`)."""
     return export_onnx(model, spec, path, fold=config.fold, opset=config.opset,
-                       dynamic_batch=config.dynamic_batch, fp16=config.fp16, legacy=config.legacy_onnx,
+                       dynamic_batch=config.dynamic_batch, fp16=config.fp16, legacy_onnx=config.legacy_onnx,
                        samples=samples, verbose=config.verbose)
 
 

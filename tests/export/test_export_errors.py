@@ -116,7 +116,7 @@ def test_an_operator_the_exporter_cannot_handle_is_named(lenet, tmp_path, legacy
     _, spec = lenet
     model = WithOpaqueOp().eval()
     with pytest.raises(export.UnsupportedOpError) as info:
-        export.export_onnx(model, spec, tmp_path / "model.onnx", legacy=legacy)
+        export.export_onnx(model, spec, tmp_path / "model.onnx", legacy_onnx=legacy)
     assert info.value.op == "bnfold_export_test::opaque"
     assert "'bnfold_export_test::opaque'" in str(info.value)
     assert list(tmp_path.iterdir()) == []

@@ -77,7 +77,7 @@ def test_static_batch_fixes_batch_one_and_opset_is_honoured(lenet, tmp_path) -> 
 
 def test_legacy_exporter_and_opset(lenet, tmp_path) -> None:
     model, spec = lenet
-    report = export.export_onnx(model, spec, tmp_path / "model.onnx", legacy=True, opset=13)
+    report = export.export_onnx(model, spec, tmp_path / "model.onnx", legacy_onnx=True, opset=13)
     assert report.exporter == "torch.onnx.export(dynamo=False)"
     assert report.opset == 13 and report.parity.max_rel_error <= 1e-5
     proto = onnx.load(str(tmp_path / "model.onnx"))
@@ -90,7 +90,7 @@ def test_no_fold_legacy_export_is_folded_in_the_graph(lenet, tmp_path) -> None:
     """Without bnfold.fold the legacy exporter leaves Conv/Gemm + BatchNormalization; the writer
     then runs bnfold.fold_onnx and still writes a file without any BatchNormalization."""
     model, spec = lenet
-    report = export.export_onnx(model, spec, tmp_path / "model.onnx", fold=False, legacy=True)
+    report = export.export_onnx(model, spec, tmp_path / "model.onnx", fold=False, legacy_onnx=True)
     assert not report.folded and report.fold_report is None
     assert any("fold_onnx" in note for note in report.notes), report.notes
     assert count_ops(onnx.load(str(tmp_path / "model.onnx")), "BatchNormalization") == 0
@@ -111,7 +111,7 @@ def test_exporter_output_is_kept_off_the_terminal(lenet, tmp_path, capfd) -> Non
     """The dynamo exporter's progress lines are checked in the CLI test; here the legacy exporter
     (which dumps graphs from C++ on fd 2) and torch.jit (deprecation warnings)."""
     model, spec = lenet
-    export.export_onnx(model, spec, tmp_path / "b.onnx", legacy=True)
+    export.export_onnx(model, spec, tmp_path / "b.onnx", legacy_onnx=True)
     export.export_torchscript(model, spec, tmp_path / "c.ts")
     out, err = capfd.readouterr()
     assert "[torch.onnx]" not in out + err
