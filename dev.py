@@ -65,6 +65,10 @@ def main(argv: list[str]) -> int:
             # The demo's own folder (runs/demo) is rewritten on every run; a folder the user
             # names is never overwritten without their --force.
             command.append("--force")
+        if not any(arg == "--threads" or arg.startswith("--threads=") for arg in rest):
+            # The demo's latency ratios are batch-1 figures of a small model: one thread, as its
+            # README figures were taken (--threads 0, every command's default, takes every CPU).
+            command += ["--threads", "1"]
     else:
         command = [str(PYTHON), "-m", "pytest", *rest]
     return subprocess.run(command, cwd=ROOT).returncode
