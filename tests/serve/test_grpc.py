@@ -300,3 +300,52 @@ def test_loadtest_over_grpc_checks_every_answer(served) -> None:
     refused = run_loadtest(served[1], "tiny", protocol="grpc", concurrency=1, requests=5, warmup=0,
                            inputs=_x(MAX_BATCH + 1))
     assert refused.errors == 5 and refused.first_error.startswith("gRPC INVALID_ARGUMENT: batch size 9")
+
+
+# KServe's own client and server, from the kserve peer environment (bench.peers: built with pip on
+# first use, a minute or two; its pins clash with ours).
+_KSERVE_CLIENT = """
+import asyncio, json, sys
+import numpy as np
+from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+async def main(address):
+    async with InferenceGRPCClient(address) as client:
+        health = [await client.is_server_live(), await client.is_server_ready(), await client.is_model_ready("tiny")]
+        x = np.load(sys.argv[2])
+        tensor = InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x, binary_data=True)
+        answer = await client.infer(InferRequest(model_name="tiny", infer_inputs=[tensor]))
+        print(json.dumps({"health": health, "name": answer.outputs[0].name,
+                          "logits": answer.outputs[0].as_numpy().tolist()}))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.slow
+def test_kserve_grpc_client_unmodified_and_the_kserve_comparison_run(served, reference, tiny_onnx: Path,
+                                                                     tmp_path: Path) -> None:
+    import json
+
+    from bnfold.bench.compare_kserve import compare, format_report
+    from bnfold.bench.peers import peer_python
+
+    python = peer_python("kserve")
+    script, x_file = tmp_path / "client.py", tmp_path / "x.npy"
+    script.write_text(_KSERVE_CLIENT)
+    x = _x(2, seed=3)
+    np.save(x_file, x)
+    done = subprocess.run([str(python), str(script), served[1], str(x_file)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["health"] == [True, True, True] and answer["name"] == "logits"
+    np.testing.assert_allclose(np.asarray(answer["logits"], np.float32), reference(x), rtol=1e-5, atol=1e-6)
+    # the comparison itself, as small as it runs: every measure taken, every answer right
+    report = compare(tiny_onnx, rounds=1, sequential=30, concurrent=80)
+    for server in ("bnfold", "kserve"):
+        figures = report["figures"][server]
+        assert figures["errors"] == 0, figures
+        assert all(figures[key] > 0 for key in ("http_binary_p50_ms", "http_json_p50_ms", "rps_8conn", "grpc_p50_ms"))
+    assert "| gRPC (tritonclient.grpc), p50 |" in format_report(report)
