@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Awaitable, Callable, TextIO
 
 import numpy as np
@@ -110,7 +110,7 @@ class _Metrics:
     together), for `/stats` and gRPC's ModelStatistics.
     """
 
-    def __init__(self, models: Mapping[str, Runtime]) -> None:
+    def __init__(self, models: Mapping[str, Runtime], routes: Sequence[Route]) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)   # CPU seconds, memory, open files: read only when scraped
         labels = ["model", "endpoint", "protocol"]
@@ -128,7 +128,10 @@ class _Metrics:
         self.queue_wait = Histogram("bnfold_queue_seconds", "time a request waited for its model run to start "
                                     "(dynamic batching delay, or a busy instance)", ["model"],
                                     buckets=_LATENCY_BUCKETS, registry=self.registry)
-        for protocol, endpoints in (("http", ("infer", "predictions")), ("grpc", ("infer",))):
+        # The labels come from the route table (every route with an `endpoint`), so that a new counted
+        # route needs no second entry here; gRPC counts its ModelInfer calls as "infer".
+        http = tuple(dict.fromkeys(r.endpoint for r in routes if r.endpoint is not None))
+        for protocol, endpoints in (("http", http), ("grpc", ("infer",))):
             for name in list(models) + ["-"]:
                 for endpoint in endpoints:
                     self.bound[(name, endpoint, protocol)] = (self.requests.labels(name, endpoint, protocol),
@@ -187,7 +190,7 @@ class InferenceApp:
         self.pixels = PixelBudget(max_decode_pixels, decode_wait)
         self.decode_pool = decode_pool(decode_workers)
         self.access_log = access_log if access_log is not None else AccessLog()
-        self.metrics = _Metrics(self.models)
+        self.metrics = _Metrics(self.models, ROUTES if routes is None else routes)
         self.parsers = {name: RequestParser(m) for name, m in self.models.items()}
         self.encoders = {name: ResponseEncoder(m) for name, m in self.models.items()}
         # Every inference, HTTP or gRPC, runs through its model's scheduler (serve.scheduler).
