@@ -316,7 +316,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _export_parser(sub: argparse._SubParsersAction) -> None:
-    from bnfold.export.config import CALIBRATIONS, TRITON_DEVICES, ExportConfig, Int8Config
+    from bnfold.export.config import CALIBRATIONS, DEFAULT_FORMATS, TRITON_DEVICES, ExportConfig, Int8Config
+    from bnfold.export.writers import format_help
 
     p = _add(sub, "export", _cmd_export, "export a model to verified ONNX / TorchScript / torch.export files",
              "Fold and export a model, each file verified against it before it is written. An ONNX file "
@@ -327,10 +328,8 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     _add_model_options(opts)
     _add_spec_options(p)
     opts.add("--format", dest="formats", type=options.csv,
-             help="comma-separated: onnx, torchscript, program (or pt2, ts), fp16, int8; default the "
-                  "first three, onnx alone for an ONNX file. fp16 writes model.fp16.onnx "
-                  "(float16 weights, float32 inputs and outputs); int8 writes model.int8.onnx, calibrated "
-                  "on the training split and written only if it passes the accuracy gate")
+             help=f"comma-separated formats, default {','.join(DEFAULT_FORMATS)} (onnx alone for an ONNX "
+                  f"file): {format_help()}")
     opts.shared("--out", required=True, help="output folder")
     opts.add("--no-fold", dest="fold", action="store_false", help="export without folding BatchNorm first")
     opts.add("--opset", type=int,

@@ -109,9 +109,14 @@ def _evaluate(checkpoint: Path, summary: ExportSummary, data_root: str) -> Evalu
     return evaluate_artifacts([checkpoint, *(a.path for a in summary.artifacts)], data_root=data_root)
 
 
-# Which bench row measures which artifact, for the REPORT.md artifact table.
-_BENCH_ROW = {"checkpoint": "eager", "onnx": "ort", "torchscript": "torchscript", "program": "program",
-              "int8": "ort-int8", "fp16": "ort-fp16"}
+def bench_row_of(fmt: str) -> str | None:
+    """Which bench row measures an artifact of export format `fmt` (the checkpoint: eager), read
+    from the backend table (the first requestable backend that needs that format's file)."""
+    from bnfold.bench.backends import BACKENDS
+
+    if fmt == "checkpoint":
+        return "eager"
+    return next((name for name, b in BACKENDS.items() if b.needs == fmt and b.requestable and b.in_process), None)
 
 
 def _fmt(value: float | int | None) -> str:
@@ -151,7 +156,7 @@ def artifact_table(result: PipelineResult) -> str:
 
     for row in result.evaluation.rows:
         kind = "checkpoint" if row.kind == "checkpoint" else formats.get(row.artifact.name, row.kind)
-        bench = result.bench.row(_BENCH_ROW.get(kind, ""), "cpu", 1)
+        bench = result.bench.row(bench_row_of(kind) or "", "cpu", 1)
         p50 = bench.p50_ms if bench is not None and bench.ok else None
         speedup = f"{eager_p50 / p50:.2f}x" if p50 and eager_p50 else "–"
         name = "checkpoint (eager PyTorch)" if kind == "checkpoint" else row.artifact.name

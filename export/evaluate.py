@@ -105,9 +105,6 @@ def run_batches(runner: Runner, split: EvalSplit, batch_size: int = EVAL_BATCH) 
 # Loading an artifact
 
 
-KINDS = ("checkpoint", "module", "onnx", "torchscript", "program")
-
-
 @dataclass
 class LoadedArtifact:
     """A runnable artifact: numpy batch in, numpy output out, plus what it is."""

@@ -1,6 +1,7 @@
 """ONNX writer: fold, export (dynamo or legacy exporter), check, stamp the spec, verify, write."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -245,5 +246,14 @@ def _check_io(model: onnx.ModelProto, out: str) -> None:
                           f"[{INPUT_NAME!r}] and [{out!r}] (a model with one tensor in and one out)")
 
 
-__all__ = ["export_onnx", "read_spec", "count_ops", "cpu_session", "supported_opsets", "check_opset",
+def export_fp16_from_config(model: nn.Module, spec: ModelSpec, path: Path, config: ExportConfig,
+                            samples: torch.Tensor | None) -> ArtifactReport:
+    """The ONNX writer with float16 weights whatever `config.fp16` says, so that one run can
+    write FP32, FP16 and INT8 files side by side (`--format onnx,fp16,int8`)."""
+    report = export_from_config(model, spec, path, dataclasses.replace(config, fp16=True), samples)
+    report.format = "fp16"
+    return report
+
+
+__all__ = ["export_onnx", "export_fp16_from_config", "read_spec", "count_ops", "cpu_session", "supported_opsets", "check_opset",
            "unsupported_op", "DYNAMO_OPSETS", "LEGACY_OPSETS"]

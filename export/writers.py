@@ -1,59 +1,70 @@
-"""`WRITERS`: the export formats, one entry each (file name, verified writer, reader).
+"""`WRITERS`: the export formats, one entry each, and everything else reads them from here.
 
-`export_checkpoint` and `bnfold bench` both read this table; a new format is one entry here
-(and its writer module). Each writer takes `(model, spec, path, config, samples)` and returns
-the `ArtifactReport` of a file it has already loaded back and compared with `model`; each
-reader loads such a file on CPU.
+An entry says the file name, how to write the file (a verified writer), how to read it back, what
+kind of file it is (the kind `models.loader.detect_kind` finds in its bytes, so that the loader,
+`bnfold evaluate` and `bnfold bench` open it), and what it is for `--help`. `export_checkpoint`,
+`bnfold export --format`, `bench` (which exports what its rows need and reuses found files by
+name) and the pipeline's report all read this table: a new format is one entry here (and its
+writer function). This module imports no torch: the writer and reader are named
+"module:function" and imported when called, so `bnfold --help` can list the formats.
+
+Each writer takes `(model, spec, path, config, samples)` and returns the `ArtifactReport` of a
+file it has already loaded back and compared with `model`; each reader loads such a file on CPU.
 """
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from .errors import UnknownFormatError
 
-from bnfold.models.spec import ModelSpec
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-from bnfold.export import int8 as _int8, onnx as _onnx, program as _program, torchscript as _torchscript
-from bnfold.export.config import ExportConfig
-from bnfold.export.errors import UnknownFormatError
-from bnfold.export.summary import ArtifactReport
+    from bnfold.models.spec import ModelSpec
+
+    from .config import ExportConfig
+    from .summary import ArtifactReport
 
 
-def _fp16_onnx(model: nn.Module, spec: ModelSpec, path: Path, config: ExportConfig,
-               samples: "torch.Tensor | None") -> ArtifactReport:
-    """The ONNX writer with float16 weights whatever `config.fp16` says, so that one run can
-    write FP32, FP16 and INT8 files side by side (`--format onnx,fp16,int8`)."""
-    report = _onnx.export_from_config(model, spec, path, dataclasses.replace(config, fp16=True), samples)
-    report.format = "fp16"
-    return report
+def _resolve(target: str) -> Any:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)
 class Writer:
-    """One export format."""
+    """One export format: its file, how it is written and read, and what kind of file that is."""
 
     file_name: str
-    write: Callable[[nn.Module, ModelSpec, Path, ExportConfig, "torch.Tensor | None"], ArtifactReport]
-    read: Callable[[Path], Any]
+    writer: str            # "module:function" (model, spec, path, config, samples) -> ArtifactReport
+    reader: str            # "module:function" (path) -> the loaded file
+    kind: str              # models.loader.detect_kind of the file: onnx, torchscript or program
     description: str
+
+    def write(self, model: "nn.Module", spec: "ModelSpec", path: Path, config: "ExportConfig",
+              samples: "torch.Tensor | None") -> "ArtifactReport":
+        return _resolve(self.writer)(model, spec, path, config, samples)
+
+    def read(self, path: str | Path) -> Any:
+        return _resolve(self.reader)(path)
 
 
 WRITERS: dict[str, Writer] = {
-    "onnx": Writer("model.onnx", _onnx.export_from_config, _onnx.load_onnx,
+    "onnx": Writer("model.onnx", "bnfold.export.onnx:export_from_config", "bnfold.export.onnx:load_onnx", "onnx",
                    "ONNX (dynamo or legacy exporter), checked with onnxruntime CPU"),
-    "torchscript": Writer("model.ts", _torchscript.export_from_config, _torchscript.load_torchscript,
+    "torchscript": Writer("model.ts", "bnfold.export.torchscript:export_from_config",
+                          "bnfold.export.torchscript:load_torchscript", "torchscript",
                           "traced and frozen TorchScript, needs only torch"),
-    "program": Writer("model.pt2", _program.export_from_config, _program.load_program,
-                      "torch.export program with a dynamic batch Dim"),
-    "fp16": Writer("model.fp16.onnx", _fp16_onnx, _onnx.load_onnx,
-                   "ONNX with float16 weights beside the FP32 model.onnx (what --fp16 makes of model.onnx)"),
-    "int8": Writer(_int8.INT8_FILE, _int8.export_from_config, _onnx.load_onnx,
-                   "INT8 QDQ ONNX calibrated on the training split, gated on eval-split accuracy"),
+    "program": Writer("model.pt2", "bnfold.export.program:export_from_config", "bnfold.export.program:load_program",
+                      "program", "torch.export program with a dynamic batch Dim"),
+    "fp16": Writer("model.fp16.onnx", "bnfold.export.onnx:export_fp16_from_config", "bnfold.export.onnx:load_onnx",
+                   "onnx", "ONNX with float16 weights (float32 inputs and outputs) beside the FP32 model.onnx"),
+    "int8": Writer("model.int8.onnx", "bnfold.export.int8:export_from_config", "bnfold.export.onnx:load_onnx", "onnx",
+                   "INT8 QDQ ONNX, calibrated on the training split and written only if it passes the accuracy gate"),
 }
 
 # Derived views, kept for callers that only need the names.
@@ -65,8 +76,26 @@ FILE_NAMES: dict[str, str] = {name: writer.file_name for name, writer in WRITERS
 FORMAT_ALIASES = {"pt2": "program", "torch.export": "program", "ts": "torchscript", "jit": "torchscript"}
 
 
-def check_formats(formats: str | list[str] | tuple[str, ...]) -> list[str]:
+def format_help(writers: dict[str, Writer] | None = None) -> str:
+    """The formats for --help, from the table: name (aliases): what it writes."""
+    writers = WRITERS if writers is None else writers
+    parts = []
+    for name, writer in writers.items():
+        aliases = [a for a, target in FORMAT_ALIASES.items() if target == name]
+        shown = f"{name} (or {', '.join(aliases)})" if aliases else name
+        parts.append(f"{shown}: {writer.file_name}, {writer.description}")
+    return "; ".join(parts)
+
+
+def format_of_kind(kind: str, writers: dict[str, Writer] | None = None) -> str | None:
+    """The first format whose files are of loader kind `kind` (a given file is its own artifact)."""
+    writers = WRITERS if writers is None else writers
+    return next((name for name, writer in writers.items() if writer.kind == kind), None)
+
+
+def check_formats(formats: str | list[str] | tuple[str, ...], writers: dict[str, Writer] | None = None) -> list[str]:
     """Normalize a list (or comma-separated string) of format names; unknown names are refused."""
+    writers = WRITERS if writers is None else writers
     if isinstance(formats, str):
         formats = formats.split(",")
     names: list[str] = []
@@ -76,14 +105,15 @@ def check_formats(formats: str | list[str] | tuple[str, ...]) -> list[str]:
             continue
         # Users name a format by its file as often as by its writer (model.pt2, model.ts).
         name = FORMAT_ALIASES.get(name, name)
-        if name not in WRITERS:
+        if name not in writers:
             raise UnknownFormatError(
-                f"unknown export format {raw!r}; choose from: {', '.join(WRITERS)}")
+                f"unknown export format {raw!r}; choose from: {', '.join(writers)}")
         if name not in names:
             names.append(name)
     if not names:
-        raise UnknownFormatError(f"no export format given; choose from: {', '.join(WRITERS)}")
+        raise UnknownFormatError(f"no export format given; choose from: {', '.join(writers)}")
     return names
 
 
-__all__ = ["WRITERS", "Writer", "FORMATS", "FILE_NAMES", "check_formats"]
+__all__ = ["WRITERS", "Writer", "FORMATS", "FILE_NAMES", "FORMAT_ALIASES", "check_formats", "format_help",
+           "format_of_kind"]
