@@ -39,6 +39,7 @@ from bnfold.errors import BnfoldError, first_line
 from bnfold.bench.backends import (BACKENDS, DEFAULT_BACKENDS, DEVICES, BackendContext, Unavailable,
                                    check_cuda_torch, expand, requestable)
 from bnfold.bench.environment import collect_environment
+from bnfold.export.writers import format_of_kind
 from bnfold.options import resolve_threads
 from bnfold.bench.timing import FAILED, SKIPPED, BenchRow, TimedCall, measure_interleaved, warm_up
 
@@ -308,14 +309,13 @@ def run_bench(config: BenchConfig) -> BenchResult:
         kinds = {BACKENDS[name].needs for name in wanted if BACKENDS[name].needs}
         export_dir = Path(config.export_dir) if config.export_dir is not None else None
         # A TorchScript, torch.export or ONNX file is its own artifact for the rows that run that kind.
-        own_files = {"onnx": loaded.onnx_path, "torchscript": Path(loaded.source), "program": Path(loaded.source)}
-        own_kind = loaded.kind if loaded.kind in own_files else None
-        own = own_files.get(loaded.kind)
+        own_kind = format_of_kind(loaded.kind)   # export.WRITERS: the format whose files are of this kind
+        own = (loaded.onnx_path if loaded.kind == "onnx" else Path(loaded.source)) if own_kind else None
         script = isinstance(model, torch.jit.ScriptModule)
         if model is None:  # an ONNX file: nothing else can be made from it
-            artifacts, errors = {"onnx": loaded.onnx_path}, {}
+            artifacts, errors = {own_kind: own}, {}
         elif script:  # nor from a TorchScript module but itself
-            artifacts, errors = {"torchscript": Path(loaded.source)}, {}
+            artifacts, errors = {own_kind: own}, {}
         else:
             artifacts, errors = _prepare_artifacts(model, spec or _export_spec(loaded), kinds - {own_kind},
                                                    Path(tmp), export_dir, config.source)
