@@ -79,6 +79,9 @@ class ServeConfig:
         if self.ray is None and (self.replicas != 1 or self.min_replicas != 1 or self.max_replicas != 4
                                  or self.replica_cpus != 1.0):
             raise ServeError("--replicas, --min-replicas, --max-replicas and --replica-cpus need --ray ADDRESS")
+        if self.ray is not None and self.grpc_port is not None:
+            raise ServeError("--grpc-port cannot be used with --ray: bnfold's Ray Serve deployment serves HTTP "
+                             "only; run `bnfold serve --grpc-port` without --ray for gRPC")
         if self.replicas != "auto" and not (type(self.replicas) is int and 1 <= self.replicas <= 1024):
             raise ServeError(f"--replicas must be from 1 to 1024, or auto; got {self.replicas!r}")
         if not 1 <= self.min_replicas <= self.max_replicas <= 1024:

@@ -276,15 +276,16 @@ def test_the_server_keeps_serving_and_counts_grpc_in_metrics_and_access_log(serv
     assert "libtorch" not in maps, "serving gRPC must not load torch"
 
 
-def test_a_busy_or_invalid_grpc_port_is_a_one_line_error(tiny_onnx: Path) -> None:
+def test_a_busy_or_invalid_grpc_port_or_one_with_ray_is_a_one_line_error(tiny_onnx: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        for value, words in [(str(port), f"cannot listen for gRPC on 127.0.0.1:{port}"),
-                             ("70000", "--grpc-port must be between 0 and 65535, got 70000")]:
+        for args, words in [([str(port)], f"cannot listen for gRPC on 127.0.0.1:{port}"),
+                            (["70000"], "--grpc-port must be between 0 and 65535, got 70000"),
+                            (["0", "--ray", "auto"], "--grpc-port cannot be used with --ray")]:
             done = subprocess.run([sys.executable, "-m", "bnfold.serve", str(tiny_onnx), "--port",
-                                   str(free_port()), "--grpc-port", value, "--threads", "1"],
+                                   str(free_port()), "--grpc-port", *args, "--threads", "1"],
                                   capture_output=True, text=True, timeout=120)
             lines = done.stderr.strip().splitlines()
             assert done.returncode == 2 and len(lines) == 1 and words in lines[0], done.stderr[-2000:]
