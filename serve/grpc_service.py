@@ -104,13 +104,30 @@ def _deserializer(message_class: Any, max_bytes: int) -> Callable[[bytes], Any]:
     return decode
 
 
-def parse_model_infer(model: Runtime, request: pb.ModelInferRequest) -> tuple[np.ndarray, list[OutputRequest]]:
+_Plan = tuple[np.dtype, tuple[int, ...], int, list[OutputRequest]]
+_MAX_PLANS = 256
+
+
+def parse_model_infer(model: Runtime, request: pb.ModelInferRequest,
+                      plans: dict[tuple[str, str, tuple[int, ...]], _Plan] | None = None
+                      ) -> tuple[np.ndarray, list[OutputRequest]]:
     """The input array and the outputs to return for a ModelInfer request; `ServeError` (400) naming the mistake.
 
     The checks and their wording are the HTTP path's (`serve.protocol`); what only gRPC has
-    (raw contents, typed contents) gets messages of the same shape.
+    (raw contents, typed contents) gets messages of the same shape. `plans` (one dict per model)
+    remembers the checked (input name, datatype, shape) of raw-contents requests that ask for the
+    default outputs, so that a client repeating one kind of request is checked once (at most
+    `_MAX_PLANS` kinds are kept).
     """
     inputs = request.inputs
+    raw = request.raw_input_contents
+    key = None
+    if plans is not None and len(inputs) == 1 and len(raw) == 1 and not request.outputs:
+        tensor = inputs[0]
+        key = (tensor.name, tensor.datatype, tuple(tensor.shape))
+        plan = plans.get(key)
+        if plan is not None and len(raw[0]) == plan[2] and not tensor.HasField("contents"):
+            return np.frombuffer(raw[0], plan[0]).reshape(plan[1]), plan[3]
     if len(inputs) != 1:
         raise ServeError(f"model {model.name!r} expects 'inputs' to be a list of 1 tensor "
                          f"({model.inputs[0].name!r}), got {len(inputs)}")
@@ -119,7 +136,6 @@ def parse_model_infer(model: Runtime, request: pb.ModelInferRequest) -> tuple[np
     dtype = check_datatype(model, name, tensor.datatype)
     shape = check_shape(model, name, list(tensor.shape))
     count = math.prod(shape)
-    raw = request.raw_input_contents
     typed = tensor.HasField("contents")
     if len(raw) > 1:
         raise ServeError(f"{len(raw)} raw_input_contents for model {model.name!r}, which takes 1 input")
@@ -138,7 +154,10 @@ def parse_model_infer(model: Runtime, request: pb.ModelInferRequest) -> tuple[np
         array = _typed_contents(model, name, tensor.contents, dtype, shape)
     else:
         raise ServeError(f"input {name!r} for model {model.name!r} has neither raw_input_contents nor contents")
-    return array, _requested_outputs(model, request.outputs)
+    outputs = _requested_outputs(model, request.outputs)
+    if key is not None and raw and len(plans) < _MAX_PLANS:
+        plans[key] = (dtype, shape, array.nbytes, outputs)
+    return array, outputs
 
 
 def _typed_contents(model: Runtime, name: str, contents: pb.InferTensorContents, dtype: np.dtype,
@@ -211,6 +230,7 @@ class GrpcService:
         self.bound_port: int | None = None
         # HTTP's /config documents, read once into Triton's ModelConfig messages on request
         self._configs = {name: json.loads(app._model_config[name]) for name in app.models}
+        self._plans: dict[str, dict] = {name: {} for name in app.models}   # parse_model_infer's, per model
 
     # ------------------------------------------------------------------ life cycle
     async def start(self) -> int:
@@ -363,7 +383,7 @@ class GrpcService:
 
     async def model_infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         model = self._model(request.model_name, request.model_version)
-        array, outputs = parse_model_infer(model, request)
+        array, outputs = parse_model_infer(model, request, self._plans[request.model_name])
         results = await self.app._run(model, array)   # the entry point HTTP's /infer uses
         by_name = dict(zip((o.name for o in model.outputs), results))
         response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)

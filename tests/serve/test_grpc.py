@@ -350,3 +350,23 @@ def test_kserve_grpc_client_unmodified_and_the_kserve_comparison_run(served, ref
         assert figures["errors"] == 0, figures
         assert all(figures[key] > 0 for key in ("http_binary_p50_ms", "http_json_p50_ms", "rps_8conn", "grpc_p50_ms"))
     assert "| gRPC (tritonclient.grpc), p50 |" in format_report(report)
+
+
+def test_a_repeated_request_is_checked_from_its_plan_and_a_changed_one_again(stub, reference) -> None:
+    """The parse plan is keyed on name, datatype and shape: the same kind of request with other data or
+    other raw bytes is still answered right, and a wrong length after a good one is still refused."""
+    for seed in (11, 12):
+        x = _x(2, seed=seed)
+        for _ in range(2):
+            got = np.frombuffer(stub.ModelInfer(_request(x)).raw_output_contents[0], np.float32).reshape(2, 10)
+            np.testing.assert_allclose(got, reference(x), rtol=1e-5, atol=1e-6)
+    short = _request(_x(2))
+    short.raw_input_contents[0] = short.raw_input_contents[0][:-4]
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(short)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "got 6268" in caught.value.details()
+    both = _typed_and_raw()
+    stub.ModelInfer(_request())                      # the plan for [1,1,28,28] exists now
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(both)
+    assert "both raw_input_contents and typed contents" in caught.value.details()
