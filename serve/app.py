@@ -5,7 +5,8 @@ start-up into a dictionary from concrete paths to handlers (`serve.routes.Router
 tensors are `numpy.frombuffer` views of the body, constant response parts are encoded once,
 and a request whose batch the model answers in under `INLINE_THRESHOLD_MS` runs right in the
 event loop (a thread hop would cost more than the model); larger batches and slower models go to
-a worker thread, as do decompression and image decoding, so the server stays responsive.
+a worker thread, and decompression and image decoding to a pool of their own under the byte and
+pixel budgets (`--max-pending-mb`, `--max-decode-mpx`; serve.decoding), so the server stays responsive.
 
 The OpenAPI document (`/openapi.json`, `/docs`) is generated from the same table. Every client
 mistake is a 4xx with `{"error": "..."}`; an unexpected failure is a 500 naming the exception's
