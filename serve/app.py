@@ -333,13 +333,15 @@ class InferenceApp:
             self.access_log.write(method, path, status, elapsed * 1e3, scope.get("client"), model_name)
 
     # ------------------------------------------------------------------ handlers (see ROUTES)
+    # The status is the answer (OIP v2); the JSON body is for KServe's REST client, which reads
+    # "live"/"ready" from it (and fails on an empty body), as KServe's own ModelServer answers.
     async def live(self, request: Request) -> Response:
-        return 200, _JSON, b""
+        return 200, _JSON, b'{"live":true}'
 
     async def ready_(self, request: Request) -> Response:
         if not self.ready:
             return 503, _JSON, _error("server is shutting down")
-        return 200, _JSON, b""
+        return 200, _JSON, b'{"ready":true}'
 
     async def server_metadata(self, request: Request) -> Response:
         return 200, _JSON, self._server_meta

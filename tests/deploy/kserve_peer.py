@@ -106,7 +106,7 @@ async def client(request: dict) -> dict:
     out["rest_output_name"] = response.outputs[0].name
     await rest.close()
     if request.get("grpc"):
-        grpc_client = InferenceGRPCClient(request["grpc"], timeout=30, retries=1)
+        grpc_client = InferenceGRPCClient(request["grpc"], timeout=30)
         out["grpc_live"] = await grpc_client.is_server_live()
         out["grpc_ready"] = await grpc_client.is_server_ready()
         out["grpc_model_ready"] = await grpc_client.is_model_ready(name)
