@@ -99,23 +99,39 @@ class LoopbackCluster:
 
 
 def _cluster_pids(temp_dir: Path) -> list[int]:
-    """Every process whose command line or environment names `temp_dir`: this cluster's processes only."""
+    """This cluster's processes only: those whose command line names `temp_dir`, and their descendants.
+
+    The descendants matter: Ray's dashboard and runtime-env agents rename themselves
+    (`ray::DashboardAgent`) and outlive a killed raylet unless they are stopped too.
+    """
     needle = str(temp_dir).encode()
-    pids = []
+    named, parent = set(), {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                parent[int(entry)] = int(f.read().rsplit(b")", 1)[1].split()[1])
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-            if needle not in cmdline:
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    if needle not in f.read():
-                        continue
-        except OSError:
+                if needle in f.read():
+                    named.add(int(entry))
+        except (OSError, IndexError, ValueError):
             continue
-        pids.append(int(entry))
-    return pids
+    pids, grew = set(named), True
+    while grew:
+        more = {pid for pid, ppid in parent.items() if ppid in pids and pid not in pids}
+        pids |= more
+        grew = bool(more)
+    return sorted(pids)
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, dead but not yet reaped by its parent, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 def stop_cluster(temp_dir: Path, grace: float = 10.0) -> int:
@@ -125,9 +141,9 @@ def stop_cluster(temp_dir: Path, grace: float = 10.0) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _cluster_pids(temp_dir):
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
         time.sleep(0.2)
-    for pid in _cluster_pids(temp_dir):
+    for pid in set(pids) | set(_cluster_pids(temp_dir)):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return len(pids)
