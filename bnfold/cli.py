@@ -215,6 +215,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show an option's default only where it says something (not for None or on/off flags)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and options.ARCHITECTURES_PLACEHOLDER in action.help:
+            from bnfold.models import list_models   # the registry (imports torch): only when help is shown
+
+            action.help = action.help.replace(options.ARCHITECTURES_PLACEHOLDER, ", ".join(list_models()))
         if action.default is None or isinstance(action.default, bool) or action.default is argparse.SUPPRESS:
             return action.help
         if isinstance(action.default, (list, tuple)) and action.help:

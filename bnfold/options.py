@@ -176,6 +176,10 @@ def deprecated(parser: argparse.ArgumentParser, old: str, new: str, dest: str, *
 # ---------------------------------------------------------------------------------------------
 # Shared options: the one definition of each option more than one command takes.
 
+# Replaced by the registry's names (models.list_models) when a help text is shown, so that the list
+# is the registry's and building a parser imports no torch (bnfold.cli's formatter does it).
+ARCHITECTURES_PLACEHOLDER = "{architectures}"
+
 SHARED: dict[str, dict[str, Any]] = {
     "--device": dict(metavar="DEVICE",
                      help="where it runs: cpu, cuda, cuda:N (auto: cuda when there is one); CUDA asked "
@@ -205,7 +209,7 @@ SHARED: dict[str, dict[str, Any]] = {
     "--batch-size": dict(type=int, metavar="N", help="samples per step"),
     "--seed": dict(type=int, metavar="N", help="random seed: the same seed gives the same result"),
     "--epochs": dict(type=int, metavar="N", help="passes over the training split"),
-    "--model": dict(metavar="ARCH", help="architecture: {arch}"),
+    "--model": dict(metavar="ARCH", help="architecture, one of the registry's: " + ARCHITECTURES_PLACEHOLDER),
     "--name": dict(metavar="NAME", help="the model's name on the server (default: from its spec or file name)"),
     "--concurrency": dict(type=int, metavar="N", help="connections sending requests at the same time"),
     "--trust-pickle": dict(action="store_true",
@@ -213,9 +217,6 @@ SHARED: dict[str, dict[str, Any]] = {
                                 "from the file, so only for files you trust"),
 }
 
-# The registry's names (models.list_models), written out so that --help does not import torch;
-# tests/bnfold/test_options.py checks that this line and the registry agree.
-ARCHITECTURES = ("lenet", "resnet20", "resnet32", "resnet56", "resnet18", "resnet34", "resnet50", "unet")
 
 
 def config_default(config: type, name: str) -> Any:
@@ -265,8 +266,6 @@ class ConfigOptions:
         if unknown:
             raise TypeError(f"{flag} is shared: only required/help may differ, not {sorted(unknown)}")
         kwargs = {**SHARED[flag], **overrides}
-        if flag == "--model":
-            kwargs["help"] = kwargs["help"].format(arch=", ".join(ARCHITECTURES))
         return self.add(flag, **kwargs)
 
 
@@ -280,5 +279,5 @@ def from_args(config: type[C], args: argparse.Namespace, **values: Any) -> C:
     return config(**{**given, **values})
 
 
-__all__ = ["ARCHITECTURES", "SHARED", "ConfigOptions", "Deprecated", "available_cpus", "config_default",
+__all__ = ["ARCHITECTURES_PLACEHOLDER", "SHARED", "ConfigOptions", "Deprecated", "available_cpus", "config_default",
            "csv", "deprecated", "from_args", "input_size", "int_list", "resolve_threads", "shape"]
