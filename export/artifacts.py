@@ -16,16 +16,26 @@ from typing import Any
 import torch
 
 from bnfold import models
-from bnfold.models.loader import LoadedModel, load_model
+from bnfold.models.loader import LoadedModel, is_onnx_file, load_model
 from bnfold.models.spec import ModelSpec
 
-from bnfold.export.config import ExportConfig
+from bnfold.export.config import DEFAULT_FORMATS, ExportConfig
 from bnfold.export.errors import ExportError, OutputExistsError
 from bnfold.export.onnx import bnfold_version, check_opset
 from bnfold.versions import package_version
 from bnfold.export.summary import ExportSummary
+from bnfold.export.int8 import Int8GateError
 from bnfold.export.writers import WRITERS, check_formats
 from bnfold.export.triton import check_model_name, default_model_name, staged_export
+
+class PartialExportError(ExportError):
+    """Some artifacts were written and one was refused by its gate (INT8): the message names both;
+    `summary` is what was written, `refused` the (file name, gate error) pairs."""
+
+    def __init__(self, message: str, summary: ExportSummary, refused: list[tuple[str, Int8GateError]]) -> None:
+        super().__init__(message)
+        self.summary, self.refused = summary, refused
+
 
 # Dataset samples used for the parity check when the checkpoint's dataset is available.
 PARITY_SAMPLES = 32
@@ -40,8 +50,8 @@ def _check_target(path: Path, force: bool, what: str) -> None:
 
 
 def _load_source(config: ExportConfig) -> LoadedModel:
-    """Whatever `config.checkpoint` is (models.loader): a checkpoint, a state_dict, a pickle, ONNX, ..."""
-    return load_model(config.checkpoint, model_class=config.model_class, model_args=config.model_args,
+    """Whatever `config.source` is (models.loader): a checkpoint, a state_dict, a pickle, ONNX, ..."""
+    return load_model(config.source, model_class=config.model_class, model_args=config.model_args,
                       weights=config.weights, trust_pickle=config.trust_pickle, input_shape=config.input_shape)
 
 
@@ -95,9 +105,12 @@ def export_checkpoint(config: ExportConfig) -> ExportSummary:
     shape. With `config.triton_repo`, the ONNX file is also added to that Triton model repository
     as `<triton_name or arch>/1/model.onnx` with its `config.pbtxt`.
     """
-    fmts = check_formats(config.formats)
+    if config.formats is None:  # every format the model can go to: an ONNX file only stays ONNX
+        fmts = check_formats(["onnx"] if is_onnx_file(config.source) else list(DEFAULT_FORMATS))
+    else:
+        fmts = check_formats(config.formats)
     check_opset(config.opset, config.legacy_onnx)
-    checkpoint, out_dir = Path(config.checkpoint), Path(config.out)
+    checkpoint, out_dir = Path(config.source), Path(config.out)
     _check_target(out_dir, config.force, "output folder")
     if config.triton_repo is not None and "onnx" not in fmts:
         raise ExportError("a Triton repository needs the onnx format: add onnx to the formats")
@@ -119,13 +132,24 @@ def export_checkpoint(config: ExportConfig) -> ExportSummary:
     samples, source = _parity_samples(spec, config.data_root)
 
     # Everything is written into hidden folders and moved into place only once all of it passed.
+    # A failed INT8 gate refuses that file alone: the verified files are still written, and the
+    # refusal is raised after they are in place (exit 2), naming both.
+    refused: list[tuple[str, Int8GateError]] = []
     with staged_export(out_dir, triton_target) as staged:
-        artifacts = [WRITERS[fmt].write(model, spec, staged.folder / WRITERS[fmt].file_name, config, samples)
-                     for fmt in _progress(fmts, config.progress)]
+        artifacts = []
+        for fmt in _progress(fmts, config.progress):
+            try:
+                artifacts.append(WRITERS[fmt].write(model, spec, staged.folder / WRITERS[fmt].file_name, config,
+                                                    samples))
+            except Int8GateError as exc:
+                refused.append((WRITERS[fmt].file_name, exc))
+        if not artifacts:
+            raise refused[0][1]
         staged.write_triton(staged.folder / WRITERS["onnx"].file_name, spec, device=config.triton_device,
-                            dynamic_batch=not config.static_batch)
+                            dynamic_batch=config.dynamic_batch)
         for a in artifacts:
-            a.parity_inputs = source
+            if a.format != "int8":  # INT8 is compared on its gate's inputs, which it names itself
+                a.parity_inputs = source
             a.path = out_dir / a.path.name
         fold_report = next((a.fold_report for a in artifacts if a.fold_report is not None), None)
         summary = ExportSummary(out_dir=out_dir, checkpoint=checkpoint, artifacts=artifacts,
@@ -133,11 +157,16 @@ def export_checkpoint(config: ExportConfig) -> ExportSummary:
                                 export_json=out_dir / "export.json",
                                 triton_model_dir=triton_target, source=loaded.description)
         options = {"formats": fmts, "fold": config.fold, "opset": config.opset,
-                   "static_batch": config.static_batch, "fp16": config.fp16,
+                   "dynamic_batch": config.dynamic_batch, "fp16": config.fp16,
                    "legacy_onnx": config.legacy_onnx, "triton_device": config.triton_device}
-        (staged.folder / "export.json").write_text(
-            json.dumps(_export_json(summary, spec, options), indent=2) + "\n")
+        record = _export_json(summary, spec, options)
+        record["refused"] = [{"file": name, "reason": str(exc)} for name, exc in refused]
+        (staged.folder / "export.json").write_text(json.dumps(record, indent=2) + "\n")
+    if refused:
+        written = ", ".join([a.path.name for a in artifacts] + ["export.json"])
+        name, exc = refused[0]
+        raise PartialExportError(f"wrote {out_dir} ({written}) but refused {name}: {exc}", summary, refused)
     return summary
 
 
-__all__ = ["export_checkpoint", "PARITY_SAMPLES"]
+__all__ = ["export_checkpoint", "PartialExportError", "PARITY_SAMPLES"]

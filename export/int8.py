@@ -1,4 +1,4 @@
-"""INT8 writer: fold, export FP32 ONNX, calibrate on the training split, quantize, gate on accuracy.
+"""INT8 writer: fold, export FP32 ONNX, calibrate, quantize, gate on accuracy or on agreement with FP32.
 
     report = export_int8(model, spec, "out/model.int8.onnx", config=Int8Config(calibration="minmax"))
 
@@ -13,6 +13,15 @@ The steps, each one a plain call:
    than `max_accuracy_drop` points below the FP32 one, `AccuracyGateError` says both figures and
    what to try, and no file is written.
 
+A model that brings its own data (any model: a state_dict + class, a pickled module, ONNX) calibrates
+on `Int8Config.calibration_data` (a folder of images read with the spec's preprocessing, or a
+.npy / .npz of inputs; `export.user_data`) and is gated on `Int8Config.eval_data`: labelled images
+give the accuracy gate above; unlabelled inputs, or none at all (then a quarter of the calibration
+inputs is held out), give the agreement gate: INT8's top-1 agreement with FP32 must be at least
+`min_agreement` and its output error (max |INT8 - FP32| / max |FP32|) at most `max_output_error`.
+The advice of a refusal fits the data: it never asks for more samples than exist, and says when
+one eval sample is worth more than the allowed drop (the gate cannot measure it).
+
 `reduce_range` (7-bit weights) is chosen from the CPU's flags as onnxruntime's guidance says:
 on x86 without VNNI the uint8 x int8 products saturate 16-bit intermediates, so weights lose a
 bit; with VNNI (or AMX), or on ARM, they keep all 8. Without VNNI the report notes that INT8
@@ -21,6 +30,7 @@ may not be faster than FP32 there.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -41,21 +51,19 @@ from bnfold.models.metrics import task_metric
 from bnfold.versions import cpu_name
 
 from bnfold.export._common import first_line, output_name, quiet, staged_file
+from bnfold.export.config import ACTIVATION_TYPES, CALIBRATIONS, Int8Config
 from bnfold.export.errors import ExportError
 from bnfold.export.evaluate import (EvalSplit, load_eval_split, onnx_session, score,
                                     session_runner)
 from bnfold.export.onnx import (INPUT_NAME, count_ops, export_onnx, model_opset, set_metadata,
                                 spec_metadata)
 from bnfold.export.summary import ArtifactReport
+from bnfold.export.user_data import UserData, check_inputs, load_user_data
 
 if TYPE_CHECKING:
     from bnfold.export.config import ExportConfig
 
 INT8_FILE = "model.int8.onnx"
-CALIBRATIONS: tuple[str, ...] = ("minmax", "percentile", "entropy")
-ACTIVATION_TYPES: tuple[str, ...] = ("uint8", "int8")
-DEFAULT_CALIBRATION_SAMPLES = 256
-DEFAULT_MAX_ACCURACY_DROP = 1.0   # points (percent of the eval split)
 CALIBRATION_BATCH = 16
 # The percentile calibrator's default cut (onnxruntime's own default is 99.999).
 PERCENTILE = 99.999
@@ -68,12 +76,24 @@ COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 QUANT_METADATA_KEY = "bnfold.quantization"
 
 
-class AccuracyGateError(ExportError):
-    """The INT8 model lost more accuracy against FP32 than allowed; nothing was written."""
+class Int8GateError(ExportError):
+    """The INT8 model failed its gate against FP32; no INT8 file was written. `gate` holds the figures."""
 
-    def __init__(self, message: str, *, fp32: float, int8: float, drop_points: float) -> None:
+    def __init__(self, message: str, gate: "Gate | AgreementGate") -> None:
         super().__init__(message)
-        self.fp32, self.int8, self.drop_points = fp32, int8, drop_points
+        self.gate = gate
+
+
+class AccuracyGateError(Int8GateError):
+    """The INT8 model lost more accuracy against FP32 than allowed; no INT8 file was written."""
+
+    def __init__(self, message: str, gate: "Gate") -> None:
+        super().__init__(message, gate)
+        self.fp32, self.int8, self.drop_points = gate.fp32, gate.int8, gate.drop_points
+
+
+class AgreementGateError(Int8GateError):
+    """The INT8 model agreed too little with FP32 on unlabelled inputs; no INT8 file was written."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,65 +151,48 @@ def cpu_int8_support(cpuinfo: str | None = None, machine: str | None = None) -> 
 # Options
 
 
-@dataclass
-class Int8Config:
-    """How to quantize and how much accuracy may be lost."""
-
-    calibration: str = "minmax"                      # minmax, percentile or entropy
-    calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES
-    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP   # points
-    per_channel: bool = True                         # False: one scale per weight tensor
-    reduce_range: bool | None = None                 # None: from the CPU's flags
-    activation_type: str | None = None               # "uint8" or "int8"; None: from the CPU
-    seed: int = 0                                    # which training samples calibrate
-
-    def check(self) -> None:
-        if self.calibration not in CALIBRATIONS:
-            raise ExportError(f"unknown calibration method {self.calibration!r}; choose from: "
-                              f"{', '.join(CALIBRATIONS)}")
-        if self.calibration_samples < 1:
-            raise ExportError(f"calibration samples must be at least 1, got {self.calibration_samples}")
-        if not self.max_accuracy_drop >= 0:
-            raise ExportError(f"max accuracy drop must be 0 or more points, got {self.max_accuracy_drop}")
-        if self.activation_type is not None and self.activation_type not in ACTIVATION_TYPES:
-            raise ExportError(f"unknown activation type {self.activation_type!r}; choose from: "
-                              f"{', '.join(ACTIVATION_TYPES)}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Calibration data
+
+
+@dataclass
+class Calibration:
+    """The calibration inputs, where they came from, and how many more that source holds (for advice)."""
+
+    inputs: np.ndarray
+    source: str
+    available: int               # inputs the source holds (the training split's size, the file's count)
+    from_split: bool             # drawn from the training split (--calibration-samples picks how many)
+
+
+def _training_calibration(spec: ModelSpec, samples: int, data_root: str | os.PathLike, seed: int) -> Calibration:
+    from bnfold import models
+
+    try:
+        train, _ = models.load_datasets(spec, str(data_root), download=False, augment=False)
+    except models.DatasetError as exc:
+        raise ExportError(f"INT8 calibration needs the training split of {spec.dataset!r} ({exc}); or pass "
+                          "--calibration-data PATH (a folder of images or a .npy/.npz of inputs)") from None
+    count = min(samples, len(train))
+    if count == 0:
+        raise ExportError(f"the training split of {spec.dataset!r} is empty: nothing to calibrate on")
+    picks = np.random.default_rng(seed).choice(len(train), size=count, replace=False)
+    inputs = np.stack([np.asarray(train[int(i)][0], dtype=np.float32) for i in sorted(picks)])
+    return Calibration(inputs, f"{count} training-split samples of {spec.dataset!r} (seed {seed})", len(train), True)
 
 
 def calibration_inputs(spec: ModelSpec, samples: int, data_root: str | os.PathLike = "data",
                        seed: int = 0) -> tuple[np.ndarray, str]:
     """`samples` training-split images (fewer if the split is smaller) through the spec's eval
     preprocessing, drawn at random with `seed`, and where they came from."""
-    from bnfold import models
-
-    try:
-        train, _ = models.load_datasets(spec, str(data_root), download=False, augment=False)
-    except models.DatasetError as exc:
-        raise ExportError(f"INT8 calibration needs the training split of {spec.dataset!r}: {exc}") from None
-    count = min(samples, len(train))
-    if count == 0:
-        raise ExportError(f"the training split of {spec.dataset!r} is empty: nothing to calibrate on")
-    picks = np.random.default_rng(seed).choice(len(train), size=count, replace=False)
-    inputs = np.stack([np.asarray(train[int(i)][0], dtype=np.float32) for i in sorted(picks)])
-    return inputs, f"{count} training-split samples of {spec.dataset!r} (seed {seed})"
+    found = _training_calibration(spec, samples, data_root, seed)
+    return found.inputs, found.source
 
 
 def check_calibration_data(spec: ModelSpec, data: np.ndarray | torch.Tensor) -> np.ndarray:
     """Given calibration inputs as float32 (N, C, H, W) of the spec's shape."""
-    array = np.asarray(data.detach().cpu() if isinstance(data, torch.Tensor) else data, dtype=np.float32)
-    expected = tuple(spec.input_shape)
-    if array.ndim == len(expected):  # one sample without its batch axis
-        array = array[None]
-    if array.ndim != len(expected) + 1 or tuple(array.shape[1:]) != expected or array.shape[0] == 0:
-        raise ExportError(f"calibration data has shape {list(array.shape)}, expected "
-                          f"[N, {', '.join(map(str, expected))}] with N >= 1 from the spec")
-    if not np.isfinite(array).all():
-        raise ExportError("calibration data holds NaN or infinite values")
-    return np.ascontiguousarray(array)
+    array = np.asarray(data.detach().cpu() if isinstance(data, torch.Tensor) else data)
+    return check_inputs(array, spec, "calibration data")
 
 
 class _Reader:
@@ -301,6 +304,10 @@ class Gate:
     def passed(self) -> bool:
         return self.drop_points <= self.max_drop_points
 
+    def summary(self) -> str:
+        return (f"{self.metric} on the {self.samples} eval samples of {self.dataset!r}: FP32 {self.fp32:.4f}, "
+                f"INT8 {self.int8:.4f} (drop {self.drop_points:.2f} points, allowed {self.max_drop_points:.1f})")
+
     def to_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "fp32": self.fp32, "int8": self.int8, "drop_points": self.drop_points,
                 "max_drop_points": self.max_drop_points, "eval_samples": self.samples, "dataset": self.dataset,
@@ -335,118 +342,258 @@ def accuracy_gate(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, sp
                 max_drop_points, split.samples, split.dataset, parity, mask)
 
 
-def _refusal(gate: Gate, config: Int8Config, calibration_source: str) -> AccuracyGateError:
+@dataclass
+class AgreementGate:
+    """FP32 against INT8 on unlabelled inputs: top-1 agreement and output error."""
+
+    agreement: float               # fraction of inputs whose INT8 argmax is FP32's (per position beyond 2-D)
+    output_error: float            # max |INT8 - FP32| / max |FP32| over all of them
+    min_agreement: float
+    max_output_error: float
+    samples: int
+    source: str                    # the inputs, in words
+    parity: "bnfold.Parity"
+
+    @property
+    def passed(self) -> bool:
+        return self.agreement >= self.min_agreement and self.output_error <= self.max_output_error
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": "agreement", "top1_agreement": self.agreement, "min_agreement": self.min_agreement,
+                "output_error": self.output_error, "max_output_error": self.max_output_error,
+                "samples": self.samples, "inputs": self.source, "passed": self.passed}
+
+    def summary(self) -> str:
+        return (f"agreement with FP32 on {self.source}: top-1 {self.agreement:.4f} (at least {self.min_agreement:.4f}), "
+                f"output error {self.output_error:.4f} of the FP32 output range (at most {self.max_output_error:.4f})")
+
+
+def agreement_gate(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, inputs: np.ndarray, source: str,
+                   config: Int8Config) -> AgreementGate:
+    """Run both files on `inputs` (never calibrated on) and compare their outputs."""
+    fp32 = session_runner(onnx_session(fp32_path))
+    int8 = session_runner(onnx_session(int8_path))
+    batches = [inputs[i:i + 64] for i in range(0, len(inputs), 64)]
+    parity = bnfold.compare(fp32, int8, batches)
+    agreement = parity.top1_agreement if parity.top1_agreement is not None else 1.0
+    return AgreementGate(agreement, parity.max_rel_error, config.min_agreement, config.max_output_error,
+                         len(inputs), source, parity)
+
+
+def _calibration_tips(config: Int8Config, calibration: Calibration) -> list[str]:
+    """What to try on the calibration side, never asking for more samples than the source holds."""
     tips = []
-    if config.calibration_samples < 1024:
-        tips.append(f"more calibration samples (--calibration-samples {max(4 * config.calibration_samples, 512)})")
+    used = len(calibration.inputs)
+    if calibration.from_split and used < calibration.available:
+        more = min(calibration.available, max(4 * used, 512))
+        tips.append(f"more calibration samples (--calibration-samples {more}; the training split holds "
+                    f"{calibration.available})")
+    elif calibration.from_split:
+        tips.append(f"calibration inputs of your own (--calibration-data PATH: all {calibration.available} "
+                    "training-split samples were used)")
+    else:
+        tips.append(f"more or more typical calibration inputs in --calibration-data (it gave {used})")
     others = [m for m in CALIBRATIONS if m != config.calibration]
     tips.append(f"another calibration method (--calibration {' or '.join(others)})")
     tips.append("per-tensor weights (--per-tensor)" if config.per_channel else "per-channel weights (drop --per-tensor)")
+    return tips
+
+
+def resolution_warning(samples: int, max_drop_points: float) -> str | None:
+    """When one eval sample is worth more than the allowed drop, the gate cannot measure that drop: say
+    so and what to pass instead; None when it can."""
+    step = 100.0 / samples
+    if step <= max_drop_points:
+        return None
+    needed = math.ceil(100.0 / max_drop_points) if max_drop_points > 0 else None
+    wanted = (f"--eval-data with at least {needed} labelled images" if needed is not None
+              else "--eval-data with more labelled images")
+    return (f"with {samples} eval samples one sample is {step:.1f} points, more than the allowed "
+            f"{max_drop_points:.1f}, so this gate cannot measure a drop that small: pass {wanted}, or unlabelled "
+            f"inputs for the agreement gate (--eval-data PATH of images or .npy, --min-agreement), or allow "
+            f"--max-accuracy-drop {step:.1f}")
+
+
+def _refusal(gate: Gate, config: Int8Config, calibration: Calibration) -> AccuracyGateError:
+    tips = _calibration_tips(config, calibration)
     tips.append(f"or allow a larger drop (--max-accuracy-drop, now {config.max_accuracy_drop:.1f} points)")
+    blind = resolution_warning(gate.samples, gate.max_drop_points)
     return AccuracyGateError(
         f"INT8 {gate.metric} {gate.int8:.4f} is {gate.drop_points:.2f} points below FP32 {gate.fp32:.4f} on "
         f"the {gate.samples} eval samples of {gate.dataset!r} (allowed: {gate.max_drop_points:.1f}); "
-        f"calibrated on {calibration_source} with {config.calibration}; no INT8 file was written. "
-        f"Try {', '.join(tips)}",
-        fp32=gate.fp32, int8=gate.int8, drop_points=gate.drop_points)
+        f"calibrated on {calibration.source} with {config.calibration}; no INT8 file was written. "
+        + (f"Note: {blind}. " if blind else "") + f"Try {', '.join(tips)}", gate)
+
+
+def _agreement_refusal(gate: AgreementGate, config: Int8Config, calibration: Calibration) -> AgreementGateError:
+    tips = _calibration_tips(config, calibration)
+    tips.append(f"or loosen the gate (--min-agreement, now {config.min_agreement:.2f}; --max-output-error, now "
+                f"{config.max_output_error:.2f})")
+    return AgreementGateError(
+        f"INT8 {gate.summary()}: refused; calibrated on {calibration.source} with {config.calibration}; no INT8 "
+        f"file was written. Try {', '.join(tips)}", gate)
 
 
 # ---------------------------------------------------------------------------------------------
 # The writer
 
 
-def export_int8(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *,
-                config: Int8Config | None = None, data_root: str | os.PathLike = "data",
-                calibration_data: np.ndarray | torch.Tensor | None = None,
-                eval_split: EvalSplit | None = None, fp32_onnx: str | os.PathLike | None = None,
-                fold: bool = True, opset: int | None = None, legacy: bool = False,
-                verbose: bool = False) -> ArtifactReport:
-    """Write `model` as an accuracy-gated INT8 (QDQ) ONNX file at `path`.
+# A quarter of the calibration inputs is held out for the agreement gate when nothing else gates.
+HOLDOUT_FRACTION = 0.25
 
-    `calibration_data` replaces the training-split samples (an array of the spec's shape);
-    `eval_split` and `fp32_onnx` let a caller that already has them skip loading or exporting
-    again (`fp32_onnx` must be the folded FP32 export of the same model). Raises
-    `AccuracyGateError` (and writes nothing) when the eval metric drops more than allowed.
+
+def _calibration(spec: ModelSpec, config: Int8Config, data_root: str | os.PathLike,
+                 given: np.ndarray | torch.Tensor | UserData | None) -> Calibration:
+    """The calibration inputs: given ones, `config.calibration_data`, or the training split."""
+    if isinstance(given, UserData):
+        return Calibration(check_inputs(given.inputs, spec, "calibration data"), given.source, given.samples, False)
+    if given is not None:
+        inputs = check_calibration_data(spec, given)
+        return Calibration(inputs, f"{len(inputs)} given samples", len(inputs), False)
+    if config.calibration_data is not None:
+        data = load_user_data(config.calibration_data, spec, option="--calibration-data")
+        return Calibration(data.inputs, data.source, data.samples, False)
+    if not spec.dataset:
+        # A model from elsewhere: bnfold knows no data of its own to calibrate on.
+        raise ExportError("INT8 needs calibration inputs and this model's spec names no bnfold dataset: pass "
+                          "--calibration-data PATH (a folder of images, read with the model's preprocessing, or a "
+                          ".npy/.npz of preprocessed inputs) and, to gate on accuracy, --eval-data PATH (a folder "
+                          "of class folders of images); without --eval-data the gate is INT8's agreement with FP32 "
+                          "on held-out calibration inputs")
+    return _training_calibration(spec, config.calibration_samples, data_root, config.seed)
+
+
+def _hold_out(calibration: Calibration, seed: int) -> tuple[Calibration, np.ndarray, str]:
+    """Split off HOLDOUT_FRACTION of the calibration inputs (at least one) for the agreement gate."""
+    n = len(calibration.inputs)
+    if n < 2:
+        raise ExportError(f"the agreement gate holds out some calibration inputs, and {calibration.source} gave "
+                          f"{n}: pass at least 2 (better dozens), or --eval-data PATH to gate on")
+    held = max(1, round(n * HOLDOUT_FRACTION))
+    order = np.random.default_rng(seed).permutation(n)
+    kept, out = np.sort(order[held:]), np.sort(order[:held])
+    rest = Calibration(calibration.inputs[kept], f"{n - held} of {calibration.source} (the other {held} held out "
+                       "for the gate)", calibration.available - held, calibration.from_split)
+    return rest, calibration.inputs[out], f"{held} held-out inputs of {calibration.source}"
+
+
+def export_int8(model: nn.Module | None, spec: ModelSpec, path: str | os.PathLike, *,
+                config: Int8Config | None = None, data_root: str | os.PathLike = "data",
+                calibration_data: np.ndarray | torch.Tensor | UserData | None = None,
+                eval_split: EvalSplit | None = None, fp32_onnx: str | os.PathLike | None = None,
+                fold: bool = True, opset: int | None = None, legacy_onnx: bool = False,
+                verbose: bool = False) -> ArtifactReport:
+    """Write `model` as a gated INT8 (QDQ) ONNX file at `path`.
+
+    Calibration inputs are `calibration_data` (an array of the spec's shape), else
+    `config.calibration_data` (a folder of images or a .npy/.npz), else the training split of the
+    spec's dataset. The gate is the accuracy drop on `eval_split`, else on `config.eval_data` when it
+    is labelled, else on the spec's eval split; with unlabelled `config.eval_data`, or with no
+    dataset at all (then a quarter of the calibration inputs is held out), it is INT8's agreement
+    with FP32. `fp32_onnx` (the folded FP32 export of the same model) skips exporting again; with
+    it `model` may be None. Raises `AccuracyGateError` or `AgreementGateError` (and writes nothing)
+    when the gate fails.
     """
-    config = config or Int8Config()
-    config.check()
-    if not spec.dataset and eval_split is None:
-        # A model from elsewhere: bnfold knows no data to calibrate on nor to gate with.
-        raise ExportError("INT8 needs the model's dataset: its training split calibrates and its eval split "
-                          "gates the accuracy, and this model's spec names none; export INT8 from a bnfold "
-                          "checkpoint (bnfold train --dataset ...)")
+    config = config or Int8Config()   # checked when it was made
+    if model is None and fp32_onnx is None:
+        raise ExportError("export_int8 needs a model or the FP32 ONNX file to quantize")
     start = time.perf_counter()
     path = Path(path)
     cpu = cpu_int8_support()
     reduce_range = cpu.reduce_range if config.reduce_range is None else config.reduce_range
     activation = config.activation_type or cpu.activation_type
-    if calibration_data is None:
-        calibration, calibration_source = calibration_inputs(spec, config.calibration_samples, data_root,
-                                                             config.seed)
-    else:
-        calibration = check_calibration_data(spec, calibration_data)
-        calibration_source = f"{len(calibration)} given samples"
-    split = eval_split if eval_split is not None else load_eval_split(spec, data_root)
+    calibration = _calibration(spec, config, data_root, calibration_data)
     notes = [cpu.note] if not cpu.vnni and cpu.machine in ("x86_64", "amd64") else []
+
+    split: EvalSplit | None = eval_split
+    unlabelled: tuple[np.ndarray, str] | None = None
+    if split is None and config.eval_data is not None:
+        data = load_user_data(config.eval_data, spec, option="--eval-data")
+        if data.labels is not None:
+            split = EvalSplit(data.inputs, data.labels, data.source, "classification")
+        else:
+            unlabelled = (data.inputs, data.source)
+    elif split is None and spec.dataset:
+        try:
+            split = load_eval_split(spec, data_root)
+        except ExportError as exc:
+            if calibration.from_split:
+                raise
+            notes.append(f"gated on agreement with FP32: {exc}")
+    if split is None and unlabelled is None:
+        calibration, held, source = _hold_out(calibration, config.seed)
+        unlabelled = (held, source)
+    parity_samples = split.inputs[:32] if split is not None else unlabelled[0][:32]  # type: ignore[index]
 
     # The work folder is the system's temporary one: a refused export leaves nothing beside `path`.
     with tempfile.TemporaryDirectory(prefix="bnfold-int8-") as work:
         work = Path(work)
         if fp32_onnx is None:
-            # Parity inputs: real eval images, as export_checkpoint uses.
-            fp32_report = export_onnx(model, spec, work / "model.onnx", fold=fold, opset=opset, legacy=legacy,
-                                      samples=torch.from_numpy(split.inputs[:32]), verbose=verbose)
+            # Parity inputs: real inputs of the model, as export_checkpoint uses.
+            fp32_report = export_onnx(model, spec, work / "model.onnx", fold=fold, opset=opset, legacy_onnx=legacy_onnx,
+                                      samples=torch.from_numpy(np.ascontiguousarray(parity_samples)),
+                                      verbose=verbose)
             fp32_onnx, fold_report = fp32_report.path, fp32_report.fold_report
         else:
             fold_report = None
         quantized_path = work / INT8_FILE
-        quantized = quantize_onnx(fp32_onnx, quantized_path, calibration, method=config.calibration,
+        quantized = quantize_onnx(fp32_onnx, quantized_path, calibration.inputs, method=config.calibration,
                                   per_channel=config.per_channel, reduce_range=reduce_range,
                                   activation_type=activation, verbose=verbose)
         proto = onnx.load(os.fspath(quantized_path))
         if count_ops(proto, "BatchNormalization"):
             raise ExportError(f"{count_ops(proto, 'BatchNormalization')} BatchNormalization node(s) in the "
                               "quantized graph; refusing to write an unfolded INT8 file")
-        gate = accuracy_gate(fp32_onnx, quantized_path, split, config.max_accuracy_drop)
-        if not gate.passed:
-            raise _refusal(gate, config, calibration_source)
+        gate: Gate | AgreementGate
+        if split is not None:
+            gate = accuracy_gate(fp32_onnx, quantized_path, split, config.max_accuracy_drop)
+            if not gate.passed:
+                raise _refusal(gate, config, calibration)
+            blind = resolution_warning(gate.samples, gate.max_drop_points)
+            if blind:
+                notes.append(f"warning: {blind}")
+        else:
+            gate = agreement_gate(fp32_onnx, quantized_path, unlabelled[0], unlabelled[1], config)  # type: ignore[index]
+            if not gate.passed:
+                raise _agreement_refusal(gate, config, calibration)
         fp32_size = Path(fp32_onnx).stat().st_size
         quantization = {
             "format": "QDQ", "weights": "int8", "per_channel": config.per_channel,
             "activation_type": activation, "reduce_range": reduce_range,
             "reduce_range_source": "CPU flags" if config.reduce_range is None else "given",
-            "calibration": config.calibration, "calibration_samples": int(len(calibration)),
-            "calibration_inputs": calibration_source,
+            "calibration": config.calibration, "calibration_samples": int(len(calibration.inputs)),
+            "calibration_inputs": calibration.source,
             "percentile": PERCENTILE if config.calibration == "percentile" else None,
             "cpu": {"model": cpu_name(), **cpu.to_dict()},
-            "accuracy": gate.to_dict(),
+            "gate": "accuracy" if isinstance(gate, Gate) else "agreement",
+            ("accuracy" if isinstance(gate, Gate) else "agreement"): gate.to_dict(),
             "parity_vs_fp32": {"top1_agreement": gate.parity.top1_agreement,
                                "max_abs_error": gate.parity.max_abs_error,
                                "max_rel_error": gate.parity.max_rel_error,
-                               "mask_agreement": gate.mask_agreement, "samples": gate.parity.samples},
+                               "mask_agreement": getattr(gate, "mask_agreement", None),
+                               "samples": gate.parity.samples},
             "quantized_layers": quantized.quantized_layers, "float_layers": quantized.float_layers,
             "fp32_size_bytes": fp32_size,
         }
         set_metadata(proto, {**spec_metadata(spec), "bnfold.folded": str(fold).lower(),
                              "bnfold.weights_dtype": "int8",
-                             QUANT_METADATA_KEY: json.dumps({k: v for k, v in quantization.items()
-                                                            if k not in ("accuracy", "parity_vs_fp32", "cpu")})})
+                             QUANT_METADATA_KEY: json.dumps({k: v for k, v in quantization.items() if k not in
+                                                            ("accuracy", "agreement", "parity_vs_fp32", "cpu")})})
         with staged_file(path) as tmp:
             onnx.save_model(proto, os.fspath(tmp))
             size = tmp.stat().st_size
         quantization["size_bytes"] = size
         quantization["size_ratio"] = round(fp32_size / size, 3)
-    notes.insert(0, f"{gate.metric} on the {gate.samples} eval samples of {gate.dataset!r}: FP32 {gate.fp32:.4f}, "
-                    f"INT8 {gate.int8:.4f} (drop {gate.drop_points:.2f} points, allowed {gate.max_drop_points:.1f}); "
-                    f"{config.calibration} calibration on {calibration_source}; reduce_range={reduce_range}, "
-                    f"{activation} activations ({cpu.note.split(':')[0]})")
+    notes.insert(0, f"{gate.summary()}; {config.calibration} calibration on {calibration.source}; "
+                    f"reduce_range={reduce_range}, {activation} activations ({cpu.note.split(':')[0]})")
     if quantized.float_layers:
         notes.append(f"{len(quantized.float_layers)} layer(s) stay float: {', '.join(quantized.float_layers)}")
+    against = (f"the {gate.samples} eval samples of {gate.dataset!r}" if isinstance(gate, Gate)
+               else f"{gate.source}")
     return ArtifactReport(format="int8", path=path, exporter="onnxruntime.quantization.quantize_static (QDQ)",
                           dtype="int8", dynamic_batch=True, folded=fold, parity=gate.parity,
-                          # Not a tolerance on the outputs: INT8 is held to the accuracy gate instead.
-                          tolerance=None, parity_inputs=f"the {gate.samples} eval samples of "
-                          f"{gate.dataset!r}, against the FP32 ONNX file", size_bytes=size,
+                          # Not a tolerance on the outputs: INT8 is held to its gate instead.
+                          tolerance=None, parity_inputs=f"{against}, against the FP32 ONNX file", size_bytes=size,
                           seconds=time.perf_counter() - start, input_name=INPUT_NAME,
                           output_name=output_name(spec), opset=model_opset(proto), fold_report=fold_report,
                           notes=notes, details={"int8": quantization})
@@ -470,19 +617,16 @@ def export_from_config(model: nn.Module, spec: ModelSpec, path: Path, config: "E
     When the same run already wrote a dynamic-batch FP32 `model.onnx` beside `path`, that file is
     quantized instead of exporting the model a second time.
     """
-    int8 = Int8Config(calibration=config.calibration, calibration_samples=config.calibration_samples,
-                      max_accuracy_drop=config.max_accuracy_drop, per_channel=not config.per_tensor)
-    int8.check()
-    calibration = load_calibration_file(config.calibration_data) if config.calibration_data else None
+    int8 = config.int8
     sibling = path.with_name("model.onnx")
     # The INT8 file keeps a dynamic batch axis (the gate runs batches); a static or float16
     # model.onnx cannot be its source.
-    reuse = sibling if sibling.is_file() and config.fold and not config.fp16 and not config.static_batch else None
-    return export_int8(model, spec, path, config=int8, data_root=config.data_root, calibration_data=calibration,
-                       fp32_onnx=reuse, fold=config.fold, opset=config.opset, legacy=config.legacy_onnx,
+    reuse = sibling if sibling.is_file() and config.fold and not config.fp16 and config.dynamic_batch else None
+    return export_int8(model, spec, path, config=int8, data_root=config.data_root, fp32_onnx=reuse, fold=config.fold, opset=config.opset, legacy_onnx=config.legacy_onnx,
                        verbose=config.verbose)
 
 
-__all__ = ["AccuracyGateError", "CALIBRATIONS", "CpuInt8Support", "Gate", "INT8_FILE", "Int8Config",
-           "Quantized", "accuracy_gate", "calibration_inputs", "cpu_int8_support", "export_from_config",
-           "export_int8", "load_calibration_file", "quantize_onnx"]
+__all__ = ["AccuracyGateError", "AgreementGate", "AgreementGateError", "CALIBRATIONS", "Calibration", "CpuInt8Support",
+           "Gate", "INT8_FILE", "Int8Config", "Int8GateError", "Quantized", "accuracy_gate", "agreement_gate",
+           "calibration_inputs", "cpu_int8_support", "export_from_config", "export_int8", "load_calibration_file",
+           "quantize_onnx", "resolution_warning"]

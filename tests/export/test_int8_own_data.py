@@ -1,0 +1,170 @@
+"""INT8 for a model bnfold did not train: a state_dict + class file, calibrated on the user's images or
+arrays, gated on a labelled eval folder (accuracy) or on agreement with FP32; a failed gate keeps
+what passed and says what it refused, with advice that fits the data."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from bnfold.models.data import digits_arrays
+from bnfold.cli import main
+from bnfold.export.onnx import count_ops
+
+NET_SOURCE = '''
+import torch
+from torch import nn
+
+
+class SmallNet(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+        self.head = nn.Linear(64, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+'''
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def own_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A user's folder: net.py (the class), net_sd.pt (its state_dict, trained a little on the digits),
+    calib/ (32 unlabelled images), eval/<digit>/ (10 labelled images per class), calib.npy."""
+    root = tmp_path_factory.mktemp("own_model")
+    (root / "net.py").write_text(NET_SOURCE)
+    sys.path.insert(0, str(root))
+    try:
+        import net
+    finally:
+        sys.path.remove(str(root))
+        sys.modules.pop("net", None)
+    torch.manual_seed(0)
+    model = net.SmallNet()
+    x_train, y_train = digits_arrays("train", SIZE)
+    x = torch.from_numpy(x_train.astype(np.float32) / 255.0)[:, None]
+    y = torch.from_numpy(y_train)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(60):
+        idx = torch.arange(step * 64, step * 64 + 64) % len(x)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.save(model.eval().state_dict(), root / "net_sd.pt")
+    (root / "calib").mkdir()
+    for i in range(32):
+        Image.fromarray(x_train[i], "L").save(root / "calib" / f"{i:03d}.png")
+    np.save(root / "calib.npy", x[:32].numpy())
+    x_test, y_test = digits_arrays("test", SIZE)
+    for label in range(10):
+        folder = root / "eval" / str(label)
+        folder.mkdir(parents=True)
+        for j, i in enumerate(np.flatnonzero(y_test == label)[:10]):
+            Image.fromarray(x_test[i], "L").save(folder / f"{j}.png")
+    return root
+
+
+def _export(root: Path, *extra: str) -> int:
+    return main(["export", "net_sd.pt", "--model-class", "net.py:SmallNet", "--input-shape", f"1,1,{SIZE},{SIZE}",
+                 "--no-progress", *extra])
+
+
+def test_state_dict_model_calibrated_on_an_image_folder_and_gated_on_labelled_images(
+        own_model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(own_model)
+    code = _export(own_model, "--format", "onnx,int8", "--out", "exp", "--calibration-data", "calib",
+                   "--eval-data", "eval", "--force")
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    record = next(a for a in json.loads((own_model / "exp" / "export.json").read_text())["artifacts"]
+                  if a["format"] == "int8")["int8"]
+    gate = record["accuracy"]
+    assert record["gate"] == "accuracy" and gate["passed"] and gate["eval_samples"] == 100
+    assert gate["fp32"] > 0.5, gate   # a model that learned something, measured on the user's folder
+    assert "32 images of 'calib'" in record["calibration_inputs"] and record["calibration_samples"] == 32
+    assert "accuracy on the 100 eval samples" in out.out
+    proto = onnx.load(str(own_model / "exp" / "model.int8.onnx"))
+    assert count_ops(proto, "QuantizeLinear") > 0 and count_ops(proto, "BatchNormalization") == 0
+
+
+def test_without_labels_the_gate_is_agreement_on_held_out_calibration_inputs(
+        own_model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(own_model)
+    code = _export(own_model, "--format", "int8", "--out", "agree", "--calibration-data", "calib.npy", "--force")
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    record = json.loads((own_model / "agree" / "export.json").read_text())["artifacts"][0]["int8"]
+    gate = record["agreement"]
+    assert record["gate"] == "agreement" and gate["passed"] and gate["samples"] == 8
+    assert record["calibration_samples"] == 24   # a quarter held out, never calibrated on
+    assert gate["top1_agreement"] >= 0.98 and 0 < gate["output_error"] <= 0.1
+    assert "top-1" in out.out and "output error" in out.out   # both figures printed
+
+
+def test_a_failed_gate_keeps_the_fp32_file_and_names_what_it_refused(
+        own_model: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(own_model)
+    np.save(own_model / "flat.npy", np.full((4, 1, SIZE, SIZE), 3.0, dtype=np.float32))
+    code = _export(own_model, "--format", "onnx,int8", "--out", "refused", "--calibration-data", "flat.npy",
+                   "--eval-data", "calib", "--force")
+    err = capfd.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "refused model.int8.onnx" in err and "(model.onnx, export.json)" in err
+    assert "agreement with FP32" in err and "--min-agreement" in err
+    # Advice that fits the data: the file gave 4 inputs; nobody is told to draw 1,024 of them.
+    assert "--calibration-data (it gave 4)" in err and "--calibration-samples" not in err
+    out = own_model / "refused"
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.onnx"]
+    record = json.loads((out / "export.json").read_text())
+    assert [r["file"] for r in record["refused"]] == ["model.int8.onnx"]
+
+
+def test_a_gate_too_coarse_for_the_allowed_drop_says_so(own_model: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """12 eval images: one image is 8.3 points, so a 1-point gate cannot see a 1-point drop."""
+    monkeypatch.chdir(own_model)
+    small = own_model / "eval12"
+    for label in range(3):
+        (small / str(label)).mkdir(parents=True, exist_ok=True)
+        for j in range(4):
+            (small / str(label) / f"{j}.png").write_bytes((own_model / "eval" / str(label) / f"{j}.png").read_bytes())
+    code = _export(own_model, "--format", "int8", "--out", "coarse", "--calibration-data", "calib",
+                   "--eval-data", "eval12", "--force")
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "one sample is 8.3 points" in out and "cannot measure" in out and "at least 100 labelled images" in out
+
+
+def test_unusable_data_options_get_one_line(own_model: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capfd: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(own_model)
+    (own_model / "wrong").mkdir(exist_ok=True)
+    (own_model / "wrong" / "cat").mkdir(exist_ok=True)
+    Image.fromarray(np.zeros((SIZE, SIZE), np.uint8), "L").save(own_model / "wrong" / "cat" / "0.png")
+    np.save(own_model / "bad_shape.npy", np.zeros((4, 3, 8, 8), np.float32))
+    cases = [
+        (["--format", "int8", "--out", "x1"], "--calibration-data PATH"),
+        (["--format", "int8", "--out", "x2", "--calibration-data", "missing"], "does not exist"),
+        (["--format", "int8", "--out", "x3", "--calibration-data", "bad_shape.npy"], "expected [N, 1, 16, 16]"),
+        (["--format", "int8", "--out", "x4", "--calibration-data", "calib", "--eval-data", "wrong"],
+         "not among the model's labels"),
+        (["--format", "int8", "--out", "x5", "--calibration-data", "calib", "--min-agreement", "2"],
+         "--min-agreement"),
+    ]
+    for args, expected in cases:
+        code = _export(own_model, *args)
+        err = capfd.readouterr().err
+        assert code == 2 and expected in err and "Traceback" not in err, (args, err)
+        assert len(err.strip().splitlines()) == 1, err
+        assert not (own_model / args[3]).exists()
