@@ -41,6 +41,7 @@ from bnfold.bench.backends import (BACKENDS, DEFAULT_BACKENDS, DEVICES, BackendC
 from bnfold.bench.environment import collect_environment
 from bnfold.export.writers import format_of_kind
 from bnfold.options import resolve_threads
+from bnfold.progress import progress as progress_bar
 from bnfold.bench.timing import FAILED, SKIPPED, BenchRow, TimedCall, measure_interleaved, warm_up
 
 if TYPE_CHECKING:
@@ -221,10 +222,8 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 def _progress(total: float, desc: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="s", disable=not enabled, leave=False,
-                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s")
+    return progress_bar(total=total, desc=desc, unit="s", enabled=enabled,
+                        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s")
 
 
 # What a TorchScript file can run: bnfold.fold and the exporters need the eager module.
@@ -240,9 +239,7 @@ def _build_calls(ctx: BackendContext, devices: Sequence[str], backends: Sequence
     calls: list[TimedCall] = []
     rows: list[BenchRow] = []
     plan = [(name, device) for device in devices for name in expand(backends, device)]
-    from tqdm.auto import tqdm
-
-    for name, device in tqdm(plan, desc=f"build bs={batch_size}", disable=not progress, leave=False):
+    for name, device in progress_bar(plan, desc=f"build bs={batch_size}", unit="backend", enabled=progress):
         backend = BACKENDS[name]
         row = BenchRow(name, device, batch_size, note=backend.note)
         rows.append(row)

@@ -32,6 +32,7 @@ from bnfold.adapters import BatchNormReader
 from bnfold.errors import BnfoldError, first_line
 from bnfold.fx_fold import count_batchnorm, fold
 from bnfold.parity import compare
+from bnfold.progress import progress as progress_bar
 
 __all__ = ["ZooRow", "randomize_batchnorm", "run_model", "run_zoo", "summary", "main"]
 
@@ -275,11 +276,9 @@ def run_model(spec: str, *, seed: int = 0, max_params: float = float("inf")) -> 
 def run_zoo(models: Iterable[str], *, seed: int = 0, progress: bool = True,
             max_params: float = float("inf"), on_row: Callable[[list[ZooRow]], None] | None = None) -> list[ZooRow]:
     """`run_model` for each of `models`; `on_row(rows so far)` after each (to save partial results)."""
-    from tqdm import tqdm
-
     models = list(models)
     rows = []
-    bar = tqdm(models, disable=not progress, file=sys.stderr, unit="model")
+    bar = progress_bar(models, desc="zoo", unit="model", enabled=progress)
     for spec in bar:
         bar.set_postfix_str(spec)
         rows.append(run_model(spec, seed=seed, max_params=max_params))

@@ -23,6 +23,7 @@ from bnfold.export.config import DEFAULT_FORMATS, ExportConfig
 from bnfold.export.errors import ExportError, OutputExistsError
 from bnfold.export.onnx import bnfold_version, check_opset
 from bnfold.versions import package_version
+from bnfold.progress import progress as progress_bar
 from bnfold.export.summary import ExportSummary
 from bnfold.export.int8 import Int8GateError
 from bnfold.export.writers import WRITERS, check_formats
@@ -84,12 +85,7 @@ def _export_json(summary: ExportSummary, spec: ModelSpec, options: dict[str, Any
 
 def _progress(items: Sequence[str], enabled: bool) -> Iterator[str]:
     """Yield the formats, showing which one is being exported (the ONNX one takes seconds)."""
-    if not enabled:
-        yield from items
-        return
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(items), desc="export", unit="file", leave=False) as bar:
+    with progress_bar(total=len(items), desc="export", unit="file", enabled=enabled) as bar:
         for item in items:
             bar.set_description(f"export {WRITERS[item].file_name}")
             yield item

@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import random
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from bnfold.errors import BnfoldError
 from bnfold.options import resolve_threads
+from bnfold.progress import progress as progress_bar
 from bnfold.models.checkpoint import model_from_payload, read_checkpoint, save_checkpoint, spec_from_payload
 from bnfold.models.data import load_datasets
 from bnfold.models.distributed import DistContext, from_sync_batchnorm, to_sync_batchnorm
@@ -179,7 +181,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, task: _Task, optimizer
                     max_steps: int | None = None) -> dict[str, float]:
     model.train()  # BN: normalize with batch statistics and update the running ones
     total = min(len(loader), max_steps) if max_steps else len(loader)
-    bar = tqdm(loader, total=total, desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch")
+    # A bar on a terminal only; off one, the epoch line that follows the epoch is the progress.
+    bar = progress_bar(loader, total=total, desc=f"epoch {epoch}", unit="batch", enabled=progress, summary=False)
     loss_sum = num = den = 0.0
     samples = 0
     for step, (x, y) in enumerate(bar, start=1):
@@ -379,6 +382,9 @@ def _train(config: TrainConfig, dist: DistContext, device: torch.device) -> Trai
     if state.start_epoch > config.epochs:
         raise TrainingError(f"nothing to do: {str(out / 'last.pt')!r} already reached epoch {state.start_epoch - 1}"
                             f" >= --epochs {config.epochs}; raise --epochs to train further")
+    if config.resume and dist.is_main:
+        tqdm.write(f"resuming from epoch {state.start_epoch} of {config.epochs} "
+                   f"({out / 'last.pt'} finished epoch {state.start_epoch - 1})")
     if config.sync_bn:
         model = to_sync_batchnorm(model)
     if dist.enabled:
@@ -392,29 +398,50 @@ def _train(config: TrainConfig, dist: DistContext, device: torch.device) -> Trai
                        f"{', SyncBatchNorm' if config.sync_bn else ''}")
     progress = config.progress and dist.is_main
     best_path, last_path = out / "best.pt", out / "last.pt"
-    for epoch in range(state.start_epoch, config.epochs + 1):
-        # Shuffling depends on (seed, epoch) only, so a resumed run sees the same batches.
-        generator.manual_seed(config.seed * 1000 + epoch)
-        if dist.enabled:
-            sampler.set_epoch(epoch)
-        started = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        record: dict[str, Any] = {"epoch": epoch, "lr": lr}
-        record.update(train_one_epoch(model, train_loader, task, optimizer, device, epoch, dist=dist,
-                                      progress=progress, max_steps=config.steps_per_epoch))
-        scheduler.step()
+    try:   # Ctrl-C: say what is on disk and how to continue, then let the CLI exit 130
+        for epoch in range(state.start_epoch, config.epochs + 1):
+            # Shuffling depends on (seed, epoch) only, so a resumed run sees the same batches.
+            generator.manual_seed(config.seed * 1000 + epoch)
+            if dist.enabled:
+                sampler.set_epoch(epoch)
+            started = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            record: dict[str, Any] = {"epoch": epoch, "lr": lr}
+            record.update(train_one_epoch(model, train_loader, task, optimizer, device, epoch, dist=dist,
+                                          progress=progress, max_steps=config.steps_per_epoch))
+            scheduler.step()
+            if dist.is_main:
+                plain = _plain_model(model)  # a copy under SyncBatchNorm: made once for eval and save
+                record.update(evaluate(plain, test_loader, task, device))
+                record["seconds"] = round(time.perf_counter() - started, 3)
+                state.history.append(record)
+                _save_epoch(config, plain, spec, optimizer, scheduler, state, record, task, out)
+                tqdm.write(_epoch_line(record, config.epochs, task.metric))
+            dist.barrier()  # nobody runs ahead while rank 0 writes
+    except KeyboardInterrupt:
         if dist.is_main:
-            plain = _plain_model(model)  # a copy under SyncBatchNorm: made once for eval and save
-            record.update(evaluate(plain, test_loader, task, device))
-            record["seconds"] = round(time.perf_counter() - started, 3)
-            state.history.append(record)
-            _save_epoch(config, plain, spec, optimizer, scheduler, state, record, task, out)
-            tqdm.write(_epoch_line(record, config.epochs, task.metric))
-        dist.barrier()  # nobody runs ahead while rank 0 writes
+            print(interrupted_message(config, state, task.metric), file=sys.stderr, flush=True)
+        raise
     if not dist.is_main:
         return TrainResult(best=best_path, last=last_path, history=[], spec=spec)
     spec.epoch = state.history[-1]["epoch"]
     return TrainResult(best=best_path, last=last_path, history=state.history, spec=spec)
+
+
+def interrupted_message(config: TrainConfig, state: _State, metric: str) -> str:
+    """What Ctrl-C left on disk and the command that continues from it."""
+    out = Path(config.out)
+    epoch = state.history[-1]["epoch"] + 1 if state.history else state.start_epoch
+    head = f"interrupted in epoch {epoch} of {config.epochs}"
+    if not state.history:
+        return f"{head}, before any epoch finished: nothing was saved in {str(out)!r}"
+    key = f"test_{metric}"
+    best = max(state.history, key=lambda r: r.get(key, -math.inf))
+    command = (f"bnfold train --model {config.model} --dataset {config.dataset} --epochs {config.epochs} "
+               f"--out {out} --resume")
+    return (f"{head}: {out / 'last.pt'} holds epoch {state.history[-1]['epoch']} (best.pt: epoch {best['epoch']}, "
+            f"{metric} {best.get(key, float('nan')):.4f}); to continue, run the same command with --resume, "
+            f"e.g. {command}")
 
 
 def _save_epoch(config: TrainConfig, plain: nn.Module, spec: ModelSpec, optimizer: torch.optim.Optimizer,
