@@ -14,7 +14,9 @@ Each round measures, alternating the two servers (which goes first alternates to
 - HTTP JSON tensors, one connection: `bench.loadtest`, p50;
 - throughput over 8 connections, binary tensors: `bench.loadtest`, requests per second;
 - gRPC, one connection: unmodified `tritonclient.grpc.InferenceServerClient.infer`, p50.
-Latencies are pooled over rounds; throughput is total requests over total time. Every answer is
+After each round's gRPC measure the same client times `bench.grpc_floor` (grpc.aio answering
+prebuilt bytes): grpcio's own cost, the floor under any server built on it. Latencies are pooled
+over rounds; throughput is total requests over total time. Every answer is
 checked (the load generator compares each with the first answer to its input; the gRPC loop
 compares every output), and both servers' outputs are compared with in-process onnxruntime first.
 """
@@ -26,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,6 +71,38 @@ def bnfold_server(onnx_path: str | os.PathLike, name: str, *, threads: int = 1) 
     with running_server(onnx_path, threads=threads, name=name, extra_args=["--grpc-port", str(grpc_port)]) as url:
         _wait_for_grpc(f"127.0.0.1:{grpc_port}")
         yield url, f"127.0.0.1:{grpc_port}"
+
+
+@contextlib.contextmanager
+def grpc_floor_server(answer: bytes, directory: Path) -> Iterator[str]:
+    """`bench.grpc_floor` (grpc.aio answering every ModelInfer with `answer`); yields its address."""
+    port = free_port()
+    answer_file = directory / "floor-answer.bin"
+    answer_file.write_bytes(answer)
+    process = subprocess.Popen([sys.executable, "-m", "bnfold.bench.grpc_floor", "--port", str(port),
+                                "--answer", str(answer_file)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_grpc(f"127.0.0.1:{port}")
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _real_answer(address: str, name: str, input_name: str, x: np.ndarray) -> bytes:
+    """The serialized ModelInferResponse `address` gives for `x` (what the floor server replays)."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
+
+    request = pb.ModelInferRequest(model_name=name)
+    request.inputs.add(name=input_name, datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    with grpc.insecure_channel(address) as channel:
+        return service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request).SerializeToString()
 
 
 def _wait_for_grpc(address: str, timeout: float = 60.0) -> None:
@@ -135,7 +170,12 @@ def compare(onnx_path: str | os.PathLike, *, rounds: int = 3, sequential: int = 
     throughput: dict[str, list[tuple[int, float]]] = {s: [] for s in SERVERS}
     errors: dict[str, int] = {s: 0 for s in SERVERS}
     first_errors: dict[str, str | None] = {s: None for s in SERVERS}
-    with bnfold_server(onnx_path, name, threads=threads) as ours, kserve_server(onnx_path, name, threads=threads) as peer:
+    floor_ms: list[np.ndarray] = []
+    with contextlib.ExitStack() as stack:
+        ours = stack.enter_context(bnfold_server(onnx_path, name, threads=threads))
+        peer = stack.enter_context(kserve_server(onnx_path, name, threads=threads))
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bnfold-floor-")))
+        floor = stack.enter_context(grpc_floor_server(_real_answer(ours[1], name, input_name, x), scratch))
         addresses = {"bnfold": ours, "kserve": peer}
         for server, (_, grpc_address) in addresses.items():   # each answers what onnxruntime answers here
             _, _, answer = grpc_latencies(grpc_address, name, input_name, x, output, count=1, warmup=0)
@@ -165,6 +205,8 @@ def compare(onnx_path: str | os.PathLike, *, rounds: int = 3, sequential: int = 
             for key, label in MEASURES:
                 for server in order:
                     measure(server, key)
+                if key == "grpc_p50_ms":   # grpcio's own cost, same client: the floor under both
+                    floor_ms.append(grpc_latencies(floor, name, input_name, x, output, sequential)[0])
                 print(f"round {r + 1}/{rounds} {label}: done", file=sys.stderr, flush=True)
     figures: dict[str, dict[str, Any]] = {}
     for server in SERVERS:
@@ -185,13 +227,17 @@ def compare(onnx_path: str | os.PathLike, *, rounds: int = 3, sequential: int = 
     ratios = {key: (ours_f[key] / peer_f[key] if key == "rps_8conn" else peer_f[key] / ours_f[key])
               for key, _ in MEASURES}
     ratios["grpc_vs_own_http_binary"] = ours_f["grpc_p50_ms"] / ours_f["http_binary_p50_ms"]
+    floor_stats = latency_stats(np.concatenate(floor_ms))
     return {"model": name, "onnx": str(onnx_path), "input_shape": list(x.shape), "threads": threads,
             "rounds": rounds, "sequential_per_round": sequential, "concurrent_per_round": concurrent,
             "concurrency": concurrency, "cpus": len(os.sched_getaffinity(0)), "cpu": _cpu_name(),
             "loadavg_before": load_before, "loadavg_after": Path("/proc/loadavg").read_text().split()[:3],
             "bnfold_commit": _git_commit(), "kserve_version": _peer_version("kserve", "kserve"),
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "figures": figures, "ratios": ratios, "targets": TARGETS}
+            "figures": figures, "ratios": ratios, "targets": TARGETS,
+            "grpc_floor": {"p50_ms": floor_stats["p50_ms"], "p90_ms": floor_stats["p90_ms"],
+                           "what": "grpc.aio answering every ModelInfer with prebuilt bytes (bench.grpc_floor), "
+                                   "same client"}}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -215,6 +261,10 @@ def format_report(report: dict[str, Any]) -> str:
     own = ratios["grpc_vs_own_http_binary"]
     lines += ["", f"bnfold gRPC p50 / bnfold HTTP binary p50: {own:.2f} (target <= 1.2: "
                   f"{'met' if own <= 1.2 else 'missed'})",
+              f"gRPC floor (grpc.aio answering prebuilt bytes, no parsing or model; same client): p50 "
+              f"{report['grpc_floor']['p50_ms']:.3f} ms; above it: bnfold "
+              f"{f['bnfold']['grpc_p50_ms'] - report['grpc_floor']['p50_ms']:+.3f} ms, KServe "
+              f"{f['kserve']['grpc_p50_ms'] - report['grpc_floor']['p50_ms']:+.3f} ms",
               f"errors: bnfold {f['bnfold']['errors']}, kserve {f['kserve']['errors']}"]
     return "\n".join(lines)
 
