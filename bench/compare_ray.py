@@ -65,7 +65,7 @@ def _run(command: list[str], env: dict[str, str], what: str) -> None:
 
 
 def compare(onnx_path: str | os.PathLike, *, rounds: int = 3, sequential: int = 300, concurrent: int = 1000,
-            concurrency: int = 8, ray_env: dict[str, str] | None = None) -> dict:
+            concurrency: int = 8, ray_env: dict[str, str] | None = None, serve_args: list[str] | None = None) -> dict:
     """Measure the three targets interleaved on one loopback cluster; the pooled figures and the ratios."""
     onnx_path = Path(onnx_path).resolve()
     runtime = open_session(onnx_path, threads=1, warmup=False)
@@ -78,7 +78,8 @@ def compare(onnx_path: str | os.PathLike, *, rounds: int = 3, sequential: int = 
         port = free_port()
         started = time.monotonic()
         _run([str(python), "-m", "bnfold.serve", str(onnx_path), "--ray", cluster.address, "--replicas", "2",
-              "--replica-cpus", "0.5", "--threads", "1", "--port", str(port)], cluster.env, "bnfold serve --ray")
+              "--replica-cpus", "0.5", "--threads", "1", "--port", str(port), *(serve_args or [])], cluster.env,
+             "bnfold serve --ray")
         deploy_s = time.monotonic() - started
         _run([str(python), "-m", "bnfold.bench.ray_plain", str(onnx_path), "--address", cluster.address,
               "--replicas", "2", "--replica-cpus", "0.5", "--port", str(port)], cluster.env, "the plain deployment")
@@ -104,7 +105,7 @@ def compare(onnx_path: str | os.PathLike, *, rounds: int = 3, sequential: int = 
     figures = {k: _pool(k, seq[k], conc[k]) for k in targets}
     plain, ours = figures["plain Ray Serve"], figures["bnfold on Ray"]
     return {"model": name, "onnx": str(onnx_path), "input_shape": list(x.shape), "ray": RAY_VERSION,
-            "ray_env": ray_env or {}, "rounds": rounds, "sequential_per_round": sequential,
+            "ray_env": ray_env or {}, "serve_args": serve_args or [], "rounds": rounds, "sequential_per_round": sequential,
             "concurrent_per_round": concurrent, "concurrency": concurrency, "cpus": len(os.sched_getaffinity(0)),
             "loadavg": Path("/proc/loadavg").read_text().split()[:3],
             "cluster_start_s": round(cluster_s, 1), "bnfold_deploy_s": round(deploy_s, 1),
@@ -116,7 +117,8 @@ def compare(onnx_path: str | os.PathLike, *, rounds: int = 3, sequential: int = 
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{report['model']} {report['input_shape']}, ray {report['ray']} {report['ray_env'] or ''}, "
+    lines = [f"{report['model']} {report['input_shape']}, ray {report['ray']} {report['ray_env'] or ''} "
+             f"{' '.join(report['serve_args'])}, "
              f"{report['rounds']} rounds x ({report['sequential_per_round']} sequential + "
              f"{report['concurrent_per_round']} at x{report['concurrency']}), load {' '.join(report['loadavg'])}",
              "| target | p50 ms | p90 ms | p99 ms | req/s (x%d) | errors |" % report["concurrency"],
@@ -149,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="connections for the throughput figure")
     p.add_argument("--ray-env", type=_env_pair, action="append", default=[], metavar="RAY_...=VALUE",
                    help="a Ray setting for every node of the cluster (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1); repeatable")
+    p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                   help="an extra argument for `bnfold serve --ray` (e.g. --serve-arg=--max-ongoing-requests=5); "
+                        "repeatable")
     p.add_argument("--out", default=None, help="also write the report as JSON here")
     return p
 
@@ -162,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         report = compare(args.onnx, rounds=args.rounds, sequential=args.sequential, concurrent=args.concurrent,
-                         concurrency=args.concurrency, ray_env=dict(args.ray_env))
+                         concurrency=args.concurrency, ray_env=dict(args.ray_env),
+                         serve_args=args.serve_arg)
     except ServeError as exc:
         print(f"compare_ray: error: {exc}", file=sys.stderr)
         return 2

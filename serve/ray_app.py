@@ -30,9 +30,6 @@ except ImportError:   # pragma: no cover - the message is the point
     raise ServeError("--ray needs Ray Serve in this environment: pip install 'bnfold[ray]'", status=500) from None
 
 APP_NAME = "bnfold"
-# Measured on the 2-node loopback cluster (README, "More than one machine"): with Ray's default of
-# 5 the proxy queued requests at 8 connections while a replica answered in well under a millisecond.
-MAX_ONGOING_REQUESTS = 32
 
 
 @serve.deployment(name=APP_NAME)
@@ -74,9 +71,10 @@ def replica_config(config: ServeConfig) -> ServeConfig:
 
 
 def deployment_options(config: ServeConfig) -> dict[str, Any]:
-    """Ray Serve deployment options from `--replicas`, `--min/max-replicas`, `--replica-cpus`."""
+    """Ray Serve deployment options from `--replicas`, `--min/max-replicas`, `--replica-cpus`,
+    `--max-ongoing-requests`; Ray's own per-request access log is off (bnfold's app writes its own)."""
     options: dict[str, Any] = {"ray_actor_options": {"num_cpus": config.replica_cpus},
-                               "max_ongoing_requests": MAX_ONGOING_REQUESTS,
+                               "max_ongoing_requests": config.max_ongoing_requests,
                                "logging_config": {"enable_access_log": False, "log_level": "WARNING"}}
     if config.replicas == "auto":
         options["num_replicas"] = "auto"
@@ -124,4 +122,4 @@ def deploy(config: ServeConfig) -> str:
     return url
 
 
-__all__ = ["APP_NAME", "BnfoldReplica", "MAX_ONGOING_REQUESTS", "deploy", "deployment_options", "replica_config"]
+__all__ = ["APP_NAME", "BnfoldReplica", "deploy", "deployment_options", "replica_config"]
