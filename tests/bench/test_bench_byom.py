@@ -43,7 +43,9 @@ def test_state_dict_with_model_class_benches_eager_folded_and_ort(tmp_path, caps
     rows = {r["backend"]: r for r in report["results"]}
     assert {"eager", "folded", "ort"} <= set(rows)
     assert all(rows[b]["status"] == "ok" and rows[b]["iterations"] >= 20 for b in ("eager", "folded", "ort"))
-    assert report["environment"]["threads"] == 1  # the default now
+    from bnfold.options import available_cpus
+
+    assert report["environment"]["threads"] == available_cpus()  # --threads 0, every command's default
     assert report["environment"]["input_shape"] == [3, 16, 16]
 
 
@@ -118,5 +120,5 @@ def test_only_cuda_asked_for_on_a_machine_without_it_is_refused(tmp_path, capsys
     """It used to write a report whose every row was skipped, and exit 0."""
     assert main(["bench", "no-such-model.pt", "--devices", "cuda", "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
-    assert "--device cuda asked for, but CUDA is not available" in err and "--device cpu,cuda" in err
+    assert "--devices cuda asked for, but CUDA is not available" in err and "--devices cpu,cuda" in err
     assert not (tmp_path / "b").exists()
