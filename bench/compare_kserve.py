@@ -36,11 +36,12 @@ from typing import Any
 
 import numpy as np
 
-from bnfold.bench.loadtest import run_loadtest
-from bnfold.bench.peers import PeerError, peer_python
-from bnfold.bench.timing import latency_stats
 from bnfold.serve.launch import free_port, running_server, server_process
 from bnfold.serve.runtime import ServeError, open_session
+
+from .loadtest import run_loadtest
+from .peers import PeerError, peer_python
+from .timing import latency_stats
 
 KSERVE_MODEL = Path(__file__).with_name("kserve_model.py")
 SERVERS = ("bnfold", "kserve")

@@ -14,10 +14,11 @@ import time
 
 import numpy as np
 
-from bnfold.bench.loadtest import LoadtestResult, _run, _Tally
-from bnfold.bench.timing import latency_stats
 from bnfold.serve.errors import ServeError
 from bnfold.serve.runtime import V2_TO_NUMPY
+
+from .loadtest import LoadtestResult, _run, _Tally
+from .timing import latency_stats
 
 _INFER = "/inference.GRPCInferenceService/ModelInfer"
 

@@ -37,14 +37,15 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2, service_pb2 as pb
 
-from bnfold.serve.errors import ServeError, client_text, limit_error
-from bnfold.serve.protocol import (OutputRequest, check_datatype, check_input_name, check_shape, classify,
-                                   _bytes_tensor, _shape_str)
-from bnfold.serve.runtime import V2_TO_NUMPY, Runtime
 from bnfold.versions import __version__
 
+from .errors import ServeError, client_text, limit_error
+from .protocol import (OutputRequest, _bytes_tensor, _shape_str, check_datatype, check_input_name, check_shape,
+                       classify)
+from .runtime import Runtime
+
 if TYPE_CHECKING:
-    from bnfold.serve.app import InferenceApp
+    from .app import InferenceApp
 
 SERVICE = "inference.GRPCInferenceService"
 _TRANSPORT_SLACK = 1 << 20   # grpc's own receive limit sits this far above --max-body-mb
@@ -344,7 +345,7 @@ class GrpcService:
         return pb.ModelReadyResponse(ready=self.app.ready)
 
     async def server_metadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
-        from bnfold.serve.app import EXTENSIONS, SERVER_NAME
+        from .app import EXTENSIONS, SERVER_NAME
 
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
 
