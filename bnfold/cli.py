@@ -145,7 +145,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     report = evaluate_artifacts(config.artifacts, checkpoint=config.checkpoint, dataset=config.dataset,
                                 data_root=config.data_root, batch_size=config.batch_size, threads=config.threads,
                                 trust_pickle=config.trust_pickle, model_class=config.model_class,
-                                model_args=config.model_args, weights=config.weights)
+                                model_args=config.model_args, weights=config.weights, eval_data=config.eval_data)
     print(json.dumps(report.to_dict(), indent=2) if config.json else report)
     return 0
 
@@ -391,6 +391,10 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     opts.add("artifacts", nargs="+", metavar="artifact", help="files to evaluate, in table order")
     opts.add("--checkpoint", help="the checkpoint the artifacts came from: its spec is used for all of them")
     opts.shared("--dataset", help="evaluate on this dataset instead of the spec's")
+    opts.add("--eval-data", metavar="PATH",
+             help="your own data instead of a dataset (export --format int8 takes the same): PATH/<label>/ folders "
+                  "of images give each artifact's accuracy; unlabelled images, .npy or .npz give each one's top-1 "
+                  "agreement with the first artifact and its output error (max |out - first| / max |first|)")
     opts.shared("--data-root")
     opts.shared("--batch-size", help="inputs per run (the figure does not depend on it)")
     opts.shared("--threads")

@@ -115,6 +115,9 @@ class EvaluateConfig:
     model_args: str | dict | list | None = None
     weights: str | os.PathLike | None = None
     trust_pickle: bool = False
+    # Instead of the dataset: class folders of images (accuracy), or unlabelled images / .npy / .npz
+    # (each artifact's agreement with the first one); export.user_data reads them.
+    eval_data: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         if not self.artifacts:

@@ -52,7 +52,7 @@ class EvalSplit:
     """The whole eval split, preprocessed by the spec: inputs (N, C, H, W) float32 and targets."""
 
     inputs: np.ndarray
-    targets: np.ndarray          # class indices (N,), or masks (N, 1, H, W) for segmentation
+    targets: np.ndarray | None   # class indices (N,), masks (N, 1, H, W) for segmentation; None: unlabelled
     dataset: str
     task: str
 
@@ -234,6 +234,7 @@ class Evaluation:
     seconds: float
     spec_source: str             # where the spec (dataset, preprocessing) came from
     logged: float | None = None  # the training log's test figure for the spec's checkpoint
+    output_error: float | None = None   # unlabelled data: max |out - first| / max |first|
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -255,12 +256,15 @@ class EvaluationReport:
         raise KeyError(str(artifact))
 
     def __str__(self) -> str:
-        header = ("artifact", "kind", "weights", "metric", "value", "training log", "samples",
-                  "dataset", "size", "seconds")
+        # Unlabelled data: the second figure is the output error against the first artifact.
+        errors = any(r.output_error is not None for r in self.rows)
+        header = ("artifact", "kind", "weights", "metric", "value", "output error" if errors else "training log",
+                  "samples", "dataset", "size", "seconds")
         lines = [header]
         for r in self.rows:
+            second = r.output_error if errors else r.logged
             lines.append((str(r.artifact), r.kind, r.dtype, r.metric, f"{r.value:.4f}",
-                          "–" if r.logged is None else f"{r.logged:.4f}", str(r.samples), r.dataset,
+                          "–" if second is None else f"{second:.4f}", str(r.samples), r.dataset,
                           format_size(r.size_bytes), f"{r.seconds:.1f}"))
         widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
         text = ["  ".join(cell.ljust(w) if i in (0, 1, 2, 3, 7) else cell.rjust(w)
@@ -298,9 +302,14 @@ def evaluate_artifacts(paths: Sequence[str | os.PathLike], *, checkpoint: str | 
                        dataset: str | None = None, data_root: str | os.PathLike = "data",
                        batch_size: int = EVAL_BATCH, threads: int | None = None,
                        trust_pickle: bool = False, model_class: str | None = None,
-                       model_args: str | None = None, weights: str | os.PathLike | None = None
-                       ) -> EvaluationReport:
+                       model_args: str | None = None, weights: str | os.PathLike | None = None,
+                       eval_data: str | os.PathLike | None = None) -> EvaluationReport:
     """Evaluate every artifact on the whole eval split of its dataset, in the order given.
+
+    `eval_data` replaces the dataset (`export.user_data`): class folders of images (or a .npz with
+    labels) give each artifact's accuracy on them; unlabelled images, .npy or .npz give each
+    artifact's top-1 agreement with the first artifact and its output error against it
+    (max |out - first| / max |first|), the figures INT8's agreement gate uses.
 
     `checkpoint` supplies the spec for artifacts that carry none (and overrides theirs);
     `dataset` evaluates on another dataset than the spec's (same preprocessing and labels);
@@ -321,6 +330,7 @@ def evaluate_artifacts(paths: Sequence[str | os.PathLike], *, checkpoint: str | 
             raise EvaluationError(f"--checkpoint {str(checkpoint)!r} is not a bnfold checkpoint")
         _, given = models.load_checkpoint(checkpoint)
     splits: dict[str, EvalSplit] = {}
+    reference: tuple[Path, np.ndarray] | None = None   # the first artifact's outputs on unlabelled data
     report = EvaluationReport()
     for path in paths:
         loaded = load_artifact(path, threads, trust_pickle=trust_pickle, model_class=model_class,
@@ -329,7 +339,7 @@ def evaluate_artifacts(paths: Sequence[str | os.PathLike], *, checkpoint: str | 
         key = json.dumps([spec.dataset, spec.task, spec.input_shape, dataclasses.asdict(spec.preprocess)],
                          sort_keys=True)
         if key not in splits:
-            splits[key] = load_eval_split(spec, data_root)
+            splits[key] = load_eval_split(spec, data_root) if eval_data is None else _user_split(eval_data, spec)
         split = splits[key]
         start = time.perf_counter()
         try:
@@ -341,14 +351,39 @@ def evaluate_artifacts(paths: Sequence[str | os.PathLike], *, checkpoint: str | 
             raise EvaluationError(f"running {str(loaded.path)!r} on {split.samples} {spec.dataset!r} inputs "
                                   f"of shape {list(split.inputs.shape[1:])} failed: "
                                   f"{type(exc).__name__}: {text[0] if text else ''}") from None
-        metric = task_metric(spec.task)
-        logged = spec.metrics.get(f"test_{metric}") if dataset is None or dataset == spec.dataset else None
+        if split.targets is None:  # unlabelled: agreement with the first artifact
+            if reference is None:
+                reference = (Path(path), outputs)
+            metric, value, error = _agreement(reference, outputs)
+            logged = None
+        else:
+            metric, value, error = task_metric(spec.task), score(spec.task, outputs, split.targets), None
+            logged = (spec.metrics.get(f"test_{metric}") if eval_data is None and (dataset is None or
+                                                                                  dataset == spec.dataset) else None)
         report.rows.append(Evaluation(
             artifact=Path(path), kind=loaded.kind, dtype=loaded.dtype, metric=metric,
-            value=score(spec.task, outputs, split.targets), samples=split.samples, dataset=spec.dataset,
+            value=value, samples=split.samples, dataset=split.dataset if eval_data is not None else spec.dataset,
             size_bytes=_size(path, weights), seconds=time.perf_counter() - start, spec_source=source,
-            logged=float(logged) if logged is not None else None))
+            logged=float(logged) if logged is not None else None, output_error=error))
     return report
+
+
+def _user_split(path: str | os.PathLike, spec: ModelSpec) -> EvalSplit:
+    from bnfold.export.user_data import load_user_data
+
+    data = load_user_data(path, spec, option="--eval-data")
+    return EvalSplit(data.inputs, data.labels, data.source, "classification" if data.labels is not None else spec.task)
+
+
+def _agreement(reference: tuple[Path, np.ndarray], outputs: np.ndarray) -> tuple[str, float, float]:
+    """Top-1 agreement with the first artifact's outputs (per position beyond 2-D) and the output error."""
+    first, ref = reference
+    if ref.shape != outputs.shape:
+        raise EvaluationError(f"outputs of shape {list(outputs.shape[1:])} cannot be compared with those of "
+                              f"{str(first)!r} ({list(ref.shape[1:])})")
+    agree = float((ref.argmax(axis=1) == outputs.argmax(axis=1)).mean()) if ref.ndim >= 2 else 1.0
+    error = float(np.abs(outputs - ref).max() / max(float(np.abs(ref).max()), 1e-30))
+    return f"agreement with {first.name}", agree, error
 
 
 __all__ = ["EvalSplit", "Evaluation", "EvaluationError", "EvaluationReport", "LoadedArtifact",

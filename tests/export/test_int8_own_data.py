@@ -55,7 +55,7 @@ def own_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     x = torch.from_numpy(x_train.astype(np.float32) / 255.0)[:, None]
     y = torch.from_numpy(y_train)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(60):
+    for step in range(40):
         idx = torch.arange(step * 64, step * 64 + 64) % len(x)
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
         optimizer.zero_grad()
@@ -96,6 +96,20 @@ def test_state_dict_model_calibrated_on_an_image_folder_and_gated_on_labelled_im
     assert "accuracy on the 100 eval samples" in out.out
     proto = onnx.load(str(own_model / "exp" / "model.int8.onnx"))
     assert count_ops(proto, "QuantizeLinear") > 0 and count_ops(proto, "BatchNormalization") == 0
+
+    # `bnfold evaluate` takes the same data: labelled, each file's accuracy; unlabelled, agreement with the first.
+    files = ["exp/model.onnx", "exp/model.int8.onnx"]
+    assert main(["evaluate", *files, "--eval-data", "eval", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert [r["samples"] for r in rows] == [100, 100] and rows[0]["metric"] == "accuracy"
+    assert rows[0]["value"] == pytest.approx(gate["fp32"]) and rows[1]["value"] == pytest.approx(gate["int8"])
+    assert main(["evaluate", *files, "--eval-data", "calib"]) == 0
+    table = capsys.readouterr().out
+    assert "agreement with model.onnx" in table and "output error" in table
+    assert main(["evaluate", *files, "--eval-data", "calib", "--json"]) == 0
+    first, int8 = json.loads(capsys.readouterr().out)["results"]
+    assert (first["value"], first["output_error"]) == (1.0, 0.0) and first["samples"] == 32
+    assert 0.9 <= int8["value"] <= 1.0 and 0 < int8["output_error"] < 0.2
 
 
 def test_without_labels_the_gate_is_agreement_on_held_out_calibration_inputs(
