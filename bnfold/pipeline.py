@@ -242,7 +242,33 @@ def run_pipeline(config: PipelineConfig, *, log: Callable[[str], None] = print) 
 
     `log` receives the human-readable progress (stage headers, the fold report, the summary);
     pass `lambda _: None` for silence. A parity failure stops the run with `bnfold.ParityError`.
+    On Ctrl-C, `log` gets what was finished and how to go on from it, and KeyboardInterrupt goes up.
     """
+    started: list[str] = []   # the stages begun, in order
+    try:
+        return _run_pipeline(config, log, started)
+    except KeyboardInterrupt:
+        log(interrupted_message(config, started))
+        raise
+
+
+def interrupted_message(config: PipelineConfig, started: list[str]) -> str:
+    """What a Ctrl-C during `started[-1]` leaves behind, and the commands that carry on from it."""
+    out = Path(config.out)
+    if not started:
+        return "pipeline interrupted before its first stage: nothing was written"
+    finished = started[:-1]
+    head = (f"pipeline interrupted in stage {started[-1]}"
+            + (f" (finished: {', '.join(finished)})" if finished else ""))
+    if not finished:   # training says itself what its last.pt holds and how to resume it
+        return f"{head}; `bnfold pipeline` has no resume: run it again with --force to start afresh"
+    checkpoint = out / "train" / "best.pt"
+    return (f"{head}: the trained model is {checkpoint}; `bnfold pipeline` has no resume, so go on from it with "
+            f"`bnfold export {checkpoint} --out {out / 'export'} --force` and `bnfold bench {checkpoint} "
+            f"--out {out / 'bench'}`, or run the pipeline again with --force")
+
+
+def _run_pipeline(config: PipelineConfig, log: Callable[[str], None], started: list[str]) -> PipelineResult:
     model, dataset, data_root, epochs = config.model, config.dataset, config.data_root, config.epochs
     progress = config.progress
     out_dir = Path(config.out)
@@ -250,6 +276,7 @@ def run_pipeline(config: PipelineConfig, *, log: Callable[[str], None] = print) 
     timings: dict[str, float] = {}
 
     def stage(name: str) -> Callable[[], None]:
+        started.append(name)
         log(f"== {name}")
         start = time.perf_counter()
         return lambda: timings.__setitem__(name, time.perf_counter() - start)

@@ -89,3 +89,25 @@ def test_train_in_a_log_says_what_ctrl_c_saved_and_where_the_resume_starts(tmp_p
     assert f"resuming from epoch {done + 1} of {done + 1} ({out / 'last.pt'} finished epoch {done})" in again.stdout
     assert [line.split()[1] for line in again.stdout.splitlines() if line.startswith("epoch ")] == \
         [f"{done + 1}/{done + 1}"]
+
+
+def test_a_pipeline_interrupted_says_what_finished_and_how_to_go_on(tmp_path: Path) -> None:
+    from bnfold.pipeline import PipelineConfig, interrupted_message, run_pipeline
+
+    config = PipelineConfig(out=str(tmp_path / "p"))
+    said: list[str] = []
+
+    def log(line: str) -> None:   # Ctrl-C as the first stage starts
+        said.append(line)
+        if line == "== train":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(config, log=log)
+    assert said[-1] == ("pipeline interrupted in stage train; `bnfold pipeline` has no resume: run it again with "
+                        "--force to start afresh")
+    later = interrupted_message(config, ["train", "fold", "export"])
+    checkpoint = tmp_path / "p" / "train" / "best.pt"
+    assert later.startswith("pipeline interrupted in stage export (finished: train, fold): the trained model is "
+                            f"{checkpoint}")
+    assert f"bnfold export {checkpoint} --out {tmp_path / 'p' / 'export'} --force" in later
