@@ -203,8 +203,9 @@ def _requested_outputs(model: Runtime, requested: Any) -> list[OutputRequest]:
             classes = param.int64_param if kind == "int64_param" else (param.uint64_param if kind == "uint64_param"
                                                                          else -1)
             if classes < 0:
+                got = f"{param.int64_param}" if kind == "int64_param" else f"a {kind}"
                 raise ServeError(f"parameters.classification of output {item.name!r} must be a positive integer "
-                                 f"(how many top classes to return), got a {kind}")
+                                 f"(how many top classes to return), got {got}")
             if classes and (len(meta.shape) != 2 or meta.datatype not in _SCORES):
                 raise ServeError(f"output {item.name!r} of model {model.name!r} has shape {_shape_str(meta.shape)} "
                                  f"and datatype {meta.datatype}; classification needs [batch, classes] scores")

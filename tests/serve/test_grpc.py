@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -158,6 +159,12 @@ def _inputs(count: int) -> pb.ModelInferRequest:
     return request
 
 
+def _classes(setter: Callable[[Any], None]) -> pb.ModelInferRequest:
+    request = _request()
+    setter(request.outputs.add(name="logits").parameters["classification"])
+    return request
+
+
 def _with(request: pb.ModelInferRequest, **fields) -> pb.ModelInferRequest:
     for key, value in fields.items():
         if key == "outputs":
@@ -188,6 +195,12 @@ MALFORMED = [
     ("unknown model", lambda: _with(_request(), model_name="nope"), NOT_FOUND, "unknown model 'nope'"),
     ("unknown version", lambda: _with(_request(), model_version="7"), NOT_FOUND, "unknown version '7'"),
     ("unknown output", lambda: _with(_request(), outputs="probs"), INVALID, "unexpected inference output \"probs\""),
+    ("negative class count", lambda: _classes(lambda p: setattr(p, "int64_param", -3)), INVALID,
+     "parameters.classification of output 'logits' must be a positive integer (how many top classes to return), "
+     "got -3"),
+    ("class count as a string", lambda: _classes(lambda p: setattr(p, "string_param", "3")), INVALID,
+     "got a string_param"),
+    ("empty batch", lambda: _request(_x(0)), INVALID, "batch size 0 of input 'input' for model 'tiny'"),
     ("batch over the limit", lambda: _request(_x(MAX_BATCH + 1)), INVALID,
      f"batch size {MAX_BATCH + 1} of input 'input' for model 'tiny' is over the limit of max_batch_size {MAX_BATCH}"),
     # 1.2 MB: over --max-body-mb 1, under grpc's own transport limit (1 MiB above): our words
