@@ -456,6 +456,8 @@ def load_models(sources: str | os.PathLike | Sequence[str | os.PathLike], device
     models: dict[str, ModelRuntime] = {}
     for runtime in found:
         other = models.get(runtime.name)
+        if other is not None and other.path.resolve() == runtime.path.resolve():
+            raise ServeError(f"{runtime.path} is given twice (as {runtime.name!r}); name each file once", status=500)
         if other is not None:
             raise ServeError(f"two models would both be served as {runtime.name!r}: {other.path} and "
                              f"{runtime.path}; give one another name with NAME=PATH (e.g. "

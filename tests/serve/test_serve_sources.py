@@ -49,6 +49,11 @@ def test_two_files_with_one_name_are_refused_naming_both(tmp_path: Path, tiny_on
     assert sorted(load_models([tiny_onnx, f"second={other}"], threads=1)) == ["second", "tiny"]
 
 
+def test_a_file_given_twice_is_said_so(export_folder: Path) -> None:
+    with pytest.raises(ServeError, match=r"model.onnx is given twice \(as 'tiny'\); name each file once"):
+        load_models([export_folder, export_folder / "model.onnx"], threads=1)
+
+
 def test_name_with_several_sources_is_refused(tmp_path: Path, tiny_onnx: Path) -> None:
     with pytest.raises(ServeError, match="--name applies to a single model file; for several, give each as NAME=PATH"):
         load_models([tiny_onnx, f"b={tiny_onnx}"], name="x", threads=1)
