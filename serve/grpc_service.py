@@ -361,13 +361,15 @@ class GrpcService:
     async def model_config(self, request: pb.ModelConfigRequest) -> pb.ModelConfigResponse:
         m = self._model(request.name, request.version)
         # The document HTTP's /config answers, read into Triton's ModelConfig message.
-        config = json_format.ParseDict(self._configs[m.name], model_config_pb2.ModelConfig(),
+        config = json_format.ParseDict(self._configs[request.name], model_config_pb2.ModelConfig(),
                                        ignore_unknown_fields=True)
         config.name = m.name
         return pb.ModelConfigResponse(config=config)
 
     async def model_statistics(self, request: pb.ModelStatisticsRequest) -> pb.ModelStatisticsResponse:
-        names = [self._model(request.name, request.version).name] if request.name else list(self.app.models)
+        if request.name:
+            self._model(request.name, request.version)   # the 404 for an unknown name or version
+        names = [request.name] if request.name else list(self.app.models)
         stats = []
         for name in names:
             m = self.app.models[name]
