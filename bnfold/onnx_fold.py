@@ -31,8 +31,9 @@ from onnx import helper, numpy_helper
 from bnfold.errors import BnfoldError, FoldSkipped
 from bnfold.math import bn_scale_shift, fold_bn_after
 from bnfold.fold_report import FoldReport
+from bnfold.patterns import merge_table
 
-__all__ = ["fold_onnx", "load_onnx", "count_onnx_batchnorm", "ONNX_FOLDERS", "OnnxFoldFn"]
+__all__ = ["fold_onnx", "load_onnx", "count_onnx_batchnorm", "ONNX_FOLDERS", "OnnxFoldFn", "OnnxGraph", "AffineNode"]
 
 
 class _NotConstant(Exception):
@@ -109,7 +110,7 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     return ranks
 
 
-def _constant(g: "_Graph", node: onnx.NodeProto) -> np.ndarray:
+def _constant(g: "OnnxGraph", node: onnx.NodeProto) -> np.ndarray:
     for a in node.attribute:
         value = helper.get_attribute_value(a)
         if a.name == "value":
@@ -121,27 +122,27 @@ def _constant(g: "_Graph", node: onnx.NodeProto) -> np.ndarray:
     raise _NotConstant(f"Constant {node.name!r} has an unsupported value attribute")
 
 
-def _shape(g: "_Graph", node: onnx.NodeProto) -> np.ndarray:
+def _shape(g: "OnnxGraph", node: onnx.NodeProto) -> np.ndarray:
     dims = np.asarray(g._value(node.input[0]).shape, dtype=np.int64)
     start, end = int(_attr(node, "start", 0)), _attr(node, "end", None)
     return dims[start:None if end is None else int(end)]
 
 
-def _reshape(g: "_Graph", node: onnx.NodeProto) -> np.ndarray:
+def _reshape(g: "OnnxGraph", node: onnx.NodeProto) -> np.ndarray:
     data, shape = g._value(node.input[0]), [int(d) for d in g._value(node.input[1])]
     if not int(_attr(node, "allowzero", 0)):  # 0 means "copy this dimension from the input"
         shape = [data.shape[i] if d == 0 else d for i, d in enumerate(shape)]
     return data.reshape(shape)
 
 
-def _axes(g: "_Graph", node: onnx.NodeProto) -> list[int] | None:
+def _axes(g: "OnnxGraph", node: onnx.NodeProto) -> list[int] | None:
     if len(node.input) > 1 and node.input[1]:
         return [int(a) for a in g._value(node.input[1])]
     axes = _attr(node, "axes", None)
     return None if axes is None else [int(a) for a in axes]
 
 
-def _unsqueeze(g: "_Graph", node: onnx.NodeProto) -> np.ndarray:
+def _unsqueeze(g: "OnnxGraph", node: onnx.NodeProto) -> np.ndarray:
     data, axes = g._value(node.input[0]), _axes(g, node) or []
     rank = data.ndim + len(axes)
     for axis in sorted(a % rank for a in axes):
@@ -149,12 +150,12 @@ def _unsqueeze(g: "_Graph", node: onnx.NodeProto) -> np.ndarray:
     return data
 
 
-def _squeeze(g: "_Graph", node: onnx.NodeProto) -> np.ndarray:
+def _squeeze(g: "OnnxGraph", node: onnx.NodeProto) -> np.ndarray:
     data, axes = g._value(node.input[0]), _axes(g, node)
     return np.squeeze(data) if axes is None else np.squeeze(data, axis=tuple(a % data.ndim for a in axes))
 
 
-def _elementwise(fn: Callable[..., np.ndarray]) -> Callable[["_Graph", onnx.NodeProto], np.ndarray]:
+def _elementwise(fn: Callable[..., np.ndarray]) -> Callable[["OnnxGraph", onnx.NodeProto], np.ndarray]:
     # numpy in the tensors' own dtype, as onnxruntime computes them: a frozen BN's scale is then
     # the same float32 value the unfolded graph multiplies by.
     return lambda g, n: np.asarray(fn(*(g._value(name) for name in n.input)))
@@ -179,8 +180,13 @@ _CONST_OPS = {
 }
 
 
-class _Graph:
-    """Lookup tables over one graph: producers, consumers and constant values."""
+class OnnxGraph:
+    """What a fold function sees of the graph: producers, consumers and constant values.
+
+    Public for `fold_onnx(folders=...)`: `const(name, what)` reads a constant weight (or raises
+    `FoldSkipped`), `only_consumer(name, node)` guards a rewrite, `add_initializer(base, value)`
+    adds a new weight under a fresh name; `model`, `graph`, `producer`, `consumers` and `ranks`
+    (the rank of each tensor, where known) are the lookup tables."""
 
     def __init__(self, model: onnx.ModelProto, ranks: dict[str, int] | None = None) -> None:
         self.model = model
@@ -268,10 +274,11 @@ def _t(a: np.ndarray) -> torch.Tensor:
 
 
 @dataclass
-class _Norm:
+class AffineNode:
     """One per-channel affine node (or pair) to fold away: a BatchNormalization, or a Mul by a
     constant optionally followed by an Add of a constant. `scale`/`shift` are the Mul's and Add's
-    constants as written; a BatchNormalization has its statistics instead."""
+    constants as written; a BatchNormalization has its statistics instead. Public for fold
+    functions: `per_channel(rank, axis, channels, layer)` gives (mean, var, gamma, beta), eps."""
 
     name: str  # for the report
     input: str  # the tensor it reads
@@ -311,8 +318,8 @@ def _channel_vector(value: np.ndarray, rank: int, axis: int, channels: int, what
     return _t(np.broadcast_to(value.reshape(-1), (channels,)) if value.size == 1 else value.reshape(-1))
 
 
-def _batchnorm(g: _Graph, bn: onnx.NodeProto) -> _Norm:
-    norm = _Norm(bn.name or bn.output[0], bn.input[0], bn.output[0], [bn], "BatchNormalization")
+def _batchnorm(g: OnnxGraph, bn: onnx.NodeProto) -> AffineNode:
+    norm = AffineNode(bn.name or bn.output[0], bn.input[0], bn.output[0], [bn], "BatchNormalization")
     if int(_attr(bn, "training_mode", 0)):
         raise FoldSkipped("training_mode=1: it normalizes with batch statistics")
     if not int(_attr(bn, "spatial", 1)):
@@ -331,7 +338,7 @@ def _batchnorm(g: _Graph, bn: onnx.NodeProto) -> _Norm:
 _AFFINE_PRODUCERS = ("Conv", "ConvTranspose", "Gemm")
 
 
-def _affine(g: _Graph, mul: onnx.NodeProto) -> _Norm | None:
+def _affine(g: OnnxGraph, mul: onnx.NodeProto) -> AffineNode | None:
     """A `Mul(x, constant)` (then `Add(., constant)` when that Add is its only reader) whose `x` comes
     from Conv / ConvTranspose / Gemm: a frozen BatchNorm's export. None when it is not one."""
     if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or len(mul.input) != 2:
@@ -344,7 +351,7 @@ def _affine(g: _Graph, mul: onnx.NodeProto) -> _Norm | None:
             scale = g.const(c, "Mul operand")
         except FoldSkipped:
             continue
-        norm = _Norm(mul.name or mul.output[0], x, mul.output[0], [mul], "the Mul/Add affine map", scale=scale)
+        norm = AffineNode(mul.name or mul.output[0], x, mul.output[0], [mul], "the Mul/Add affine map", scale=scale)
         users = g.consumers.get(mul.output[0], [])
         if len(users) == 1 and users[0].op_type == "Add" and mul.output[0] not in g.outputs | g.sub_reads:
             add = users[0]
@@ -360,7 +367,7 @@ def _affine(g: _Graph, mul: onnx.NodeProto) -> _Norm | None:
     return None
 
 
-def _set_weight_and_bias(g: _Graph, layer: onnx.NodeProto, w: np.ndarray, new_w: torch.Tensor,
+def _set_weight_and_bias(g: OnnxGraph, layer: onnx.NodeProto, w: np.ndarray, new_w: torch.Tensor,
                          b: np.ndarray | None, new_b: torch.Tensor) -> None:
     """Point `layer`'s inputs 1 and 2 at new initializers holding the folded weight and bias, in
     the dtypes of the originals (the weight's for a bias the layer did not have)."""
@@ -371,13 +378,13 @@ def _set_weight_and_bias(g: _Graph, layer: onnx.NodeProto, w: np.ndarray, new_w:
     layer.input.extend(inputs)
 
 
-def _write_to(layer: onnx.NodeProto, norm: _Norm) -> tuple[str, list[onnx.NodeProto]]:
+def _write_to(layer: onnx.NodeProto, norm: AffineNode) -> tuple[str, list[onnx.NodeProto]]:
     name = layer.name or layer.output[0]
     layer.output[0] = norm.output  # the layer now writes the normalized tensor directly
     return name, []
 
 
-def _fold_conv(g: _Graph, layer: onnx.NodeProto, norm: _Norm) -> tuple[str, list[onnx.NodeProto]]:
+def _fold_conv(g: OnnxGraph, layer: onnx.NodeProto, norm: AffineNode) -> tuple[str, list[onnx.NodeProto]]:
     transposed = layer.op_type == "ConvTranspose"
     w = g.const(layer.input[1], f"{layer.op_type} weight")
     b = g.const(layer.input[2], f"{layer.op_type} bias") if len(layer.input) > 2 and layer.input[2] else None
@@ -390,7 +397,7 @@ def _fold_conv(g: _Graph, layer: onnx.NodeProto, norm: _Norm) -> tuple[str, list
     return _write_to(layer, norm)
 
 
-def _fold_gemm(g: _Graph, layer: onnx.NodeProto, norm: _Norm) -> tuple[str, list[onnx.NodeProto]]:
+def _fold_gemm(g: OnnxGraph, layer: onnx.NodeProto, norm: AffineNode) -> tuple[str, list[onnx.NodeProto]]:
     w = g.const(layer.input[1], "Gemm B")
     c = g.const(layer.input[2], "Gemm C") if len(layer.input) > 2 and layer.input[2] else None
     beta = float(_attr(layer, "beta", 1.0))
@@ -419,8 +426,8 @@ def _fold_gemm(g: _Graph, layer: onnx.NodeProto, norm: _Norm) -> tuple[str, list
     return _write_to(layer, norm)
 
 
-def _fold_matmul_into(g: _Graph, matmul: onnx.NodeProto, add: onnx.NodeProto | None,
-                      norm: _Norm) -> onnx.NodeProto | None:
+def _fold_matmul_into(g: OnnxGraph, matmul: onnx.NodeProto, add: onnx.NodeProto | None,
+                      norm: AffineNode) -> onnx.NodeProto | None:
     """Fold into `matmul` (and its bias `add`); returns a new Add node to insert in place of the BN
     when the MatMul had none."""
     rank = g.ranks.get(matmul.input[0])
@@ -451,12 +458,12 @@ def _fold_matmul_into(g: _Graph, matmul: onnx.NodeProto, add: onnx.NodeProto | N
                             name=f"{norm.nodes[0].name or matmul.name}_bias")
 
 
-def _fold_matmul(g: _Graph, matmul: onnx.NodeProto, norm: _Norm) -> tuple[str, list[onnx.NodeProto]]:
+def _fold_matmul(g: OnnxGraph, matmul: onnx.NodeProto, norm: AffineNode) -> tuple[str, list[onnx.NodeProto]]:
     # The BN becomes an Add of its shift; the MatMul's output keeps its name.
     return matmul.name or matmul.output[0], [_fold_matmul_into(g, matmul, None, norm)]
 
 
-def _fold_matmul_add(g: _Graph, add: onnx.NodeProto, norm: _Norm) -> tuple[str, list[onnx.NodeProto]]:
+def _fold_matmul_add(g: OnnxGraph, add: onnx.NodeProto, norm: AffineNode) -> tuple[str, list[onnx.NodeProto]]:
     matmul = next((node for name in add.input if (node := g.producer.get(name)) is not None
                    and node.op_type == "MatMul"), None)
     if matmul is None:
@@ -470,7 +477,7 @@ def _fold_matmul_add(g: _Graph, add: onnx.NodeProto, norm: _Norm) -> tuple[str, 
 # A fold function: (graph, producer node, the affine node(s) it feeds) -> (the layer's name for
 # the report, nodes to insert where the affine node was); it rewires the producer to write the
 # affine node's output, or raises FoldSkipped with the reason.
-OnnxFoldFn = Callable[[_Graph, onnx.NodeProto, _Norm], tuple[str, list[onnx.NodeProto]]]
+OnnxFoldFn = Callable[[OnnxGraph, onnx.NodeProto, AffineNode], tuple[str, list[onnx.NodeProto]]]
 
 ONNX_FOLDERS: Mapping[str, OnnxFoldFn] = MappingProxyType({
     "Conv": _fold_conv,
@@ -481,21 +488,7 @@ ONNX_FOLDERS: Mapping[str, OnnxFoldFn] = MappingProxyType({
 })
 
 
-def _merge(folders: Mapping[str, OnnxFoldFn | None] | None) -> dict[str, OnnxFoldFn]:
-    table = dict(ONNX_FOLDERS)
-    for op, fn in (folders or {}).items():
-        if not isinstance(op, str):
-            raise BnfoldError(f"folders keys must be ONNX op types (str), got {op!r}")
-        if fn is None:
-            table.pop(op, None)
-        elif not callable(fn):
-            raise BnfoldError(f"folders[{op!r}] must be callable, got {fn!r}")
-        else:
-            table[op] = fn
-    return table
-
-
-def _fold_one(g: _Graph, norm: _Norm, table: Mapping[str, OnnxFoldFn]) -> tuple[str, list[onnx.NodeProto]]:
+def _fold_one(g: OnnxGraph, norm: AffineNode, table: Mapping[str, OnnxFoldFn]) -> tuple[str, list[onnx.NodeProto]]:
     """Fold `norm` into the node producing its input; `FoldSkipped` when it cannot."""
     producer = g.producer.get(norm.input)
     if producer is None:
@@ -548,9 +541,9 @@ def fold_onnx(model_or_path: onnx.ModelProto | str | os.PathLike, *,
     (a value of None removes one). BatchNormalization nodes in subgraphs (If/Loop bodies) are left
     alone and noted.
     """
-    table = _merge(folders)
+    table = merge_table(ONNX_FOLDERS, folders, keys="ONNX op types (str)", key_ok=lambda key: isinstance(key, str))
     model = load_onnx(model_or_path)
-    g = _Graph(model)
+    g = OnnxGraph(model)
     report = FoldReport()
     originally_used = _used_names(model)
     position = 0
@@ -574,7 +567,7 @@ def fold_onnx(model_or_path: onnx.ModelProto | str | os.PathLike, *,
             g.graph.node.insert(position + offset, new)
         position += len(new_nodes)
         report.folded.append((layer_name, norm.name))
-        g = _Graph(model, g.ranks)  # the tables changed; rebuilding is cheap next to the weights
+        g = OnnxGraph(model, g.ranks)  # the tables changed; rebuilding is cheap next to the weights
     _clean(model, originally_used)
     if any(n.op_type in ("If", "Loop", "Scan") for n in model.graph.node):
         report.notes.append("subgraphs (If/Loop/Scan bodies) were not searched for BatchNormalization")

@@ -31,7 +31,7 @@ from bnfold.errors import BnfoldError, FoldSkipped
 from bnfold.math import fold_bn_after, fold_bn_before
 
 __all__ = ["DEFAULT_FOLDERS", "PASSTHROUGH", "FoldFn", "FoldSkipped", "fold_bn_after_layer", "fold_bn_before_layer",
-           "merge_folders", "is_batchnorm", "check_running_stats", "layer_kind", "find_fold_fn", "check_hooks"]
+           "merge_folders", "merge_table", "is_batchnorm", "check_running_stats", "layer_kind", "find_fold_fn", "check_hooks"]
 
 # A fold function: (layer, BNStats) or (BNStats, layer) in data-flow order -> the folded layer.
 FoldFn = Callable[[Any, Any], nn.Module]
@@ -244,12 +244,14 @@ def _table() -> dict[tuple[type, type], FoldFn]:
 DEFAULT_FOLDERS: Mapping[tuple[type, type], FoldFn] = MappingProxyType(_table())
 
 
-def merge_folders(folders: Mapping[tuple[type, type], FoldFn | None] | None) -> dict[tuple[type, type], FoldFn]:
-    """The default table updated with `folders`; a value of None removes that pattern."""
-    table = dict(DEFAULT_FOLDERS)
-    for key, fn in (folders or {}).items():
-        if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(t, type) for t in key)):
-            raise BnfoldError(f"folders keys must be (type, type) pairs in data-flow order, got {key!r}")
+def merge_table(default: Mapping[Any, Callable[..., Any]], overrides: Mapping[Any, Any] | None, *,
+                key_ok: Callable[[Any], bool], keys: str) -> dict[Any, Any]:
+    """`default` updated with `overrides` (a value of None removes that entry): the one way both
+    pattern tables, the module side's and the ONNX side's, are extended by an argument."""
+    table = dict(default)
+    for key, fn in (overrides or {}).items():
+        if not key_ok(key):
+            raise BnfoldError(f"folders keys must be {keys}, got {key!r}")
         if fn is None:
             table.pop(key, None)
         elif not callable(fn):
@@ -257,3 +259,10 @@ def merge_folders(folders: Mapping[tuple[type, type], FoldFn | None] | None) -> 
         else:
             table[key] = fn
     return table
+
+
+def merge_folders(folders: Mapping[tuple[type, type], FoldFn | None] | None) -> dict[tuple[type, type], FoldFn]:
+    """The default table updated with `folders`; a value of None removes that pattern."""
+    return merge_table(DEFAULT_FOLDERS, folders, keys="(type, type) pairs in data-flow order",
+                       key_ok=lambda key: isinstance(key, tuple) and len(key) == 2
+                       and all(isinstance(t, type) for t in key))

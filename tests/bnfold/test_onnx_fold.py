@@ -309,3 +309,21 @@ def test_onnx_folders_table_can_remove_and_add(tmp_path: Path) -> None:
     assert calls == [("Conv", "bn")] and report.folded == [("conv", "bn")]
     with pytest.raises(BnfoldError, match="op types"):
         fold_onnx(original, folders={1: spy})
+
+
+def test_a_fold_function_is_written_against_public_types_only() -> None:
+    """`OnnxFoldFn` is spelled in public names (it was `_Graph`/`_Norm`): a fold function written
+    with them and their documented methods is one entry in `folders=`."""
+    import typing
+
+    from bnfold.onnx_fold import ONNX_FOLDERS, AffineNode, OnnxFoldFn, OnnxGraph
+
+    assert typing.get_args(OnnxFoldFn)[0] == [OnnxGraph, onnx.NodeProto, AffineNode]
+    seen = []
+
+    def fold_conv_again(g: OnnxGraph, layer: onnx.NodeProto, norm: AffineNode) -> tuple[str, list]:
+        seen.append((type(g), type(norm), g.const(layer.input[1], "the weight").shape))
+        return ONNX_FOLDERS["Conv"](g, layer, norm)
+
+    _, report = fold_onnx(_conv_graph(), folders={"Conv": fold_conv_again})
+    assert report.folded == [("conv", "bn")] and seen and seen[0][:2] == (OnnxGraph, AffineNode)
