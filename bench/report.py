@@ -236,7 +236,7 @@ def latency_figure(result: BenchResult) -> Any:
                 ax.text(v + w + right * 0.01, y, text, va="center", fontsize=8)
     ax.set_yticks(range(len(backends)), [backend_label(b) for b in backends])
     ax.invert_yaxis()
-    ax.set_xlim(0, right * 1.75)   # room on the right for the written figures
+    ax.set_xlim(0, right * 1.9)   # room on the right for the written figures
     ax.set_xlabel("latency at batch size 1, ms (bar: p50, whisker: p90; linear axis from 0)")
     env = result.environment
     ax.set_title(f"{_title(env)}: {env.get('cpu')}" + (f" / {env['gpu']}" if env.get("gpu") else "")
