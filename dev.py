@@ -2,7 +2,7 @@
 """Set bnfold up from nothing but Python, then run its main job or its tests.
 
     python3 dev.py demo     # train -> fold -> export -> verify -> bench on the bundled digits
-    python3 dev.py test     # the whole test suite (what CI runs)
+    python3 dev.py test     # the test suite on both cores (what CI runs); --extended adds the nightly cases
     python3 dev.py setup    # only create .venv and install bnfold with its test extras
 
 Extra arguments after the verb go to the command: `python3 dev.py test -k fold -x`.
@@ -46,6 +46,14 @@ def setup() -> None:
     STAMP.write_text(digest + "\n")
 
 
+def _workers(args: list[str]) -> list[str]:
+    """pytest-xdist on two workers, each test module whole on one of them (tests/conftest.py groups
+    them), unless the arguments choose for themselves (-n, --dist, -p no:xdist, --pdb)."""
+    chosen = any(arg in {"-n", "--numprocesses", "--pdb", "no:xdist", "-pno:xdist"}
+                 or arg.startswith(("-n", "--numprocesses=", "--dist")) for arg in args)
+    return [] if chosen else ["-n", "2", "--dist", "loadgroup"]
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in {"-h", "--help"} or argv[0] not in {"setup", "demo", "test"}:
         print(__doc__)
@@ -70,7 +78,7 @@ def main(argv: list[str]) -> int:
             # README figures were taken (--threads 0, every command's default, takes every CPU).
             command += ["--threads", "1"]
     else:
-        command = [str(PYTHON), "-m", "pytest", *rest]
+        command = [str(PYTHON), "-m", "pytest", *_workers(rest), *rest]
     return subprocess.run(command, cwd=ROOT).returncode
 
 

@@ -1,9 +1,26 @@
-"""Suite-wide settings: deterministic, two-core friendly, GPU tests skipped with a reason."""
+"""Suite-wide settings: deterministic, two-core friendly, GPU tests skipped with a reason.
+
+How the suite stays fast (issue 20):
+- `extended` tests (the deep architectures beyond the one each feature keeps by default, and the
+  longest cases) are deselected unless `--extended` is given: the nightly run takes them.
+- The ONNX writer runs the legacy (TorchScript-based) exporter in tests not marked `dynamo`:
+  about 1 s per export instead of the dynamo exporter's 10 s on two cores. Tests of the dynamo
+  exporter itself (its graph, opsets, progress lines) are marked `dynamo` and get it.
+- Artifacts several files need (a trained LeNet, its export in every format) are session
+  fixtures, built once per run and shared by pytest-xdist's workers (`shared_artifact`).
+- Under `-n 2 --dist loadgroup` (what `python3 dev.py test` runs) each test module goes to one
+  worker as a whole, so its module fixtures (a server, an export) are built once; modules that
+  must not overlap share an `xdist_group` name.
+"""
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shutil
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import onnx
 import pytest
@@ -18,13 +35,99 @@ from bnfold.bench.zoo import randomize_batchnorm
 torch.set_num_threads(1)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--extended", action="store_true", default=False,
+                     help="also run the tests marked extended (the remaining deep architectures and "
+                          "the longest cases): the nightly run; without it they are deselected")
+
+
+# Runs before pytest-xdist's own hook, which reads the xdist_group marks added here.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--extended"):
+        extended = [item for item in items if item.get_closest_marker("extended") is not None]
+        if extended:
+            config.hook.pytest_deselected(items=extended)
+            items[:] = [item for item in items if item.get_closest_marker("extended") is None]
+    # pytest-xdist's loadgroup hands out groups whole: a module without a group of its own is its
+    # own group, so that its module-scoped fixtures (a server, a training run) are built once.
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
     if torch.cuda.is_available():
         return
     reason = "needs a CUDA device: torch.cuda.is_available() is False on this machine"
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+# ---------------------------------------------------------------------------------------------
+# The ONNX exporter. bnfold's ONNX writer uses torch's dynamo exporter by default, about 10 s for
+# a LeNet on two cores against 1 s for the legacy (TorchScript-based) one. Where the dynamo
+# exporter is not what a test checks, the writer is handed the legacy one: the fold, the
+# verification, the metadata and the files around it are the same code either way. A test (and
+# the module fixtures it sets up) marked `dynamo` gets the real choice. The report's `exporter`
+# field still names the exporter that was asked for; no test outside `dynamo` reads it.
+_DYNAMO = {"allowed": False}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    _DYNAMO["allowed"] = item.get_closest_marker("dynamo") is not None
+    try:
+        return (yield)
+    finally:
+        _DYNAMO["allowed"] = False
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _legacy_onnx_exporter_unless_marked_dynamo() -> Iterator[None]:
+    from bnfold.export import onnx as onnx_writer
+
+    run_exporter = onnx_writer._run_exporter
+    legacy_low, legacy_high = onnx_writer.LEGACY_OPSETS
+
+    def exporter(*args, **kwargs):
+        # The flag's name has changed before (legacy -> legacy_onnx): fail loudly, never silently.
+        key = next((k for k in ("legacy_onnx", "legacy") if k in kwargs), None)
+        if key is None:
+            raise AssertionError(f"tests/conftest.py: _run_exporter took {sorted(kwargs)}; update the swap")
+        opset = kwargs.get("opset")
+        if not _DYNAMO["allowed"] and (opset is None or legacy_low <= opset <= legacy_high):
+            kwargs[key] = True
+        return run_exporter(*args, **kwargs)
+
+    onnx_writer._run_exporter = exporter
+    yield
+    onnx_writer._run_exporter = run_exporter
+
+
+# ---------------------------------------------------------------------------------------------
+# Artifacts built once per run. Under pytest-xdist every worker is its own process with its own
+# session fixtures; `shared_artifact` builds into a folder both workers see, under a file lock,
+# so the second worker reuses what the first built. Treat what it returns as read-only.
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    from filelock import FileLock
+
+    with FileLock(str(path)):
+        yield
+
+
+def shared_artifact(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]) -> Path:
+    """`build(folder) -> path inside folder`, run once per test run whichever worker asks first."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return build(tmp_path_factory.mktemp(name))
+    root = tmp_path_factory.getbasetemp().parent    # the run's folder, above each worker's own
+    folder, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with _lock(root / f"shared-{name}.lock"):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)   # a worker that failed half-way
+            folder.mkdir()
+            result = build(folder)
+            done.write_text(json.dumps(str(result.relative_to(folder))))
+        return folder / json.loads(done.read_text())
 
 
 def _randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -107,24 +210,46 @@ def free_port() -> int:
     return _free_port()
 
 
+# One LeNet-BN trained on the bundled digits for the whole run: 40 optimizer steps (one short epoch,
+# seed 0, one thread), a few seconds, enough to label 18 of 20 digits and to leave chance level far
+# behind for INT8's accuracy gate. The serve, evaluate, INT8, bench and loader tests all read it; it
+# used to be trained five times, once per file.
+LENET_TRAINING = dict(model="lenet", dataset="digits", epochs=1, steps_per_epoch=40, device="cpu", seed=0,
+                      progress=False, threads=1)
+# Every format `bnfold export` writes, from that checkpoint, in one export (as a user runs it).
+LENET_FORMATS = "onnx,torchscript,program,fp16,int8"
+LENET_FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "program": "model.pt2",
+               "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+
+
 @pytest.fixture(scope="session")
 def trained_lenet_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A LeNet-BN trained for 2 short epochs on the bundled digits: enough to label digits."""
+    """best.pt of `LENET_TRAINING` (metrics.jsonl beside it). Shared: read it, never write beside it."""
     from bnfold import models
 
-    out = tmp_path_factory.mktemp("lenet_run")
-    result = models.train(models.TrainConfig(model="lenet", dataset="digits", epochs=2, out=str(out),
-                                             device="cpu", seed=0, progress=False))
-    return Path(result.best)
+    def build(folder: Path) -> Path:
+        return Path(models.train(models.TrainConfig(out=str(folder / "run"), **LENET_TRAINING)).best)
+
+    return shared_artifact(tmp_path_factory, "trained-lenet", build)
 
 
 @pytest.fixture(scope="session")
-def lenet_onnx(trained_lenet_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The trained LeNet exported (BN folded) to model.onnx with the spec in its metadata."""
-    from bnfold import export
-    from bnfold import models
+def lenet_exports(trained_lenet_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder `bnfold export CHECKPOINT --format LENET_FORMATS` wrote (INT8 from 64 calibration
+    samples, through its accuracy gate). Shared, read-only: its files are named in LENET_FILES."""
+    from bnfold.cli import main
 
-    model, spec = models.load_checkpoint(trained_lenet_checkpoint)
-    path = tmp_path_factory.mktemp("lenet_export") / "model.onnx"
-    export.export_onnx(model, spec, path)
-    return path
+    def build(folder: Path) -> Path:
+        out = folder / "export"
+        code = main(["export", str(trained_lenet_checkpoint), "--format", LENET_FORMATS, "--out", str(out),
+                     "--calibration-samples", "64", "--no-progress"])
+        assert code == 0, "bnfold export of the session's trained LeNet failed"
+        return out
+
+    return shared_artifact(tmp_path_factory, "lenet-exports", build)
+
+
+@pytest.fixture(scope="session")
+def lenet_onnx(lenet_exports: Path) -> Path:
+    """The trained LeNet exported (BN folded) to model.onnx with the spec in its metadata."""
+    return lenet_exports / LENET_FILES["onnx"]

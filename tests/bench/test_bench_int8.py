@@ -5,17 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from bnfold import models
 from bnfold.bench.run import BenchConfig, run_bench
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # Trained a little: the INT8 export behind the ort-int8 row must pass its accuracy gate.
-    result = models.train(models.TrainConfig(model="lenet", dataset="digits", epochs=1, steps_per_epoch=40,
-                                             out=str(tmp_path_factory.mktemp("lenet")), device="cpu",
-                                             progress=False, threads=1))
-    return Path(result.best)
+def trained(trained_lenet_checkpoint: Path) -> Path:
+    # Trained a little (the run's shared LeNet): the INT8 export behind the ort-int8 row must pass
+    # its accuracy gate. No export beside it: bench writes the INT8 and FP16 files itself.
+    return trained_lenet_checkpoint
 
 
 def test_int8_and_fp16_rows_are_measured_with_their_ratios_to_fp32(trained: Path) -> None:

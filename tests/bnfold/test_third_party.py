@@ -54,7 +54,7 @@ def test_faster_rcnn_with_frozen_batchnorm(randomize_bn) -> None:
     compare(model.backbone, folded.backbone, torch.randn(1, 3, 64, 64)).check(1e-5, "folded Faster R-CNN backbone")
 
 
-@pytest.mark.parametrize("name", ["r3d_18", pytest.param("r2plus1d_18", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["r3d_18", pytest.param("r2plus1d_18", marks=pytest.mark.extended)])
 def test_video_resnets_whose_convs_subclass_conv3d(name: str, randomize_bn) -> None:
     torch.manual_seed(0)
     model = getattr(torchvision.models.video, name)(weights=None, num_classes=10)
@@ -72,7 +72,7 @@ def test_googlenet_training_only_aux_heads_are_reported_once(randomize_bn) -> No
     ("efficientnet_b0", 64),  # BatchNormAct2d everywhere
     ("mobilenetv3_small_050", 64),
     ("tf_efficientnet_b0", 64),  # Conv2dSame: TF "same" padding computed in forward
-    pytest.param("cspresnet50", 64, marks=pytest.mark.slow),
+    pytest.param("cspresnet50", 64, marks=pytest.mark.extended),   # one more deep timm net: nightly
     pytest.param("levit_128s", 224, marks=pytest.mark.slow),  # LinearNorm: BN1d on linear(x).flatten(0, 1)
 ])
 def test_timm_models(name: str, size: int, randomize_bn) -> None:

@@ -11,7 +11,7 @@ from bnfold import compare, count_batchnorm, fold
 @pytest.mark.parametrize("name", [
     "resnet18",
     "mobilenet_v2",
-    pytest.param("resnet50", marks=pytest.mark.slow),
+    pytest.param("resnet50", marks=pytest.mark.extended),   # resnet18 stands for it in every run
 ])
 def test_torchvision_folds_to_zero_batchnorm(name: str, randomize_bn) -> None:
     torch.manual_seed(0)

@@ -14,19 +14,15 @@ from bnfold.export.evaluate import evaluate_artifacts, load_eval_split, score
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("lenet_eval")
-    result = models.train(models.TrainConfig(model="lenet", dataset="digits", epochs=1, steps_per_epoch=40,
-                                             out=str(out), device="cpu", seed=0, progress=False, threads=1))
-    return Path(result.best)
+def trained(trained_lenet_checkpoint: Path) -> Path:
+    """The run's trained LeNet (tests/conftest.py: 40 steps on the digits), shared with other files."""
+    return trained_lenet_checkpoint
 
 
 @pytest.fixture(scope="module")
-def exported(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("lenet_eval_export") / "export"
-    assert main(["export", str(trained), "--format", "onnx,torchscript,program,fp16,int8", "--out", str(out),
-                 "--calibration-samples", "64", "--no-progress"]) == 0
-    return out
+def exported(lenet_exports: Path) -> Path:
+    """`bnfold export` of it in every format (onnx, torchscript, program, fp16, int8), shared."""
+    return lenet_exports
 
 
 def test_evaluate_agrees_with_the_training_logs_test_accuracy(trained: Path, capfd: pytest.CaptureFixture) -> None:

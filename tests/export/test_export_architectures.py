@@ -30,10 +30,14 @@ ARCHS = [
     pytest.param(("lenet", {}), id="lenet"),
     pytest.param(("resnet20", {}), id="resnet20"),
     pytest.param(("unet", {}), id="unet"),
-    pytest.param(("resnet18", {"small_input": True}), id="resnet18", marks=pytest.mark.slow),
-    pytest.param(("resnet50", {"small_input": True}), id="resnet50", marks=pytest.mark.slow),
+    # resnet20 stands for the deep ones in every run; these two are the nightly run's (--extended).
+    pytest.param(("resnet18", {"small_input": True}), id="resnet18", marks=pytest.mark.extended),
+    pytest.param(("resnet50", {"small_input": True}), id="resnet50", marks=pytest.mark.extended),
 ]
 PARITY_SAMPLES = 6
+# Here the dynamo exporter is under test: every architecture through the exporter users get by
+# default (elsewhere the suite swaps in the legacy one, tests/conftest.py).
+pytestmark = pytest.mark.dynamo
 
 
 @dataclass

@@ -111,7 +111,7 @@ def test_opset_outside_the_supported_range_says_the_range(lenet, untrained_lenet
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.parametrize("legacy", [False, True], ids=["dynamo", "legacy"])
+@pytest.mark.parametrize("legacy", [pytest.param(False, marks=pytest.mark.dynamo), True], ids=["dynamo", "legacy"])
 def test_an_operator_the_exporter_cannot_handle_is_named(lenet, tmp_path, legacy) -> None:
     _, spec = lenet
     model = WithOpaqueOp().eval()

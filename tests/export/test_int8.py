@@ -40,7 +40,8 @@ TRAIN: dict[str, dict] = {
     "resnet34": dict(steps_per_epoch=25, input_size=8),
     "resnet50": dict(steps_per_epoch=25, input_size=8, batch_size=32, lr=1e-3, bn_momentum=0.5),
 }
-# Deep ones take 20 s to 2.5 min each to train, export and gate here; the suite still runs them.
+# Deep ones take 20 s to 2.5 min each to train, export and gate here: resnet20 stands for them in
+# every run, the others are `extended` (the nightly run, `pytest --extended`).
 FAST = {"lenet", "unet", "resnet20"}
 
 
@@ -52,17 +53,21 @@ def _train(arch: str, out: Path, **overrides: Any) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained_lenet(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _train("lenet", tmp_path_factory.mktemp("lenet_int8"))
+def trained_lenet(trained_lenet_checkpoint: Path) -> Path:
+    # The run's shared LeNet (tests/conftest.py) is trained as TRAIN["lenet"] says: 40 steps, seed 0.
+    return trained_lenet_checkpoint
 
 
 def _arch_params() -> list:
-    return [a if a in FAST else pytest.param(a, marks=pytest.mark.slow) for a in models.list_models()]
+    return [a if a in FAST else pytest.param(a, marks=pytest.mark.extended) for a in models.list_models()]
 
 
 @pytest.mark.parametrize("arch", _arch_params())
-def test_every_registry_architecture_quantizes_and_passes_the_gate_on_digits(arch: str, tmp_path: Path) -> None:
-    model, spec = models.load_checkpoint(_train(arch, tmp_path / "run"))
+def test_every_registry_architecture_quantizes_and_passes_the_gate_on_digits(arch: str, tmp_path: Path,
+                                                                             request: pytest.FixtureRequest) -> None:
+    checkpoint = (request.getfixturevalue("trained_lenet") if arch == "lenet"
+                  else _train(arch, tmp_path / "run"))
+    model, spec = models.load_checkpoint(checkpoint)
     path = tmp_path / "out" / "model.int8.onnx"
     report = export_int8(model, spec, path, config=Int8Config(calibration_samples=64))
     record = report.details["int8"]
