@@ -84,7 +84,7 @@ class PlainProgress:
         self.postfix = {**(ordered_dict or {}), **kwargs}
 
     def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
-        self.postfix = {"at": text} if text else {}
+        pass   # the item in hand (the zoo's model name): nothing to say once the step is over
 
     def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
         pass   # the closing line names the whole step (`desc` as given), not its last item
