@@ -50,7 +50,7 @@ from bnfold.models.spec import ModelSpec
 from bnfold.models.metrics import task_metric
 from bnfold.versions import cpu_name
 
-from bnfold.export._common import first_line, output_name, quiet, staged_file
+from bnfold.export._common import first_line, quiet, staged_file
 from bnfold.export.config import ACTIVATION_TYPES, CALIBRATIONS, Int8Config
 from bnfold.export.errors import ExportError
 from bnfold.export.evaluate import (EvalSplit, load_eval_split, onnx_session, score,
@@ -198,15 +198,16 @@ def check_calibration_data(spec: ModelSpec, data: np.ndarray | torch.Tensor) -> 
 class _Reader:
     """onnxruntime's CalibrationDataReader protocol over an in-memory array, in small batches."""
 
-    def __init__(self, inputs: np.ndarray, batch: int = CALIBRATION_BATCH) -> None:
+    def __init__(self, inputs: np.ndarray, batch: int = CALIBRATION_BATCH, name: str = INPUT_NAME) -> None:
         self._batches = [inputs[i:i + batch] for i in range(0, len(inputs), batch)]
         self._next = 0
+        self._name = name
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._next >= len(self._batches):
             return None
         self._next += 1
-        return {INPUT_NAME: self._batches[self._next - 1]}
+        return {self._name: self._batches[self._next - 1]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +240,13 @@ def _float_layers(model: onnx.ModelProto) -> tuple[list[str], int]:
     return left, done
 
 
+def _input_name(path: str | os.PathLike) -> str:
+    """The one fed input of an ONNX file (bnfold's are called "input"; a file from elsewhere names its own)."""
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    inits = {t.name for t in model.graph.initializer}
+    return next(i.name for i in model.graph.input if i.name not in inits)
+
+
 def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calibration: np.ndarray, *,
                   method: str = "minmax", per_channel: bool = True, reduce_range: bool = False,
                   activation_type: str = "uint8", verbose: bool = False) -> Quantized:
@@ -268,7 +276,8 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
                 print(f"quant_pre_process skipped: {first_line(exc)}")
         try:
             quantize_static(
-                os.fspath(pre), os.fspath(out_path), _Reader(calibration), quant_format=QuantFormat.QDQ,
+                os.fspath(pre), os.fspath(out_path), _Reader(calibration, name=_input_name(fp32_path)),
+                quant_format=QuantFormat.QDQ,
                 per_channel=per_channel, reduce_range=reduce_range,
                 activation_type=QuantType.QUInt8 if activation_type == "uint8" else QuantType.QInt8,
                 weight_type=QuantType.QInt8, calibrate_method=methods[method], extra_options=extra)
@@ -594,8 +603,8 @@ def export_int8(model: nn.Module | None, spec: ModelSpec, path: str | os.PathLik
                           dtype="int8", dynamic_batch=True, folded=fold, parity=gate.parity,
                           # Not a tolerance on the outputs: INT8 is held to its gate instead.
                           tolerance=None, parity_inputs=f"{against}, against the FP32 ONNX file", size_bytes=size,
-                          seconds=time.perf_counter() - start, input_name=INPUT_NAME,
-                          output_name=output_name(spec), opset=model_opset(proto), fold_report=fold_report,
+                          seconds=time.perf_counter() - start, input_name=_input_name(path),
+                          output_name=proto.graph.output[0].name, opset=model_opset(proto), fold_report=fold_report,
                           notes=notes, details={"int8": quantization})
 
 

@@ -29,13 +29,15 @@ def export_onnx_file(loaded: LoadedModel, config: ExportConfig, formats: list[st
     """Fold, stamp and verify the ONNX file `loaded.onnx_path` into `config.out` (model.onnx + export.json)."""
     from bnfold.fold_files import fold_onnx_file
 
-    if formats != ["onnx"]:
-        others = ", ".join(f for f in formats if f != "onnx")
-        raise ExportError(f"{loaded.source} is an ONNX file: it exports to onnx only (folded, with a spec); "
-                          f"{others} need(s) a PyTorch model: pass --format onnx")
+    if not set(formats) <= {"onnx", "int8"}:
+        others = ", ".join(f for f in formats if f not in ("onnx", "int8"))
+        raise ExportError(f"{loaded.source} is an ONNX file: it exports to onnx (folded, with a spec) and int8 "
+                          f"only; {others} need(s) a PyTorch model: pass --format onnx or onnx,int8")
     if config.fp16 or config.legacy_onnx or config.opset is not None or not config.fold:
         raise ExportError("--fp16, --legacy-onnx, --opset and --no-fold apply to exporting a PyTorch model; "
                           f"{loaded.source} is already ONNX")
+    if config.triton_repo is not None and "onnx" not in formats:
+        raise ExportError("a Triton repository needs the onnx format: add onnx to the formats")
     start = time.perf_counter()
     spec = loaded.spec_with(config.spec_options)
     shape = loaded.require_shape()
@@ -70,15 +72,44 @@ def export_onnx_file(loaded: LoadedModel, config: ExportConfig, formats: list[st
             input_name=graph_input.name, output_name=proto.graph.output[0].name, opset=model_opset(proto),
             fold_report=outcome.report,
             notes=[f"BatchNormalization nodes: {outcome.batchnorm_before} before, 0 after"])
-        staged.write_triton(target, spec, device=config.triton_device, dynamic_batch=artifact.dynamic_batch)
-        summary = ExportSummary(out_dir=out_dir, checkpoint=Path(loaded.source), artifacts=[artifact],
+        artifacts = [artifact] if "onnx" in formats else []
+        refused: list[tuple[str, Exception]] = []
+        if "int8" in formats:
+            # The folded, verified FP32 file is what INT8 quantizes; the gate keeps what passed.
+            from bnfold.export.int8 import INT8_FILE, Int8GateError, export_int8
+
+            if not artifact.dynamic_batch:
+                raise ExportError(f"{loaded.source} has a fixed batch axis; INT8 is calibrated and gated on "
+                                  "batches: export it with a dynamic batch axis, or pass --format onnx")
+            try:
+                artifacts.append(export_int8(None, spec, staged.folder / INT8_FILE, config=config.int8,
+                                             data_root=config.data_root, fp32_onnx=target,
+                                             verbose=config.verbose))
+            except Int8GateError as exc:
+                if not artifacts:
+                    raise
+                refused.append((INT8_FILE, exc))
+            if "onnx" not in formats:
+                target.unlink()
+        for a in artifacts:
+            a.path = out_dir / a.path.name
+        if "onnx" in formats:
+            staged.write_triton(target, spec, device=config.triton_device, dynamic_batch=artifact.dynamic_batch)
+        summary = ExportSummary(out_dir=out_dir, checkpoint=Path(loaded.source), artifacts=artifacts,
                                 fold_report=outcome.report, parity_inputs=artifact.parity_inputs,
                                 export_json=out_dir / "export.json", triton_model_dir=triton_target,
                                 source=loaded.description)
         data = summary.to_dict()
         data.update({"format": "bnfold-export", "format_version": 1, "source": loaded.description,
-                     "spec": spec.to_dict(), "options": {"formats": formats}})
+                     "spec": spec.to_dict(), "options": {"formats": formats},
+                     "refused": [{"file": name, "reason": str(exc)} for name, exc in refused]})
         (staged.folder / "export.json").write_text(json.dumps(data, indent=2) + "\n")
+    if refused:
+        from bnfold.export.artifacts import PartialExportError
+
+        written = ", ".join([a.path.name for a in artifacts] + ["export.json"])
+        raise PartialExportError(f"wrote {out_dir} ({written}) but refused {refused[0][0]}: {refused[0][1]}",
+                                 summary, refused)  # type: ignore[arg-type]
     return summary
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +183,32 @@ def test_unusable_data_options_get_one_line(own_model: Path, monkeypatch: pytest
         assert code == 2 and expected in err and "Traceback" not in err, (args, err)
         assert len(err.strip().splitlines()) == 1, err
         assert not (own_model / args[3]).exists()
+
+
+def test_an_onnx_file_from_elsewhere_is_quantized_too(own_model: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """The torch.onnx file of the same class, its input named "x" and its BatchNorms left in: folded,
+    stamped, then quantized and gated on the user's labelled folder."""
+    monkeypatch.chdir(own_model)
+    sys.path.insert(0, str(own_model))
+    try:
+        import net
+    finally:
+        sys.path.remove(str(own_model))
+        sys.modules.pop("net", None)
+    model = net.SmallNet()
+    model.load_state_dict(torch.load(own_model / "net_sd.pt"))
+    with warnings.catch_warnings():  # the legacy exporter's deprecation notice
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), torch.zeros(1, 1, SIZE, SIZE), str(own_model / "theirs.onnx"),
+                          input_names=["x"], dynamic_axes={"x": {0: "batch"}}, dynamo=False,
+                          do_constant_folding=False, training=torch.onnx.TrainingMode.PRESERVE)
+    assert count_ops(onnx.load(str(own_model / "theirs.onnx")), "BatchNormalization") == 2
+    code = main(["export", "theirs.onnx", "--format", "onnx,int8", "--out", "from_onnx", "--no-progress",
+                 "--calibration-data", "calib", "--eval-data", "eval", "--force"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    record = json.loads((own_model / "from_onnx" / "export.json").read_text())
+    int8 = next(a for a in record["artifacts"] if a["format"] == "int8")
+    assert int8["input_name"] == "x" and int8["int8"]["accuracy"]["passed"]
+    assert int8["int8"]["accuracy"]["eval_samples"] == 100
