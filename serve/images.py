@@ -252,12 +252,13 @@ class ImageNote:
 
 
 def _mode_change(mode: str, target: str) -> str | None:
+    """The colour conversion `mode` -> `target` in words, or None when there is none."""
     if mode == target:
         return None
     words = f"{_MODE_WORDS.get(mode, mode)} to {_MODE_WORDS.get(target, target)}"
-    if mode.startswith("I;16"):
-        words = f"16-bit grey scaled to 8 bits (0..65535 -> 0..255), then {words}" if target != "L" else \
-            "16-bit grey scaled to 8 bits (0..65535 -> 0..255)"
+    if mode.startswith("I;16"):   # decode_image scales to 8-bit grey first; then L -> target as usual
+        scaled = "16-bit grey scaled to 8 bits (0..65535 -> 0..255)"
+        words = scaled if target == "L" else f"{scaled}, then grey to {_MODE_WORDS.get(target, target)}"
     elif mode in ("RGBA", "LA", "PA"):
         words += " (alpha channel dropped: transparent pixels keep their colour values)"
     return f"{words} ({mode} -> {target})"
@@ -285,9 +286,8 @@ def describe_image(image: Image.Image, spec: ModelSpec) -> ImageNote:
 
 
 def _factor(fx: float, fy: float) -> str:
-    def one(f: float) -> str:
-        return f"{f:.3g}"
-    return one(fx) if abs(fx - fy) <= 0.01 * max(fx, fy) else f"{one(fx)} wide, x{one(fy)} high"
+    """A resize factor in words: one number when both axes agree within 1 %, else each axis."""
+    return f"{fx:.3g}" if abs(fx - fy) <= 0.01 * max(fx, fy) else f"{fx:.3g} wide, x{fy:.3g} high"
 
 
 def _warning(width: int, height: int, scale: float, spec: ModelSpec) -> str | None:
