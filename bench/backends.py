@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bnfold.errors import first_line
+from bnfold.sessions import session_options
 from bnfold.bench.timing import FAILED, SKIPPED, BenchRow, latency_stats
 
 if TYPE_CHECKING:
@@ -219,10 +220,7 @@ def _ort_cuda_session(ctx: BackendContext, cuda_graph: bool, batch_size: int) ->
     probe = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     input_meta = probe.get_inputs()[0]
     expected = probe.run(None, {input_meta.name: ctx.inputs[batch_size]})[0]
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = ctx.threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options = session_options(ctx.threads)
     if cuda_graph and isinstance(input_meta.shape[0], str):
         # A CUDA graph needs every node on the GPU; a symbolic batch leaves Shape/Reshape
         # arithmetic on the CPU. Pinning the batch dimension lets onnxruntime fold it away.

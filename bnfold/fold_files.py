@@ -20,6 +20,7 @@ from bnfold.errors import BnfoldError, first_line
 from bnfold.fx_fold import count_batchnorm, fold
 from bnfold.onnx_fold import count_onnx_batchnorm, fold_onnx, load_onnx
 from bnfold.parity import Parity, compare
+from bnfold.sessions import cpu_session
 from bnfold.fold_report import FoldReport
 
 __all__ = ["FoldOutcome", "load_module", "fold_and_save", "fold_onnx_file", "onnx_input_shape"]
@@ -149,7 +150,6 @@ def onnx_input_shape(model: onnx.ModelProto, input_shape: Sequence[int] | None =
 def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike, *, input_shape: Sequence[int] | None = None,
                    rtol: float = 1e-5, samples: int = 8, seed: int = 0) -> FoldOutcome:
     """Fold an ONNX file, compare both graphs in onnxruntime on random inputs, write `dst`."""
-    import onnxruntime as ort  # lazily: `bnfold fold` should not pay for it
 
     original = load_onnx(src)
     folded, report = fold_onnx(original)
@@ -163,13 +163,9 @@ def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike, *, input_shap
     shape = onnx_input_shape(original, input_shape)
     rng = np.random.default_rng(seed)
     inputs = [rng.standard_normal(shape).astype(_NP_TYPES[elem]) for _ in range(samples)]
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    # Compare the graphs as written, not as onnxruntime would rewrite them (it folds BN too).
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        sessions = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
-                    for m in (original, folded)]
+        # Compare the graphs as written, not as onnxruntime would rewrite them (it folds BN too).
+        sessions = [cpu_session(m.SerializeToString(), 1, optimize=False) for m in (original, folded)]
         parity = compare(sessions[0], sessions[1], inputs)
     except BnfoldError:
         raise

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import bnfold
+from bnfold import sessions
 from bnfold.errors import BnfoldError
 from bnfold.onnx_fold import load_onnx as _read_onnx
 from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec, SpecVersionError
@@ -171,13 +172,7 @@ def _remove_batchnorm(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelPro
 
 def cpu_session(path: str | os.PathLike, threads: int | None = None) -> Any:
     """A CPU onnxruntime session with `threads` intra-op threads (default: torch's thread count)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, threads or torch.get_num_threads())
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+    return sessions.cpu_session(path, threads or torch.get_num_threads())
 
 
 def export_onnx(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *, fold: bool = True,

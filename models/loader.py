@@ -308,13 +308,11 @@ def _from_onnx(path: Path) -> LoadedModel:
 
 def _onnx_output_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
     import numpy as np
-    import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
+    from bnfold.sessions import cpu_session
+
     try:
-        session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+        session = cpu_session(path, 1)
         x = np.zeros(shape, dtype=np.float32)
         return tuple(session.run(None, {session.get_inputs()[0].name: x})[0].shape)
     except Exception as exc:  # noqa: BLE001

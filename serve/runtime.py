@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bnfold.options import available_cpus  # the CPUs --threads 0 means, one definition
+from bnfold.sessions import session_options
 from bnfold.models.spec import MAX_BATCH_SIZE, SPEC_METADATA_KEY, ModelSpec, SpecVersionError
 from bnfold.serve.errors import DeviceUnavailableError, ServeError
 from bnfold.serve.scheduler import Scheduling
@@ -238,15 +239,8 @@ def _cuda_graph_runner(session: ort.InferenceSession, inputs: list[TensorMeta],
 
 
 def _session_options(threads: int) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Spinning workers burn the shared cores the HTTP loop needs; batch-1 work is too short to gain.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    return options
+    return session_options(threads, spin=False)
 
 
 def _load_cuda_libraries() -> None:
@@ -302,7 +296,7 @@ def _check_options(path: Path, device: str, threads: int | None, cuda_graph: boo
         raise ServeError(f"model file not found: {path}", status=500)
     threads = available_cpus() if not threads else threads   # None or 0: every CPU this process may use
     if threads < 1:
-        raise ServeError(f"threads must be at least 1, got {threads}", status=500)
+        raise ServeError(f"threads must be 0 (the CPUs this process may use) or more, got {threads}", status=500)
     return threads
 
 

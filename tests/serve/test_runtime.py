@@ -44,7 +44,7 @@ def test_cuda_absent_is_a_clear_error(tiny_onnx: Path) -> None:
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"device": "tpu"}, "device must be 'cpu' or 'cuda'"),
-    ({"threads": 0}, "threads must be at least 1"),
+    ({"threads": -1}, "threads must be 0 .the CPUs this process may use. or more"),
     ({"cuda_graph": True}, "needs --device cuda"),
 ])
 def test_bad_options_are_named(tiny_onnx: Path, kwargs: dict, message: str) -> None:
