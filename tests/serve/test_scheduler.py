@@ -294,3 +294,39 @@ def test_two_instances_serve_concurrent_requests_correctly(tiny_onnx: Path, runt
     assert config["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
     assert "dynamic_batching" not in config
     assert _metric(metrics, "bnfold_batch_size_count") == len(xs)   # one run per request without batching
+
+
+def test_grpc_and_http_requests_share_batches_and_answer_bit_identical(tiny_onnx: Path, runtime: ModelRuntime,
+                                                                       tmp_path: Path) -> None:
+    """The batcher sits below both protocols: ModelInfer calls and /infer posts are stacked together."""
+    triton_grpc = pytest.importorskip("tritonclient.grpc")
+    log = tmp_path / "serve.log"
+    xs = _requests(96, seed=6)
+    with running_server(tiny_onnx, threads=1, name="tiny", log_path=log,
+                        extra_args=["--dynamic-batching", "3000", "--max-batch-size", "64", "--grpc-port", "0"]) as url:
+        found = re.search(r"gRPC \(inference\.GRPCInferenceService\) on 127\.0\.0\.1:(\d+)", log.read_text())
+        assert found, log.read_text()[-2000:]
+
+        def over_grpc(part: list[np.ndarray]) -> list[np.ndarray]:
+            with triton_grpc.InferenceServerClient(f"127.0.0.1:{found.group(1)}") as client:
+                answers = []
+                for x in part:
+                    tensor = triton_grpc.InferInput("input", list(x.shape), "FP32")
+                    tensor.set_data_from_numpy(x)
+                    answers.append(client.infer("tiny", [tensor]).as_numpy("logits"))
+                return answers
+
+        def over_http(part: list[np.ndarray]) -> list[np.ndarray]:
+            with httpx.Client(base_url=url, timeout=30) as client:
+                return [_infer(client, x) for x in part]
+        parts = [xs[i::12] for i in range(12)]
+        with ThreadPoolExecutor(12) as pool:
+            futures = [pool.submit(over_grpc if i % 2 else over_http, part) for i, part in enumerate(parts)]
+            answers = [a for future in futures for a in future.result()]
+        with httpx.Client(base_url=url) as client:
+            metrics = client.get("/metrics").text
+    for x, answer in zip([x for part in parts for x in part], answers):
+        assert np.array_equal(answer, runtime.run_all(x)[0])
+    assert _metric(metrics, "bnfold_batch_size_sum") == sum(len(x) for x in xs)
+    assert _metric(metrics, "bnfold_queue_seconds_count") == len(xs)
+    assert _metric(metrics, "bnfold_batch_size_count") < len(xs)
