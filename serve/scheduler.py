@@ -58,7 +58,7 @@ class Scheduling:
     """
 
     instances: int = 1
-    kind: str = "KIND_CPU"
+    kind: str = "KIND_AUTO"   # the device the model is served on
     max_queue_delay_us: int | None = None
     preferred_batch_sizes: tuple[int, ...] = ()
 
@@ -83,7 +83,7 @@ class Scheduling:
     def check(self, model: Runtime) -> None:
         """Refuse settings the loaded model cannot follow (one line naming the model)."""
         wanted = "KIND_GPU" if model.device == "cuda" else "KIND_CPU"
-        if self.kind != wanted:
+        if self.kind not in (wanted, "KIND_AUTO"):
             raise ServeError(f"model {model.name!r}: instance_group kind {self.kind} does not match --device "
                              f"{model.device} (use kind {wanted})", status=500)
         if not self.batching:

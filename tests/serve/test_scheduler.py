@@ -7,6 +7,7 @@ tiny model here, and for LeNet and resnet20 exports in the README's benchmark se
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import subprocess
 import sys
@@ -168,6 +169,15 @@ dynamic_batching { max_queue_delay_microseconds: 250 preferred_batch_size: [ 4, 
     assert read == Scheduling(instances=3, kind="KIND_CPU", max_queue_delay_us=250, preferred_batch_sizes=(4, 8))
     assert _scheduling("dynamic_batching { }").max_queue_delay_us == 0          # Triton's default delay
     assert _scheduling('name: "x"') == Scheduling(kind="KIND_AUTO")            # neither: 1 instance, no batching
+
+
+def test_the_default_scheduling_follows_the_device_a_session_was_opened_on(runtime: ModelRuntime) -> None:
+    """A CUDA session opened directly (not from a repository) gets the default scheduling too."""
+    on_gpu = dataclasses.replace(runtime, device="cuda")
+    Scheduling().check(on_gpu)
+    Scheduling(kind="KIND_GPU").check(on_gpu)
+    with pytest.raises(ServeError, match="instance_group kind KIND_CPU does not match --device cuda"):
+        Scheduling(kind="KIND_CPU").check(on_gpu)
 
 
 @pytest.mark.parametrize("text, words", [
