@@ -83,13 +83,14 @@ def test_no_request_waits_longer_than_the_delay_plus_one_run(runtime: ModelRunti
     """16 clients, each sending its next request when the last is answered (at most 64 rows queued).
 
     The wait is measured by the scheduler (from arrival to the start of the run that served it).
-    The delay is long (100 ms) so that the bound means something next to a loaded machine's
-    scheduling noise, given 50 ms of slack; each request's bound is the delay plus the longest run.
+    The delay is long (300 ms) so that the bound means something next to a loaded machine's
+    scheduling noise, given 200 ms of slack (waiting the delay twice would still break it); each
+    request's bound is the delay plus the longest run.
     """
-    delay = 0.1
+    delay = 0.3
     runs = Runs()
     scheduler = build_scheduler(runtime, Scheduling(max_queue_delay_us=int(delay * 1e6)), runs)
-    xs = _requests(16 * 4, seed=2)
+    xs = _requests(16 * 3, seed=2)
 
     async def client(mine: list[np.ndarray]) -> None:
         for x in mine:
@@ -103,8 +104,8 @@ def test_no_request_waits_longer_than_the_delay_plus_one_run(runtime: ModelRunti
         scheduler.close()
     waits = [w for _, ws, _, _ in runs.items for w in ws]
     longest_run = max(s for _, _, s, _ in runs.items)
-    assert len(waits) == 64
-    assert max(waits) <= delay + longest_run + 0.05, (max(waits), longest_run)
+    assert len(waits) == 48
+    assert max(waits) <= delay + longest_run + 0.2, (max(waits), longest_run)
     # and the delay is really waited for a batch that is not full (not dispatched at once)
     assert max(waits) >= delay * 0.9
 
