@@ -36,11 +36,15 @@ REFERENCE_APP = "bnfold.bench.reference_service:create_app"
 
 def check_reference_dependencies() -> None:
     """The reference service needs FastAPI (and its pydantic): a `ServeError` in one line when missing."""
-    import importlib.util
-
-    missing = [name for name in ("fastapi", "pydantic") if importlib.util.find_spec(name) is None]
+    missing = []
+    for name in ("fastapi", "pydantic"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
     if missing:
-        raise ServeError(f"the reference service needs {' and '.join(missing)}, which is not installed: "
+        raise ServeError(f"the reference service needs {' and '.join(missing)}, which "
+                         f"{'is' if len(missing) == 1 else 'are'} not installed: "
                          f"pip install 'bnfold[compare]'", status=500)
 
 

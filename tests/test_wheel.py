@@ -74,3 +74,14 @@ def test_compare_reference_runs_from_the_installed_wheel(wheel: Path, tiny_onnx:
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert "reference json" in result.stdout and "bnfold binary vs reference" in result.stdout
+
+
+def test_compare_reference_without_fastapi_says_what_it_needs_in_one_line(tiny_onnx: Path) -> None:
+    code = ("import sys; sys.modules['fastapi'] = None  # as if not installed\n"
+            "from bnfold.bench.compare_reference import main; sys.exit(main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", code, "--onnx", str(tiny_onnx)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "compare_reference: error: the reference service needs fastapi, which is not installed: "
+        "pip install 'bnfold[compare]'"]
