@@ -172,6 +172,7 @@ def compare(onnx_path: str | os.PathLike, *, rounds: int = 3, sequential: int = 
     errors: dict[str, int] = {s: 0 for s in SERVERS}
     first_errors: dict[str, str | None] = {s: None for s in SERVERS}
     floor_ms: list[np.ndarray] = []
+    per_round: dict[str, dict[str, list[float]]] = {}   # measure -> server -> that round's p50 (or req/s)
     with contextlib.ExitStack() as stack:
         ours = stack.enter_context(bnfold_server(onnx_path, name, threads=threads))
         peer = stack.enter_context(kserve_server(onnx_path, name, threads=threads))
@@ -206,6 +207,9 @@ def compare(onnx_path: str | os.PathLike, *, rounds: int = 3, sequential: int = 
             for key, label in MEASURES:
                 for server in order:
                     measure(server, key)
+                    done = throughput[server][-1][0] / throughput[server][-1][1] if key == "rps_8conn" \
+                        else float(np.median(latencies[(server, key)][-1]))
+                    per_round.setdefault(key, {}).setdefault(server, []).append(round(done, 4))
                 if key == "grpc_p50_ms":   # grpcio's own cost, same client: the floor under both
                     floor_ms.append(grpc_latencies(floor, name, input_name, x, output, sequential)[0])
                 print(f"round {r + 1}/{rounds} {label}: done", file=sys.stderr, flush=True)
@@ -235,7 +239,7 @@ def compare(onnx_path: str | os.PathLike, *, rounds: int = 3, sequential: int = 
             "loadavg_before": load_before, "loadavg_after": Path("/proc/loadavg").read_text().split()[:3],
             "bnfold_commit": _git_commit(), "kserve_version": _peer_version("kserve", "kserve"),
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "figures": figures, "ratios": ratios, "targets": TARGETS,
+            "figures": figures, "ratios": ratios, "targets": TARGETS, "per_round": per_round,
             "grpc_floor": {"p50_ms": floor_stats["p50_ms"], "p90_ms": floor_stats["p90_ms"],
                            "what": "grpc.aio answering every ModelInfer with prebuilt bytes (bench.grpc_floor), "
                                    "same client"}}
@@ -259,6 +263,14 @@ def format_report(report: dict[str, Any]) -> str:
         mark = "met" if ratios[key] >= target else "missed"
         lines.append(f"| {label} | {fmt(f['bnfold'][key])}{unit} | {fmt(f['kserve'][key])}{unit} | "
                      f"{ratios[key]:.2f}x | {target}x ({mark}) |")
+    spread = []
+    for key, label in MEASURES:
+        rounds = report.get("per_round", {}).get(key, {})
+        if rounds.get("bnfold") and rounds.get("kserve"):
+            each = [(k / b if key != "rps_8conn" else b / k) for b, k in zip(rounds["bnfold"], rounds["kserve"])]
+            spread.append(f"{label} {min(each):.2f}x to {max(each):.2f}x")
+    if spread:
+        lines += ["", "ratio per round: " + "; ".join(spread)]
     own = ratios["grpc_vs_own_http_binary"]
     lines += ["", f"bnfold gRPC p50 / bnfold HTTP binary p50: {own:.2f} (target <= 1.2: "
                   f"{'met' if own <= 1.2 else 'missed'})",
