@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bnfold.errors import first_line
+from bnfold.options import DEVICES
 from bnfold.sessions import session_options
 from bnfold.bench.timing import FAILED, SKIPPED, BenchRow, latency_stats
 
 if TYPE_CHECKING:
     from torch import nn
 
-DEVICES: tuple[str, ...] = ("cpu", "cuda")
 
 
 class Unavailable(Exception):

@@ -50,7 +50,8 @@ from bnfold.models.spec import ModelSpec
 from bnfold.models.metrics import task_metric
 from bnfold.versions import cpu_name
 
-from bnfold.export._common import first_line, quiet, staged_file
+from bnfold.errors import first_line
+from bnfold.export._common import quiet, staged_file
 from bnfold.export.config import ACTIVATION_TYPES, CALIBRATIONS, Int8Config
 from bnfold.export.errors import ExportError
 from bnfold.export.evaluate import (EvalSplit, load_eval_split, onnx_session, score,
@@ -273,7 +274,7 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
         except Exception as exc:  # its shape inference or optimizer may refuse a graph: go without
             shutil.copyfile(fp32_path, pre)
             if verbose:
-                print(f"quant_pre_process skipped: {first_line(exc)}")
+                print(f"quant_pre_process skipped: {first_line(exc, with_type=True, deepest=True)}")
         try:
             quantize_static(
                 os.fspath(pre), os.fspath(out_path), _Reader(calibration, name=_input_name(fp32_path)),
@@ -282,7 +283,7 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
                 activation_type=QuantType.QUInt8 if activation_type == "uint8" else QuantType.QInt8,
                 weight_type=QuantType.QInt8, calibrate_method=methods[method], extra_options=extra)
         except Exception as exc:  # calibrators and quantizers raise many types
-            raise ExportError(f"onnxruntime quantize_static ({method} calibration) failed: {first_line(exc)}; "
+            raise ExportError(f"onnxruntime quantize_static ({method} calibration) failed: {first_line(exc, with_type=True, deepest=True)}; "
                               "try another --calibration (minmax is the most robust)") from exc
         finally:
             pre.unlink(missing_ok=True)

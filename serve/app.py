@@ -39,14 +39,11 @@ from bnfold.serve.openapi import DOCS_HEADERS, PREDICTIONS_DOC, docs_html, infer
 from bnfold.serve.page import PageAssets
 from bnfold.serve.protocol import RequestParser, ResponseEncoder, parse_header_length
 from bnfold.serve.repository import load_models
-from bnfold.serve.routes import Request, Response, Route, Router
+from bnfold.serve.routes import Receive, Request, Response, Route, Router, Scope, Send
 from bnfold.serve.runtime import V2_TO_NUMPY, Runtime, available_cpus
 from bnfold.serve.scheduler import RunObserver, Scheduler, Scheduling, build_scheduler
 from bnfold.versions import __version__
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 SERVER_NAME = "bnfold"
 # Only what exists: no model_repository (load/unload) extension here.

@@ -12,10 +12,9 @@ import os
 from dataclasses import dataclass, fields
 
 from bnfold.models.spec import MAX_BATCH_SIZE
-from bnfold.options import SHARED, ConfigOptions, from_args as config_from_args
+from bnfold.options import DEVICES, SHARED, ConfigOptions, from_args as config_from_args
 from bnfold.serve.errors import ServeError
 
-DEVICES = ("cpu", "cuda")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 

@@ -20,6 +20,7 @@ from bnfold.serve.errors import ServeError
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 Response = tuple[int, Headers, bytes]
 # handler(app, request) -> (status, headers, body); `app` is the InferenceApp serving the request.
