@@ -22,13 +22,20 @@ class FoldSkipped(BnfoldError):
     the reason shown in the report. Caught inside the fold pass, never raised to the caller."""
 
 
-def first_line(exc: BaseException, *, with_type: bool = False, limit: int = 300) -> str:
+def first_line(exc: BaseException, *, with_type: bool = False, limit: int = 300, deepest: bool = False) -> str:
     """The first line of an exception's message, cut at `limit` characters, for one-line errors.
 
     With `with_type`, prefixed by the exception's class name ("ValueError: ..."); an exception
     without a message gives its class name alone. Tracebacks and the rest of long messages
-    (exporters and onnxruntime print whole graphs) stay out of what the user reads.
+    (exporters and onnxruntime print whole graphs) stay out of what the user reads. With
+    `deepest`, the last exception of the `__cause__`/`__context__` chain is read instead: the
+    exporters wrap the real cause in their own errors.
     """
+    if deepest:
+        seen: set[int] = set()
+        while id(exc) not in seen and (exc.__cause__ or exc.__context__) is not None:
+            seen.add(id(exc))
+            exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     # torch.load's messages carry terminal colour codes; a one-line error should not.
     lines = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
     text = lines[0].strip() if lines else ""

@@ -5,7 +5,6 @@ Nothing is written unless the folded model matches the original within the toler
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +18,11 @@ from bnfold.adapters import Adapter
 from bnfold.errors import BnfoldError, first_line
 from bnfold.fx_fold import count_batchnorm, fold
 from bnfold.onnx_fold import count_onnx_batchnorm, fold_onnx, load_onnx
-from bnfold.parity import Parity, compare
+from bnfold.parity import Parity, compare, module_dtype
 from bnfold.sessions import cpu_session
 from bnfold.fold_report import FoldReport
 
-__all__ = ["FoldOutcome", "load_module", "fold_and_save", "fold_onnx_file", "onnx_input_shape"]
+__all__ = ["FoldOutcome", "fold_and_save", "fold_onnx_file", "onnx_input_shape"]
 
 _SHAPE_HINT = "give it with --input-shape, e.g. --input-shape 1,3,32,32"
 
@@ -45,42 +44,6 @@ class FoldOutcome:
                 f"wrote {self.out}")
 
 
-def load_module(path: str | os.PathLike) -> nn.Module:
-    """An `nn.Module` saved with `torch.save(model, path)`, on the CPU, in eval mode.
-
-    Tries `weights_only=True` first. A whole pickled module can only be read with
-    `weights_only=False`, which runs code from the file: that is done only when the safe load
-    refused the file for holding pickled objects, never for a file that is merely corrupt.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise BnfoldError(f"no file at {str(path)!r}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights_only" not in str(exc).lower() and "weights only" not in str(exc).lower():
-            raise BnfoldError(f"{str(path)!r} is not a readable torch.save file ({first_line(exc, limit=200)})") from None
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc2:
-            raise BnfoldError(f"{str(path)!r} could not be unpickled ({type(exc2).__name__}: "
-                              f"{first_line(exc2, limit=200)})") from None
-    except Exception as exc:  # torch.load fails on garbage in many ways (IndexError, EOFError, ...)
-        raise BnfoldError(f"{str(path)!r} is not a readable torch.save file ({type(exc).__name__}: "
-                          f"{first_line(exc, limit=200)})") from None
-    if isinstance(obj, dict):
-        raise BnfoldError(f"{str(path)!r} holds a dict (a state_dict?), not a model: save the module itself "
-                          "with torch.save(model, path), or use a bnfold checkpoint")
-    if not isinstance(obj, nn.Module):
-        raise BnfoldError(f"{str(path)!r} holds a {type(obj).__name__}, not an nn.Module")
-    return obj.eval()
-
-
-def _float_dtype(model: nn.Module) -> torch.dtype:
-    param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    return param.dtype if param is not None else torch.float32
-
-
 def fold_and_save(model: nn.Module, out: str | os.PathLike, *, input_shape: Sequence[int] | None,
                   rtol: float = 1e-5, samples: int = 8, seed: int = 0,
                   batchnorms: Mapping[type, Adapter] | None = None) -> FoldOutcome:
@@ -98,7 +61,7 @@ def fold_and_save(model: nn.Module, out: str | os.PathLike, *, input_shape: Sequ
         raise BnfoldError(f"--samples must be at least 1, got {samples}")
     model = model.eval()
     generator = torch.Generator().manual_seed(seed)
-    dtype = _float_dtype(model)
+    dtype = module_dtype(model)
     inputs = [torch.randn(shape, generator=generator).to(dtype) for _ in range(samples)]
     folded, report = fold(model, example_inputs=inputs[0], batchnorms=batchnorms)
     try:

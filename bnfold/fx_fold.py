@@ -40,6 +40,7 @@ from bnfold.adapters import Adapter, BatchNormReader, BNStats, affine_candidate
 from bnfold.errors import BnfoldError, FoldSkipped, first_line
 from bnfold.patterns import PASSTHROUGH, FoldFn, check_hooks, find_fold_fn, layer_kind, merge_folders
 from bnfold.fold_report import FoldReport
+from bnfold.parity import float_parameter
 
 __all__ = ["fold", "count_batchnorm", "record_inputs"]
 
@@ -62,7 +63,7 @@ def count_batchnorm(model: nn.Module, *, batchnorms: Mapping[type, Adapter] | No
 
 def _as_args(example_inputs: ExampleInputs, model: nn.Module) -> tuple:
     """The example inputs as call arguments, floating ones in the model's dtype and on its device."""
-    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    param = float_parameter(model)
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     if param is None:
         return args

@@ -40,23 +40,24 @@ class _NotConstant(Exception):
     """A tensor's value depends on the graph's inputs."""
 
 
-def load_onnx(model_or_path: onnx.ModelProto | str | os.PathLike, *,
-              load_external_data: bool = True) -> onnx.ModelProto:
-    """A copy of `model_or_path`, read from disk if it is a path; `BnfoldError` naming a missing or
-    unreadable file. `load_external_data=False` leaves weights stored beside the file unread."""
+def load_onnx(model_or_path: onnx.ModelProto | str | os.PathLike, *, load_external_data: bool = True,
+              error: type[BnfoldError] = BnfoldError) -> onnx.ModelProto:
+    """A copy of `model_or_path`, read from disk if it is a path; `error` (a `BnfoldError` class,
+    e.g. export's `ExportError`) naming a missing or unreadable file. `load_external_data=False`
+    leaves weights stored beside the file unread."""
     if isinstance(model_or_path, onnx.ModelProto):
         return copy.deepcopy(model_or_path)
     path = Path(model_or_path)
     if path.is_dir():
-        raise BnfoldError(f"{str(path)!r} is a folder; give an ONNX file")
+        raise error(f"{str(path)!r} is a folder; give an ONNX file")
     if not path.is_file():
-        raise BnfoldError(f"no ONNX file at {str(path)!r}: it does not exist")
+        raise error(f"no ONNX file at {str(path)!r}: it does not exist")
     try:
         model = onnx.load(str(path), load_external_data=load_external_data)
     except Exception as exc:  # protobuf raises DecodeError, onnx raises its own; both mean unreadable
-        raise BnfoldError(f"{str(path)!r} is not an ONNX model, or not a readable one ({type(exc).__name__}: {exc})") from None
+        raise error(f"{str(path)!r} is not an ONNX model, or not a readable one ({type(exc).__name__}: {exc})") from None
     if not model.graph.node:
-        raise BnfoldError(f"{str(path)!r} holds no ONNX graph (is it an ONNX file?)")
+        raise error(f"{str(path)!r} holds no ONNX graph (is it an ONNX file?)")
     return model
 
 

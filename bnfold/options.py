@@ -88,6 +88,10 @@ def _argument(parse: Any, text: str) -> Any:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+# The values of --device and --devices that serve and bench take (train also takes cuda:N and auto).
+DEVICES: tuple[str, ...] = ("cpu", "cuda")
+
+
 # ---------------------------------------------------------------------------------------------
 # Threads: one sense everywhere.
 
@@ -279,5 +283,5 @@ def from_args(config: type[C], args: argparse.Namespace, **values: Any) -> C:
     return config(**{**given, **values})
 
 
-__all__ = ["ARCHITECTURES_PLACEHOLDER", "SHARED", "ConfigOptions", "Deprecated", "available_cpus", "config_default",
+__all__ = ["ARCHITECTURES_PLACEHOLDER", "DEVICES", "SHARED", "ConfigOptions", "Deprecated", "available_cpus", "config_default",
            "csv", "deprecated", "from_args", "input_size", "int_list", "resolve_threads", "shape"]

@@ -13,7 +13,7 @@ from torch import nn
 
 from bnfold.errors import BnfoldError, ParityError
 
-__all__ = ["Parity", "compare", "as_numpy_fn"]
+__all__ = ["Parity", "compare", "as_numpy_fn", "float_parameter", "module_dtype"]
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -71,9 +71,20 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+def float_parameter(module: nn.Module) -> torch.nn.Parameter | None:
+    """The module's first floating-point parameter: where its float inputs must go (dtype, device)."""
+    return next((p for p in module.parameters() if p.is_floating_point()), None)
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype the module computes in: its first float parameter's, float32 without one."""
+    param = float_parameter(module)
+    return param.dtype if param is not None else torch.float32
+
+
 def _module_fn(module: nn.Module) -> Callable[[np.ndarray], list[np.ndarray]]:
-    param = next((p for p in module.parameters() if p.is_floating_point()), None)
-    dtype = param.dtype if param is not None else torch.float32
+    param = float_parameter(module)
+    dtype = module_dtype(module)
     device = param.device if param is not None else torch.device("cpu")
 
     def run(x: np.ndarray) -> list[np.ndarray]:

@@ -199,11 +199,6 @@ def unsupported_op(exc: BaseException) -> str | None:
     return None
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of the deepest exception in the chain: the exporters wrap the real cause."""
-    return errors.first_line(_exception_chain(exc)[-1], with_type=True)
-
-
 def exporter_failure(exc: Exception, spec: ModelSpec, exporter: str,
                      dynamic_batch: bool = False) -> ExportError:
     """One clear error for whatever an exporter raised, naming the operator when there is one."""
@@ -215,7 +210,8 @@ def exporter_failure(exc: Exception, spec: ModelSpec, exporter: str,
     hint = ""
     if dynamic_batch and re.search(r"(?i)constraint|specializ|guard", str(exc)):
         hint = " (the model seems to fix its batch size: try --static-batch)"
-    return ExportError(f"{exporter} failed on the {spec.arch} model: {first_line(exc)}{hint}")
+    cause = errors.first_line(exc, with_type=True, deepest=True)
+    return ExportError(f"{exporter} failed on the {spec.arch} model: {cause}{hint}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +294,7 @@ def write_verified(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, s
                 runner = steps.load(tmp)
             except Exception as exc:  # e.g. onnxruntime refusing an opset: say so in one line
                 raise ExportError(f"the written file cannot be loaded back for the {label}: "
-                                  f"{first_line(exc)}") from exc
+                                  f"{errors.first_line(exc, with_type=True, deepest=True)}") from exc
         with torch.no_grad():
             parity = bnfold.compare(prepared.reference, runner, batches)
         tol = tolerance(options.fp16)

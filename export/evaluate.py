@@ -155,8 +155,9 @@ def onnx_weights_dtype(model: Any) -> str:
 
 
 def _module_dtype(module: torch.nn.Module) -> str:
-    param = next((p for p in module.parameters() if p.is_floating_point()), None)
-    return str(param.dtype).replace("torch.", "") if param is not None else "float32"
+    from bnfold.parity import module_dtype
+
+    return str(module_dtype(module)).replace("torch.", "")
 
 
 # The loader's kind names, as the evaluation table says them.
@@ -173,9 +174,10 @@ def load_artifact(path: str | os.PathLike, threads: int | None = None, *, trust_
 
     path = Path(path)
     if path.is_file() and detect_kind(path) == "onnx":
-        from bnfold.export.onnx import load_onnx, read_spec
+        from bnfold.export.onnx import read_spec
+        from bnfold.onnx_fold import load_onnx
 
-        proto = load_onnx(path)
+        proto = load_onnx(path, load_external_data=False, error=ExportError)
         try:
             spec = read_spec(proto)
         except ExportError:

@@ -14,8 +14,7 @@ from torch import nn
 
 import bnfold
 from bnfold import sessions
-from bnfold.errors import BnfoldError
-from bnfold.onnx_fold import load_onnx as _read_onnx
+from bnfold.onnx_fold import load_onnx
 from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec, SpecVersionError
 from bnfold.versions import __version__
 
@@ -109,18 +108,10 @@ def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
         model.metadata_props.add(key=key, value=value)
 
 
-def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
-    """An ONNX file's model (external weights not loaded): `bnfold.onnx_fold.load_onnx`, its error
-    for a missing or foreign file raised as an ExportError."""
-    try:
-        return _read_onnx(path, load_external_data=False)
-    except BnfoldError as exc:
-        raise ExportError(str(exc)) from None
-
-
 def read_spec(model_or_path: onnx.ModelProto | str | os.PathLike) -> ModelSpec:
     """The model spec stamped into an exported ONNX file's metadata."""
-    model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else load_onnx(model_or_path)
+    model = (model_or_path if isinstance(model_or_path, onnx.ModelProto)
+             else load_onnx(model_or_path, load_external_data=False, error=ExportError))
     props = {p.key: p.value for p in model.metadata_props}
     if SPEC_METADATA_KEY not in props:
         raise ExportError(f"the ONNX model has no {SPEC_METADATA_KEY!r} metadata entry: "

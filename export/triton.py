@@ -19,7 +19,7 @@ from bnfold.models.spec import MAX_BATCH_SIZE, MODEL_NAME_PATTERN, ModelSpec, tr
 
 from bnfold.export._common import staging_path
 from bnfold.export.errors import ExportError
-from bnfold.export.onnx import load_onnx
+from bnfold.onnx_fold import load_onnx
 
 # ONNX TensorProto element type -> the datatype name Triton's ModelConfig uses after "TYPE_".
 _DATATYPES = {
@@ -104,7 +104,7 @@ def write_triton_model(onnx_path: str | os.PathLike, spec: ModelSpec, model_dir:
                        *, name: str, device: str = "cpu", max_batch_size: int = MAX_BATCH_SIZE) -> Path:
     """Write one Triton model folder at `model_dir` (which must not exist yet); no staging."""
     onnx_path, model_dir = Path(onnx_path), Path(model_dir)
-    model = load_onnx(onnx_path)
+    model = load_onnx(onnx_path, load_external_data=False, error=ExportError)
     labeled = spec.task == "classification" and bool(spec.labels)
     config = triton_config(model, name, device=device, max_batch_size=max_batch_size,
                            labels=labeled)

@@ -54,16 +54,16 @@ class Writer:
 
 
 WRITERS: dict[str, Writer] = {
-    "onnx": Writer("model.onnx", "bnfold.export.onnx:export_from_config", "bnfold.export.onnx:load_onnx", "onnx",
+    "onnx": Writer("model.onnx", "bnfold.export.onnx:export_from_config", "bnfold.onnx_fold:load_onnx", "onnx",
                    "ONNX (dynamo or legacy exporter), checked with onnxruntime CPU"),
     "torchscript": Writer("model.ts", "bnfold.export.torchscript:export_from_config",
                           "bnfold.export.torchscript:load_torchscript", "torchscript",
                           "traced and frozen TorchScript, needs only torch"),
     "program": Writer("model.pt2", "bnfold.export.program:export_from_config", "bnfold.export.program:load_program",
                       "program", "torch.export program with a dynamic batch Dim"),
-    "fp16": Writer("model.fp16.onnx", "bnfold.export.onnx:export_fp16_from_config", "bnfold.export.onnx:load_onnx",
+    "fp16": Writer("model.fp16.onnx", "bnfold.export.onnx:export_fp16_from_config", "bnfold.onnx_fold:load_onnx",
                    "onnx", "ONNX with float16 weights (float32 inputs and outputs) beside the FP32 model.onnx"),
-    "int8": Writer("model.int8.onnx", "bnfold.export.int8:export_from_config", "bnfold.export.onnx:load_onnx", "onnx",
+    "int8": Writer("model.int8.onnx", "bnfold.export.int8:export_from_config", "bnfold.onnx_fold:load_onnx", "onnx",
                    "INT8 QDQ ONNX, calibrated on the training split and written only if it passes the accuracy gate"),
 }
 

@@ -96,7 +96,9 @@ class LoadedModel:
         shape = self.require_shape()
         if self.module is None:
             return _onnx_output_shape(self.onnx_path, shape)  # type: ignore[arg-type]
-        dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()), torch.float32)
+        from bnfold.parity import module_dtype
+
+        dtype = module_dtype(self.module)
         try:
             with torch.no_grad():
                 out = self.module(torch.zeros(shape, dtype=dtype))

@@ -20,7 +20,7 @@ def write_copy(model, spec, path, config, samples):
 
 @pytest.fixture
 def copy_format(monkeypatch: pytest.MonkeyPatch) -> writers.Writer:
-    entry = writers.Writer("model.copy.onnx", f"{__name__}:write_copy", "bnfold.export.onnx:load_onnx", "onnx",
+    entry = writers.Writer("model.copy.onnx", f"{__name__}:write_copy", "bnfold.onnx_fold:load_onnx", "onnx",
                            "a dummy format for this test")
     monkeypatch.setitem(writers.WRITERS, "copy", entry)
     return entry
