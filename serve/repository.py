@@ -405,9 +405,14 @@ def _is_repository(folder: Path) -> bool:
 def _export_folder(folder: Path, open_file: Any) -> list[ModelRuntime]:
     """Every ONNX file side by side in `folder` (what `bnfold export --out` writes)."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(".onnx"))
-    for other in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".ts", ".pt2", ".pt")):
-        log.info("skipping %s: the service runs ONNX files", other)
+    for other in _pytorch_files(folder):
+        log.info("skipping %s: the service runs ONNX files", folder / other)
     return [open_file(path, None) for path in files]
+
+
+def _pytorch_files(folder: Path) -> list[str]:
+    """The TorchScript / torch.export / PyTorch files directly in `folder` (what serve cannot run)."""
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in (".ts", ".pt2", ".pt"))
 
 
 def load_models(sources: str | os.PathLike | Sequence[str | os.PathLike], device: str = "cpu", *,
@@ -449,6 +454,9 @@ def load_models(sources: str | os.PathLike | Sequence[str | os.PathLike], device
             found.append(open_file(path, None if name is None else check_model_name(name, path)))
         elif path.is_dir() and not _is_repository(path) and any(path.glob("*.onnx")):
             found.extend(_export_folder(path, open_file))
+        elif path.is_dir() and not _is_repository(path) and (others := _pytorch_files(path)):
+            raise ServeError(f"{path} holds no ONNX file, only {', '.join(others)}; `bnfold serve` runs ONNX: "
+                             f"`bnfold export MODEL --format onnx --out DIR` writes one, then serve DIR", status=500)
         else:
             found.extend(load_repository(path, device, threads=threads, cuda_graph=cuda_graph,
                                          max_batch_size=max_batch_size, instances=instances,

@@ -54,6 +54,14 @@ def test_a_file_given_twice_is_said_so(export_folder: Path) -> None:
         load_models([export_folder, export_folder / "model.onnx"], threads=1)
 
 
+def test_an_export_folder_without_onnx_says_how_to_get_one(tmp_path: Path) -> None:
+    (tmp_path / "model.ts").write_bytes(b"PK\x03\x04")
+    (tmp_path / "model.pt2").write_bytes(b"PK\x03\x04")
+    with pytest.raises(ServeError, match=r"holds no ONNX file, only model.pt2, model.ts; `bnfold serve` runs ONNX: "
+                                         r"`bnfold export MODEL --format onnx --out DIR` writes one"):
+        load_models(tmp_path, threads=1)
+
+
 def test_name_with_several_sources_is_refused(tmp_path: Path, tiny_onnx: Path) -> None:
     with pytest.raises(ServeError, match="--name applies to a single model file; for several, give each as NAME=PATH"):
         load_models([tiny_onnx, f"b={tiny_onnx}"], name="x", threads=1)
