@@ -80,9 +80,9 @@ class ServeConfig:
                                  or self.replica_cpus != 1.0 or self.max_ongoing_requests != 32):
             raise ServeError("--replicas, --min-replicas, --max-replicas, --replica-cpus and --max-ongoing-requests "
                              "need --ray ADDRESS")
-        if self.ray is not None and self.grpc_port is not None:
-            raise ServeError("--grpc-port cannot be used with --ray: bnfold's Ray Serve deployment serves HTTP "
-                             "only; run `bnfold serve --grpc-port` without --ray for gRPC")
+        if self.ray is not None and self.grpc_port == 0:
+            raise ServeError("--grpc-port 0 cannot be used with --ray: Ray Serve's gRPC proxy listens on the same "
+                             "port on every node; give it one")
         if self.replicas != "auto" and not (type(self.replicas) is int and 1 <= self.replicas <= 1024):
             raise ServeError(f"--replicas must be from 1 to 1024, or auto; got {self.replicas!r}")
         if not 1 <= self.min_replicas <= self.max_replicas <= 1024:

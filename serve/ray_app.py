@@ -32,10 +32,38 @@ except ImportError:   # pragma: no cover - the message is the point
 APP_NAME = "bnfold"
 
 
-@serve.deployment(name=APP_NAME)
-@serve.ingress()
-class BnfoldReplica:
-    """One replica: the models loaded from `config` into bnfold's ASGI app, which Ray Serve drives."""
+# Ray's gRPC proxy learns the service's method names from this registration (tritonclient's, the
+# messages bnfold's own gRPC service speaks) and calls the replica method named as each RPC.
+GRPC_SERVICER = "bnfold.serve.ray_grpc.add_GRPCInferenceServiceServicer_to_server"
+GRPC_RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+             "ModelConfig", "ModelStatistics", "RepositoryIndex")
+
+
+class _Aborted(Exception):
+    """bnfold's gRPC handler refused the call; the status and details are on Ray's context."""
+
+
+class _RayContext:
+    """Ray's gRPC context in the shape bnfold's handlers use (peer, abort), so they run unchanged."""
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+
+    def peer(self) -> str:
+        return self._context.peer()
+
+    async def abort(self, code: Any, details: str) -> None:
+        self._context.set_code(code)
+        self._context.set_details(details)
+        raise _Aborted
+
+
+class _Replica:
+    """One replica: the models loaded from `config` into bnfold's ASGI app, which Ray Serve drives.
+
+    With `--grpc-port`, the replica also answers `inference.GRPCInferenceService` through Ray's gRPC
+    proxy with bnfold's own gRPC handlers (serve.grpc_service; not started as a server here).
+    """
 
     def __init__(self, config: ServeConfig) -> None:
         from bnfold.serve.app import create_app
@@ -43,6 +71,14 @@ class BnfoldReplica:
 
         _give_large_buffers_back()
         self._app = create_app(config)
+        self._rpcs: dict[str, Any] = {}
+        if config.grpc_port is not None:
+            import bnfold.serve.ray_grpc  # noqa: F401  (the message modules' names, for Ray's pickling)
+            from bnfold.serve.grpc_service import GrpcService
+
+            service = GrpcService(self._app)
+            self._rpcs = {name: (service._wrap(name, method), response)
+                          for name, (method, _, response) in service._methods().items()}
 
     def __serve_build_asgi_app__(self) -> Any:
         return self._app
@@ -51,6 +87,37 @@ class BnfoldReplica:
         """Ray's periodic health check: a replica whose app stopped being ready is replaced."""
         if not getattr(self._app, "ready", True):
             raise RuntimeError("bnfold app is not ready")
+
+    async def _rpc(self, name: str, request: Any, grpc_context: Any) -> Any:
+        if name not in self._rpcs:
+            grpc_context.set_code(_grpc_status("UNIMPLEMENTED"))
+            grpc_context.set_details("this application was deployed without --grpc-port")
+            return None
+        handler, response_class = self._rpcs[name]
+        try:
+            return await handler(request, _RayContext(grpc_context))
+        except _Aborted:
+            return response_class()   # empty: the status and details carry the answer
+
+
+def _grpc_status(name: str) -> Any:
+    import grpc
+
+    return getattr(grpc.StatusCode, name)
+
+
+def _rpc_method(name: str) -> Any:
+    async def method(self: _Replica, request: Any, grpc_context: Any) -> Any:
+        return await self._rpc(name, request, grpc_context)
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+for _name in GRPC_RPCS:
+    setattr(_Replica, _name, _rpc_method(_name))
+
+BnfoldReplica = serve.deployment(name=APP_NAME)(serve.ingress()(_Replica))
 
 
 def _absolute(source: str | os.PathLike) -> str:
@@ -104,7 +171,10 @@ def deploy(config: ServeConfig) -> str:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ServeError(f"cannot reach the Ray cluster at {config.ray!r}: {first}", status=500) from None
     try:
-        serve.start(http_options={"host": config.host, "port": config.port})
+        grpc_options = None
+        if config.grpc_port is not None:
+            grpc_options = {"port": config.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]}
+        serve.start(http_options={"host": config.host, "port": config.port}, grpc_options=grpc_options)
         app = BnfoldReplica.options(**deployment_options(config)).bind(replica_config(config))
         serve.run(app, name=APP_NAME, route_prefix="/")
     except RuntimeError as exc:   # the deployment failed: Ray's message names the replica's error
@@ -115,9 +185,10 @@ def deploy(config: ServeConfig) -> str:
         ray.shutdown()
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     url = f"http://{host}:{config.port}"
+    grpc_note = f" and gRPC on {host}:{config.grpc_port}" if config.grpc_port is not None else ""
     count = config.replicas if config.replicas != "auto" else f"{config.min_replicas}-{config.max_replicas}"
     print(f"bnfold serve: application {APP_NAME!r} RUNNING on the Ray cluster at {config.ray} with {count} "
-          f"replica(s) of {config.replica_cpus:g} CPU; Ray Serve answers on {url} "
+          f"replica(s) of {config.replica_cpus:g} CPU; Ray Serve answers on {url}{grpc_note} "
           f"(remove it with: serve shutdown -a http://DASHBOARD:8265 -y)", file=sys.stderr, flush=True)
     return url
 

@@ -296,7 +296,7 @@ def test_a_busy_or_invalid_grpc_port_or_one_with_ray_is_a_one_line_error(tiny_on
         port = busy.getsockname()[1]
         for args, words in [([str(port)], f"cannot listen for gRPC on 127.0.0.1:{port}"),
                             (["70000"], "--grpc-port must be between 0 and 65535, got 70000"),
-                            (["0", "--ray", "auto"], "--grpc-port cannot be used with --ray")]:
+                            (["0", "--ray", "auto"], "--grpc-port 0 cannot be used with --ray")]:
             done = subprocess.run([sys.executable, "-m", "bnfold.serve", str(tiny_onnx), "--port",
                                    str(free_port()), "--grpc-port", *args, "--threads", "1"],
                                   capture_output=True, text=True, timeout=120)

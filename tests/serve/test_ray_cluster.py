@@ -36,16 +36,18 @@ def _replicas(cluster) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def ray_service(tiny_onnx: Path):
-    """(cluster, url): bnfold's app on a 2-node loopback Ray cluster, 2 replicas of 1 CPU."""
+    """(cluster, http address, grpc address): bnfold's app on a 2-node loopback Ray cluster, 2 replicas
+    of 1 CPU, HTTP and gRPC through Ray Serve's proxies."""
     python = ray_python()
     with loopback_cluster(python, nodes=2, cpus_per_node=1) as cluster:
-        port = free_port()
+        port, grpc_port = free_port(), free_port()
         deployed = subprocess.run([str(python), "-m", "bnfold.serve", str(tiny_onnx), "--ray", cluster.address,
-                                   "--replicas", "2", "--replica-cpus", "1", "--port", str(port)],
+                                   "--replicas", "2", "--replica-cpus", "1", "--port", str(port),
+                                   "--grpc-port", str(grpc_port)],
                                   capture_output=True, text=True, env=cluster.env, timeout=300)
         assert deployed.returncode == 0, deployed.stderr[-3000:]
         assert "RUNNING" in deployed.stderr
-        yield cluster, f"127.0.0.1:{port}"
+        yield cluster, f"127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +64,7 @@ def _infer(client: triton_http.InferenceServerClient, x: np.ndarray) -> np.ndarr
 
 
 def test_the_two_replicas_run_on_both_nodes_as_rays_state_api_reports(ray_service):
-    cluster, _ = ray_service
+    cluster, _, _ = ray_service
     nodes = {n["node_id"] for n in cluster.state("nodes") if n.get("state") == "ALIVE"}
     replicas = _replicas(cluster)
     assert len(nodes) == 2
@@ -71,7 +73,7 @@ def test_the_two_replicas_run_on_both_nodes_as_rays_state_api_reports(ray_servic
 
 
 def test_tritonclient_answers_through_ray_equal_in_process_onnxruntime(ray_service, reference):
-    _, url = ray_service
+    _, url, _ = ray_service
     client = triton_http.InferenceServerClient(url)
     assert client.is_server_ready() and client.is_model_ready(MODEL)
     assert client.get_model_metadata(MODEL)["platform"] == "onnxruntime_onnx"
@@ -81,6 +83,27 @@ def test_tritonclient_answers_through_ray_equal_in_process_onnxruntime(ray_servi
         np.testing.assert_allclose(_infer(client, x), reference(x), rtol=1e-5, atol=1e-6)
 
 
+def test_tritonclient_grpc_answers_through_rays_grpc_proxy_equal_onnxruntime_and_errors_keep_their_status(
+        ray_service, reference):
+    import tritonclient.grpc as triton_grpc
+    from tritonclient.utils import InferenceServerException
+
+    _, _, address = ray_service
+    client = triton_grpc.InferenceServerClient(address)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
+    assert client.get_model_metadata(MODEL).name == MODEL
+    rng = np.random.default_rng(2)
+    for batch in (1, 1, 4):
+        x = rng.standard_normal((batch, 1, 28, 28), dtype=np.float32)
+        tensor = triton_grpc.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        answer = client.infer(MODEL, [tensor]).as_numpy("logits")
+        np.testing.assert_allclose(answer, reference(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(InferenceServerException) as refused:   # a client's mistake: not INTERNAL
+        client.get_model_metadata("no-such-model")
+    assert "NOT_FOUND" in str(refused.value.status()) and "no-such-model" in refused.value.message()
+
+
 def test_killing_a_replica_under_load_fails_at_most_the_requests_in_flight_and_ray_replaces_it(
         ray_service, reference):
     """SIGKILL one replica's process while 4 clients send requests; count what was in flight at the kill.
@@ -88,7 +111,7 @@ def test_killing_a_replica_under_load_fails_at_most_the_requests_in_flight_and_r
     Every answer is checked against onnxruntime; a failed request is one that got an error or
     no answer. Ray must start a new replica and the service must answer again within 30 s.
     """
-    cluster, url = ray_service
+    cluster, url, _ = ray_service
     rng = np.random.default_rng(1)
     inputs = [rng.standard_normal((1, 1, 28, 28), dtype=np.float32) for _ in range(8)]
     expected = [reference(x) for x in inputs]
