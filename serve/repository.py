@@ -454,6 +454,11 @@ def load_models(sources: str | os.PathLike | Sequence[str | os.PathLike], device
             found.append(open_file(path, None if name is None else check_model_name(name, path)))
         elif path.is_dir() and not _is_repository(path) and any(path.glob("*.onnx")):
             found.extend(_export_folder(path, open_file))
+        elif path.is_dir() and not _is_repository(path) and (inner := sorted(path.glob("*/*.onnx"))):
+            # `bnfold pipeline --out runs/demo` holds train/, export/, bench/: the ONNX files are one level down.
+            folders = sorted({str(f.parent) for f in inner})
+            raise ServeError(f"{path} holds no ONNX file itself; {' and '.join(folders)} "
+                             f"{'does' if len(folders) == 1 else 'do'}: serve {folders[0]}", status=500)
         elif path.is_dir() and not _is_repository(path) and (others := _pytorch_files(path)):
             raise ServeError(f"{path} holds no ONNX file, only {', '.join(others)}; `bnfold serve` runs ONNX: "
                              f"`bnfold export MODEL --format onnx --out DIR` writes one, then serve DIR", status=500)

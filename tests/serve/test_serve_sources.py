@@ -62,6 +62,13 @@ def test_an_export_folder_without_onnx_says_how_to_get_one(tmp_path: Path) -> No
         load_models(tmp_path, threads=1)
 
 
+def test_a_pipeline_folder_points_at_its_export_folder(tmp_path: Path, export_folder: Path) -> None:
+    (tmp_path / "train").mkdir()   # export_folder is tmp_path/export: the layout `bnfold pipeline --out` writes
+    with pytest.raises(ServeError, match=rf"{tmp_path} holds no ONNX file itself; {export_folder} does: "
+                                         rf"serve {export_folder}"):
+        load_models(tmp_path, threads=1)
+
+
 def test_name_with_several_sources_is_refused(tmp_path: Path, tiny_onnx: Path) -> None:
     with pytest.raises(ServeError, match="--name applies to a single model file; for several, give each as NAME=PATH"):
         load_models([tiny_onnx, f"b={tiny_onnx}"], name="x", threads=1)
