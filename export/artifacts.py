@@ -26,7 +26,7 @@ from bnfold.versions import package_version
 from bnfold.progress import progress as progress_bar
 from bnfold.export.summary import ExportSummary
 from bnfold.export.int8 import Int8GateError
-from bnfold.export.writers import WRITERS, check_formats
+from bnfold.export.writers import WRITERS
 from bnfold.export.triton import check_model_name, default_model_name, staged_export
 
 class PartialExportError(ExportError):
@@ -101,10 +101,10 @@ def export_checkpoint(config: ExportConfig) -> ExportSummary:
     shape. With `config.triton_repo`, the ONNX file is also added to that Triton model repository
     as `<triton_name or arch>/1/model.onnx` with its `config.pbtxt`.
     """
-    if config.formats is None:  # every format the model can go to: an ONNX file only stays ONNX
-        fmts = check_formats(["onnx"] if is_onnx_file(config.source) else list(DEFAULT_FORMATS))
-    else:
-        fmts = check_formats(config.formats)
+    # Every format the model can go to unless told (an ONNX file only stays ONNX); the config
+    # checked and normalized given ones when it was made.
+    fmts = list(config.formats) if config.formats is not None else (
+        ["onnx"] if is_onnx_file(config.source) else list(DEFAULT_FORMATS))
     check_opset(config.opset, config.legacy_onnx)
     checkpoint, out_dir = Path(config.source), Path(config.out)
     _check_target(out_dir, config.force, "output folder")

@@ -42,7 +42,7 @@ class Int8Config:
     eval_data: str | os.PathLike | None = None
     max_accuracy_drop: float = 1.0                   # points on the eval split; more and nothing is written
     min_agreement: float = 0.98                      # agreement gate: INT8 top-1 equal to FP32's on this fraction
-    max_output_error: float = 0.1                    # agreement gate: max |INT8 - FP32| / max |FP32|
+    max_output_error: float = 0.1                    # agreement gate: ||INT8 - FP32|| / ||FP32|| (SQNR 20 dB)
     per_channel: bool = True                         # False (--per-tensor): one scale per weight tensor
     reduce_range: bool | None = None                 # None: from the CPU's flags
     activation_type: str | None = None               # "uint8" or "int8"; None: from the CPU
@@ -94,6 +94,10 @@ class ExportConfig:
     int8: Int8Config = field(default_factory=Int8Config)   # the int8 format: calibration and accuracy gate
 
     def __post_init__(self) -> None:
+        if self.formats is not None:   # normalized here, once: aliases (pt2, ts), case, duplicates
+            from .writers import check_formats
+
+            self.formats = check_formats(self.formats)
         if self.triton_device not in TRITON_DEVICES:
             raise ExportError(f"--triton-device must be one of {', '.join(TRITON_DEVICES)}, got {self.triton_device!r}")
         if self.opset is not None and self.opset < 1:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import UnknownFormatError
@@ -30,7 +31,9 @@ if TYPE_CHECKING:
     from .summary import ArtifactReport
 
 
-def _resolve(target: str) -> Any:
+def _resolve(target: str | Callable[..., Any]) -> Any:
+    if callable(target):   # an entry added at run time may hold the function itself
+        return target
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)
 
@@ -40,8 +43,8 @@ class Writer:
     """One export format: its file, how it is written and read, and what kind of file that is."""
 
     file_name: str
-    writer: str            # "module:function" (model, spec, path, config, samples) -> ArtifactReport
-    reader: str            # "module:function" (path) -> the loaded file
+    writer: str | Callable[..., "ArtifactReport"]   # "module:function" (model, spec, path, config, samples)
+    reader: str | Callable[[Path], Any]            # "module:function" (path) -> the loaded file
     kind: str              # models.loader.detect_kind of the file: onnx, torchscript or program
     description: str
 

@@ -87,7 +87,7 @@ def test_a_new_format_is_one_entry_in_the_writers_table(untrained_lenet_checkpoi
     # A format written by the TorchScript writer under another file name: export_checkpoint, the
     # format check and the file-name lookup all follow the table, with no other edit.
     monkeypatch.setitem(export.WRITERS, "ts-copy", export.Writer(
-        "model.copy.ts", export.WRITERS["torchscript"].write, export.load_torchscript, "a test format"))
+        "model.copy.ts", export.WRITERS["torchscript"].write, export.load_torchscript, "torchscript", "a test format"))
     summary = export.export_checkpoint(export.ExportConfig(untrained_lenet_checkpoint, tmp_path / "out",
                                                            formats="ts-copy", progress=False))
     assert [a.format for a in summary.artifacts] == ["torchscript"]
