@@ -35,6 +35,15 @@ from bnfold.bench.zoo import randomize_batchnorm
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread_after_each_test() -> Iterator[None]:
+    """models.train (threads=0: every CPU) and others set torch's thread count and leave it: put it back,
+    or every later test in this process (an xdist worker) runs on both cores, against the other worker."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--extended", action="store_true", default=False,
                      help="also run the tests marked extended (the remaining deep architectures and "

@@ -13,7 +13,8 @@ from bnfold.models.training import TrainingError, resolve_device
 
 
 def tiny(out, **overrides) -> models.TrainConfig:
-    base = dict(out=str(out), epochs=1, steps_per_epoch=2, batch_size=32, progress=False, device="cpu")
+    # One thread (threads=0 would take every CPU, and fight the other xdist worker for them).
+    base = dict(out=str(out), epochs=1, steps_per_epoch=2, batch_size=32, progress=False, device="cpu", threads=1)
     base.update(overrides)
     return models.TrainConfig(**base)
 
