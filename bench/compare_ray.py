@@ -8,7 +8,8 @@ bench.ray_cluster) carries both Ray applications at once, each with 2 replicas:
 - "plain Ray Serve": bench.ray_plain, an onnxruntime session in a `@serve.deployment` class with a
   Starlette handler and a JSON body, as Ray's documentation shows (POST /plain/predict);
 - "bnfold on Ray": `bnfold serve MODEL --ray ADDRESS --replicas 2` (binary tensors, tritonclient's
-  default, and JSON tensors);
+  default, and JSON tensors; not gRPC: with two applications on the cluster Ray's gRPC proxy wants
+  an `application` metadata entry on every call, which bench.loadtest does not send);
 
 and "bnfold direct" is `bnfold serve` as one process beside the cluster. Both Ray applications
 share the cluster's two CPUs, so each replica reserves half of one (`--replica-cpus 0.5`); every

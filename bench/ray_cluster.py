@@ -167,10 +167,8 @@ def loopback_cluster(python: Path | None = None, *, nodes: int = 2, cpus_per_nod
     """
     python = python or ray_python()
     temp_dir = Path(tempfile.mkdtemp(prefix="rayc-", dir="/tmp"))
-    run_env = {**os.environ, **(env or {}), "RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_IMPORT_WARNING": "1",
-               # no ~/.ray or user-wide state: the cluster is reachable only through the address we hand out
-               "RAY_ADDRESS": ""}
-    run_env.pop("RAY_ADDRESS")
+    run_env = {**os.environ, **(env or {}), "RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_IMPORT_WARNING": "1"}
+    run_env.pop("RAY_ADDRESS", None)   # a caller's own cluster must not be joined by mistake
     ray = str(python.parent / "ray")
     gcs_port, dashboard_port = free_port(), free_port()
     address = f"127.0.0.1:{gcs_port}"
