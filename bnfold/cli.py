@@ -128,9 +128,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from bnfold.export.config import ExportConfig, Int8Config
 
     config = from_args(ExportConfig, args, spec_options=_spec_options(args), int8=from_args(Int8Config, args))
-    from bnfold.export import export_checkpoint
+    from bnfold.export import export_model
 
-    print(export_checkpoint(config))
+    print(export_model(config))
     return 0
 
 

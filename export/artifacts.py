@@ -1,4 +1,4 @@
-"""`export_checkpoint(ExportConfig)`: every requested artifact of one checkpoint, all verified, or none written.
+"""`export_model(ExportConfig)`: every requested artifact of one model, all verified, or none written.
 
 Artifacts are written into a hidden folder beside `out_dir`; only when every one of them has
 passed its parity check (and the Triton model folder is complete) are they renamed into place.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ def _progress(items: Sequence[str], enabled: bool) -> Iterator[str]:
             bar.update(1)
 
 
-def export_checkpoint(config: ExportConfig) -> ExportSummary:
+def export_model(config: ExportConfig) -> ExportSummary:
     """Export a bnfold checkpoint to `config.out` (`model.onnx`, `model.ts`, `model.pt2`,
     `export.json`), each artifact verified against the checkpoint's eval-mode model.
 
@@ -165,4 +166,12 @@ def export_checkpoint(config: ExportConfig) -> ExportSummary:
     return summary
 
 
-__all__ = ["export_checkpoint", "PartialExportError", "PARITY_SAMPLES"]
+def export_checkpoint(config: ExportConfig) -> ExportSummary:
+    """The first name of `export_model`, which exports any model `config.source` names (ONNX files,
+    state_dicts, timm:NAME ...), not only checkpoints; kept for code that calls it, with a warning."""
+    warnings.warn("bnfold.export.export_checkpoint is now export_model (it exports any model, not only "
+                  "checkpoints)", DeprecationWarning, stacklevel=2)
+    return export_model(config)
+
+
+__all__ = ["export_model", "export_checkpoint", "PartialExportError", "PARITY_SAMPLES"]
