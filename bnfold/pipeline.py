@@ -1,11 +1,11 @@
 """`bnfold pipeline`: the whole job in one call, train -> fold -> export (+ INT8) -> evaluate -> bench -> REPORT.md.
 
 Each stage is one call into the package that owns it (`models.train`, `bnfold.fold` and
-`bnfold.compare`, `export.export_checkpoint`, `export.evaluate.evaluate_artifacts`,
+`bnfold.compare`, `export.export_model`, `export.evaluate.evaluate_artifacts`,
 `bench.run.run_bench`), with plain values passed between them. The run folder ends up holding:
 
     OUT/train/    best.pt, last.pt, metrics.jsonl, curves.png   (models.train)
-    OUT/export/   model.onnx, model.ts, model.pt2, model.int8.onnx, export.json   (export.export_checkpoint)
+    OUT/export/   model.onnx, model.ts, model.pt2, model.int8.onnx, export.json   (export.export_model)
     OUT/bench/    report.json, report.md, latency.png, throughput.png
     OUT/REPORT.md accuracy, fold report, parity table, latency table and charts
 """
@@ -98,7 +98,7 @@ def _export(checkpoint: Path, out: Path, data_root: str, progress: bool, int8: b
 
     formats = [*DEFAULT_FORMATS, "int8"] if int8 else list(DEFAULT_FORMATS)
     # The export folder belongs to this run: overwrite it when the run folder is reused.
-    return export.export_checkpoint(export.ExportConfig(checkpoint, out, formats=formats, data_root=data_root,
+    return export.export_model(export.ExportConfig(checkpoint, out, formats=formats, data_root=data_root,
                                                         force=True, progress=progress))
 
 

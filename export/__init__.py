@@ -15,7 +15,7 @@ from bnfold.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from bnfold.export._common import FP16_RTOL, FP32_RTOL
-    from bnfold.export.artifacts import export_checkpoint
+    from bnfold.export.artifacts import export_checkpoint, export_model
     from bnfold.export.config import TRITON_MAX_BATCH_SIZE, EvaluateConfig, ExportConfig, Int8Config
     from bnfold.export.errors import (ExportError, OpsetError, OutputExistsError, UnknownFormatError,
                                       UnsupportedOpError)
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "FP16_RTOL": "bnfold.export._common", "FP32_RTOL": "bnfold.export._common",
-    "export_checkpoint": "bnfold.export.artifacts",
+    "export_checkpoint": "bnfold.export.artifacts", "export_model": "bnfold.export.artifacts",
     "TRITON_MAX_BATCH_SIZE": "bnfold.export.config", "ExportConfig": "bnfold.export.config",
     "EvaluateConfig": "bnfold.export.config", "Int8Config": "bnfold.export.config",
     "ExportError": "bnfold.export.errors", "OpsetError": "bnfold.export.errors",

@@ -1,7 +1,7 @@
 """The configs of `bnfold export` and `bnfold evaluate`, their defaults and their checks (no torch here).
 
 `ExportConfig` nests `Int8Config` (the int8 format's calibration and accuracy gate), the way the
-command's --help groups those options. `export_checkpoint(config)` reads all of it; each writer in
+command's --help groups those options. `export_model(config)` reads all of it; each writer in
 `export.writers.WRITERS` reads the fields that concern its format (`opset` and `legacy_onnx` only
 the ONNX ones, `int8` only the INT8 one). The CLI builds both configs with `bnfold.options.from_args`.
 """

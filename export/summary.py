@@ -91,7 +91,7 @@ def format_parity_table(artifacts: list[ArtifactReport]) -> str:
 
 @dataclass
 class ExportSummary:
-    """Everything `export_checkpoint` wrote, as also saved to `export.json`."""
+    """Everything `export_model` wrote, as also saved to `export.json`."""
 
     out_dir: Path
     checkpoint: Path

@@ -2,7 +2,7 @@
 
 An entry says the file name, how to write the file (a verified writer), how to read it back, what
 kind of file it is (the kind `models.loader.detect_kind` finds in its bytes, so that the loader,
-`bnfold evaluate` and `bnfold bench` open it), and what it is for `--help`. `export_checkpoint`,
+`bnfold evaluate` and `bnfold bench` open it), and what it is for `--help`. `export_model`,
 `bnfold export --format`, `bench` (which exports what its rows need and reuses found files by
 name) and the pipeline's report all read this table: a new format is one entry here (and its
 writer function). This module imports no torch: the writer and reader are named

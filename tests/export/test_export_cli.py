@@ -71,8 +71,8 @@ def test_bnfold_export_writes_verified_files_export_json_and_a_triton_model(
     _no_staging_left(tmp_path)
 
 
-def test_export_checkpoint_returns_a_summary_matching_the_files(untrained_lenet_checkpoint, tmp_path) -> None:
-    summary = export.export_checkpoint(export.ExportConfig(untrained_lenet_checkpoint, tmp_path / "out",
+def test_export_model_returns_a_summary_matching_the_files(untrained_lenet_checkpoint, tmp_path) -> None:
+    summary = export.export_model(export.ExportConfig(untrained_lenet_checkpoint, tmp_path / "out",
                                                            formats="torchscript,program", progress=False))
     assert [a.format for a in summary.artifacts] == ["torchscript", "program"]
     assert summary.export_json == tmp_path / "out" / "export.json" and summary.export_json.is_file()
@@ -84,11 +84,11 @@ def test_export_checkpoint_returns_a_summary_matching_the_files(untrained_lenet_
 
 
 def test_a_new_format_is_one_entry_in_the_writers_table(untrained_lenet_checkpoint, tmp_path, monkeypatch) -> None:
-    # A format written by the TorchScript writer under another file name: export_checkpoint, the
+    # A format written by the TorchScript writer under another file name: export_model, the
     # format check and the file-name lookup all follow the table, with no other edit.
     monkeypatch.setitem(export.WRITERS, "ts-copy", export.Writer(
         "model.copy.ts", export.WRITERS["torchscript"].write, export.load_torchscript, "torchscript", "a test format"))
-    summary = export.export_checkpoint(export.ExportConfig(untrained_lenet_checkpoint, tmp_path / "out",
+    summary = export.export_model(export.ExportConfig(untrained_lenet_checkpoint, tmp_path / "out",
                                                            formats="ts-copy", progress=False))
     assert [a.format for a in summary.artifacts] == ["torchscript"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["export.json", "model.copy.ts"]

@@ -63,7 +63,12 @@ def test_unknown_format_lists_the_valid_ones(untrained_lenet_checkpoint, tmp_pat
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
     with pytest.raises(export.UnknownFormatError, match="choose from"):
-        export.export_checkpoint(export.ExportConfig(untrained_lenet_checkpoint, tmp_path / "out", formats=()))
+        export.export_model(export.ExportConfig(untrained_lenet_checkpoint, tmp_path / "out", formats=()))
+    # The first name still works, and says the new one.
+    (tmp_path / "previous.txt").write_text("an earlier run")
+    with pytest.warns(DeprecationWarning, match="export_model"):
+        with pytest.raises(export.OutputExistsError):
+            export.export_checkpoint(export.ExportConfig(untrained_lenet_checkpoint, tmp_path))
 
 
 def test_existing_output_folder_needs_force(untrained_lenet_checkpoint, tmp_path, capsys) -> None:
@@ -169,12 +174,12 @@ def test_parity_error_carries_the_figures(lenet, tmp_path) -> None:
 
 def test_triton_repository_needs_onnx_and_refuses_an_existing_model(untrained_lenet_checkpoint, tmp_path) -> None:
     with pytest.raises(export.ExportError, match="onnx"):
-        export.export_checkpoint(export.ExportConfig(untrained_lenet_checkpoint, tmp_path / "out", formats=["torchscript"],
+        export.export_model(export.ExportConfig(untrained_lenet_checkpoint, tmp_path / "out", formats=["torchscript"],
                                                      triton_repo=tmp_path / "repo"))
     (tmp_path / "repo" / "lenet").mkdir(parents=True)
     (tmp_path / "repo" / "lenet" / "config.pbtxt").write_text("kept")
     with pytest.raises(export.OutputExistsError, match="lenet"):
-        export.export_checkpoint(export.ExportConfig(untrained_lenet_checkpoint, tmp_path / "out", triton_repo=tmp_path / "repo"))
+        export.export_model(export.ExportConfig(untrained_lenet_checkpoint, tmp_path / "out", triton_repo=tmp_path / "repo"))
     assert (tmp_path / "repo" / "lenet" / "config.pbtxt").read_text() == "kept"
     assert not (tmp_path / "out").exists()
 
