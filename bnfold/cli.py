@@ -374,7 +374,8 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     int8.add("--min-agreement", type=float,
              help="agreement gate: the fraction of inputs on which INT8's top-1 class must equal FP32's")
     int8.add("--max-output-error", type=float,
-             help="agreement gate: largest max |INT8 - FP32| / max |FP32| over the gate's inputs")
+             help="agreement gate: largest ||INT8 - FP32|| / ||FP32|| over all outputs on the gate's inputs "
+                  "(0.1 is a signal-to-quantization-noise ratio of 20 dB)")
     int8.add("--per-tensor", dest="per_channel", action="store_false",
              help="one scale per weight tensor instead of one per output channel")
 
@@ -394,7 +395,7 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     opts.add("--eval-data", metavar="PATH",
              help="your own data instead of a dataset (export --format int8 takes the same): PATH/<label>/ folders "
                   "of images give each artifact's accuracy; unlabelled images, .npy or .npz give each one's top-1 "
-                  "agreement with the first artifact and its output error (max |out - first| / max |first|)")
+                  "agreement with the first artifact and its output error (||out - first|| / ||first||)")
     opts.shared("--data-root")
     opts.shared("--batch-size", help="inputs per run (the figure does not depend on it)")
     opts.shared("--threads")

@@ -236,7 +236,7 @@ class Evaluation:
     seconds: float
     spec_source: str             # where the spec (dataset, preprocessing) came from
     logged: float | None = None  # the training log's test figure for the spec's checkpoint
-    output_error: float | None = None   # unlabelled data: max |out - first| / max |first|
+    output_error: float | None = None   # unlabelled data: ||out - first|| / ||first||
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -311,7 +311,7 @@ def evaluate_artifacts(paths: Sequence[str | os.PathLike], *, checkpoint: str | 
     `eval_data` replaces the dataset (`export.user_data`): class folders of images (or a .npz with
     labels) give each artifact's accuracy on them; unlabelled images, .npy or .npz give each
     artifact's top-1 agreement with the first artifact and its output error against it
-    (max |out - first| / max |first|), the figures INT8's agreement gate uses.
+    (||out - first|| / ||first||), the figures INT8's agreement gate uses.
 
     `checkpoint` supplies the spec for artifacts that carry none (and overrides theirs);
     `dataset` evaluates on another dataset than the spec's (same preprocessing and labels);
@@ -374,7 +374,7 @@ def _user_split(path: str | os.PathLike, spec: ModelSpec) -> EvalSplit:
     from bnfold.export.user_data import load_user_data
 
     data = load_user_data(path, spec, option="--eval-data")
-    return EvalSplit(data.inputs, data.labels, data.source, "classification" if data.labels is not None else spec.task)
+    return EvalSplit(data.inputs, data.labels, str(path), "classification" if data.labels is not None else spec.task)
 
 
 def _agreement(reference: tuple[Path, np.ndarray], outputs: np.ndarray) -> tuple[str, float, float]:
@@ -384,7 +384,8 @@ def _agreement(reference: tuple[Path, np.ndarray], outputs: np.ndarray) -> tuple
         raise EvaluationError(f"outputs of shape {list(outputs.shape[1:])} cannot be compared with those of "
                               f"{str(first)!r} ({list(ref.shape[1:])})")
     agree = float((ref.argmax(axis=1) == outputs.argmax(axis=1)).mean()) if ref.ndim >= 2 else 1.0
-    error = float(np.abs(outputs - ref).max() / max(float(np.abs(ref).max()), 1e-30))
+    diff = outputs.astype(np.float64) - ref
+    error = float(np.linalg.norm(diff) / max(float(np.linalg.norm(ref.astype(np.float64))), 1e-30))
     return f"agreement with {first.name}", agree, error
 
 
