@@ -87,7 +87,7 @@ def _cmd_fold(args: argparse.Namespace) -> int:
     config = from_args(FoldConfig, args)
     loaded = _load_model(config, config.model)
     model = loaded.require_module("fold")
-    print(fold_and_save(model, config.out, input_shape=loaded.require_shape(), rtol=config.rtol,
+    print(fold_and_save(model, config.out, input_shape=loaded.require_shape(), rtol=config.tolerance,
                         samples=config.samples, batchnorms=load_batchnorms(config.batchnorm)))
     return 0
 
@@ -101,7 +101,7 @@ def _cmd_fold_onnx(args: argparse.Namespace) -> int:
             raise BnfoldError("--out is required: the ONNX file to write")
         args.out = args.old_output
     config = from_args(FoldOnnxConfig, args, spec_options=_spec_options(args))
-    print(fold_onnx_file(config.model, config.out, input_shape=config.input_shape, rtol=config.rtol,
+    print(fold_onnx_file(config.model, config.out, input_shape=config.input_shape, rtol=config.tolerance,
                          samples=config.samples))
     if config.spec_options.given():  # a spec, so that `bnfold serve` answers /predictions for the folded file
         from bnfold.export.onnx_file import stamp_spec
@@ -346,6 +346,7 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
              help="every file with float16 weights (folded in float64 first); inputs and outputs stay "
                   "float32 and the parity tolerance is 1e-2 max relative error (1e-5 otherwise). "
                   "--format fp16 instead adds model.fp16.onnx beside the float32 files")
+    opts.shared("--rtol")
     opts.add("--triton-repo", metavar="DIR", help="also write a Triton model repository here")
     opts.shared("--data-root")
     opts.shared("--force")

@@ -15,8 +15,8 @@ from bnfold.models.spec_options import SpecOptions
 FOLD_RTOL = 1e-5
 
 
-def _check_parity(rtol: float, samples: int) -> None:
-    if not rtol > 0:
+def _check_parity(rtol: float | None, samples: int) -> None:
+    if rtol is not None and not rtol > 0:
         raise BnfoldError(f"--rtol must be positive, got {rtol}")
     if samples < 1:
         raise BnfoldError(f"--samples must be at least 1, got {samples}")
@@ -28,7 +28,7 @@ class FoldConfig:
 
     model: str | os.PathLike             # anything models.load_model reads
     out: str | os.PathLike               # where to torch.save the folded module
-    rtol: float = FOLD_RTOL
+    rtol: float | None = None            # None: FOLD_RTOL, as every command's --rtol
     samples: int = 8                     # random inputs in the parity check
     model_class: str | None = None
     model_args: str | dict | list | None = None
@@ -40,6 +40,10 @@ class FoldConfig:
     def __post_init__(self) -> None:
         _check_parity(self.rtol, self.samples)
 
+    @property
+    def tolerance(self) -> float:
+        return FOLD_RTOL if self.rtol is None else self.rtol
+
 
 @dataclass
 class FoldOnnxConfig:
@@ -47,13 +51,17 @@ class FoldOnnxConfig:
 
     model: str | os.PathLike             # the ONNX file to read
     out: str | os.PathLike               # the ONNX file to write
-    rtol: float = FOLD_RTOL
+    rtol: float | None = None            # None: FOLD_RTOL, as every command's --rtol
     samples: int = 8
     input_shape: tuple[int, ...] | None = None
     spec_options: SpecOptions | None = None
 
     def __post_init__(self) -> None:
         _check_parity(self.rtol, self.samples)
+
+    @property
+    def tolerance(self) -> float:
+        return FOLD_RTOL if self.rtol is None else self.rtol
 
 
 __all__ = ["FOLD_RTOL", "FoldConfig", "FoldOnnxConfig"]

@@ -263,6 +263,7 @@ class WriteOptions:
     fp16: bool = False
     dynamic_batch: bool = True
     verbose: bool = False
+    rtol: float | None = None            # None: FP32_RTOL, or FP16_RTOL with float16 weights (--rtol)
 
 
 def write_verified(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, steps: FormatSteps,
@@ -297,7 +298,7 @@ def write_verified(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, s
                                   f"{errors.first_line(exc, with_type=True, deepest=True)}") from exc
         with torch.no_grad():
             parity = bnfold.compare(prepared.reference, runner, batches)
-        tol = tolerance(options.fp16)
+        tol = options.rtol if options.rtol is not None else tolerance(options.fp16)
         parity.check(tol, label)
         size = tmp.stat().st_size
     report = ArtifactReport(format=steps.format, path=Path(path), exporter=steps.exporter, dtype=prepared.dtype,

@@ -77,6 +77,7 @@ class ExportConfig:
     legacy_onnx: bool = False            # the TorchScript-based ONNX exporter instead of dynamo
     dynamic_batch: bool = True           # False (--static-batch): the batch axis fixed at 1
     fp16: bool = False                   # float16 weights behind float32 inputs and outputs, in every file
+    rtol: float | None = None            # parity tolerance; None: 1e-5, or 1e-2 with float16 weights
     triton_repo: str | os.PathLike | None = None   # also add the ONNX file to this Triton repository
     triton_device: str = "cpu"           # instance_group kind in config.pbtxt
     triton_name: str | None = None       # None: the architecture's name
@@ -100,6 +101,8 @@ class ExportConfig:
             self.formats = check_formats(self.formats)
         if self.triton_device not in TRITON_DEVICES:
             raise ExportError(f"--triton-device must be one of {', '.join(TRITON_DEVICES)}, got {self.triton_device!r}")
+        if self.rtol is not None and not self.rtol > 0:
+            raise ExportError(f"--rtol must be positive, got {self.rtol}")
         if self.opset is not None and self.opset < 1:
             raise ExportError(f"--opset must be positive, got {self.opset}")
 

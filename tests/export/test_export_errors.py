@@ -228,3 +228,14 @@ def test_an_onnx_spec_from_a_newer_bnfold_is_refused_by_name(tmp_path, make_tiny
     with pytest.raises(SpecVersionError, match=f"spec_version {SPEC_VERSION + 1}.*upgrade bnfold") as info:
         export.read_spec(path)
     assert "newer.onnx" in str(info.value)
+
+
+def test_rtol_sets_the_parity_tolerance_as_on_fold(untrained_lenet_checkpoint, tmp_path, capsys) -> None:
+    """--rtol was fold's and fold-onnx's only; export checks every file against the same option."""
+    code, _, err = _run(capsys, untrained_lenet_checkpoint, "--format", "torchscript", "--rtol", "1e-15",
+                        "--out", tmp_path / "strict")
+    assert code == 2 and "max relative error" in err and "1e-15" in err.replace("1.0e-15", "1e-15")
+    assert not (tmp_path / "strict").exists()
+    code, _, err = _run(capsys, untrained_lenet_checkpoint, "--format", "torchscript", "--rtol", "0",
+                        "--out", tmp_path / "zero")
+    assert code == 2 and "--rtol must be positive" in err
