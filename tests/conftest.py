@@ -213,6 +213,33 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_onnx(tmp_path_factory.mktemp("tiny") / "model.onnx")
 
 
+@contextlib.contextmanager
+def _in_process_service(*serve_args: str | os.PathLike) -> Iterator["httpx.Client"]:
+    """The app that `bnfold serve SERVE_ARGS` serves, called in this process: no socket, no uvicorn, no
+    second Python starting up. The same argument parsing, config and `create_app`; start-up and
+    shutdown through the app's lifespan; requests through Starlette's TestClient (an httpx.Client).
+    For what only a real server shows (sockets, uvicorn's limits, signals, other clients) keep
+    `bnfold.serve.launch.running_server`."""
+    import argparse
+
+    from starlette.testclient import TestClient
+
+    from bnfold.serve.app import create_app
+    from bnfold.serve.config import add_arguments, from_args
+
+    parser = argparse.ArgumentParser(prog="bnfold serve")
+    add_arguments(parser)
+    app = create_app(from_args(parser.parse_args([str(arg) for arg in serve_args])))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def in_process_service() -> Callable[..., contextlib.AbstractContextManager]:
+    """`with in_process_service(MODEL, "--threads", "1") as client:` an httpx.Client on that app."""
+    return _in_process_service
+
+
 @pytest.fixture
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""

@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from bnfold.serve.errors import ServeError
-from bnfold.serve.launch import running_server
 from bnfold.serve.page import STATIC, PageAssets
 
 # Test-only dependencies ([test] extra): a machine without one skips these tests, with the reason.
@@ -20,9 +19,10 @@ httpx = pytest.importorskip("httpx")
 
 
 @pytest.fixture(scope="module")
-def server(tiny_onnx: Path) -> Iterator[str]:
-    with running_server(tiny_onnx, threads=1) as url:
-        yield url
+def client(tiny_onnx: Path, in_process_service) -> Iterator[httpx.Client]:
+    """The app `bnfold serve` runs, called in-process: the pages are the app's answers, no socket needed."""
+    with in_process_service(tiny_onnx, "--threads", "1") as client:
+        yield client
 
 
 def _png(size: int = 28) -> bytes:
@@ -31,14 +31,13 @@ def _png(size: int = 28) -> bytes:
     return buffer.getvalue()
 
 
-def test_page_and_its_files_are_served_self_contained_and_locked_down(server: str) -> None:
-    with httpx.Client(base_url=server) as client:
-        page = client.get("/")
-        script = client.get("/static/page.js")
-        style = client.get("/static/page.css")
-        escape = client.get("/static/../app.py")
-        unknown = client.get("/static/other.js")
-        post = client.post("/")
+def test_page_and_its_files_are_served_self_contained_and_locked_down(client: httpx.Client) -> None:
+    page = client.get("/")
+    script = client.get("/static/page.js")
+    style = client.get("/static/page.css")
+    escape = client.get("/static/../app.py")
+    unknown = client.get("/static/other.js")
+    post = client.post("/")
     assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
     assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
     assert style.status_code == 200 and style.headers["content-type"].startswith("text/css")
@@ -59,10 +58,9 @@ def test_the_script_never_turns_text_into_markup() -> None:
     assert "textContent" in script and "encodeURIComponent(name)" in script
 
 
-def test_predictions_say_their_server_side_latency_and_metadata_carries_the_rest(server: str) -> None:
-    with httpx.Client(base_url=server) as client:
-        answer = client.post("/predictions/tiny?top_k=2", content=_png(), headers={"content-type": "image/png"})
-        meta = client.get("/v2/models/tiny").json()
+def test_predictions_say_their_server_side_latency_and_metadata_carries_the_rest(client: httpx.Client) -> None:
+    answer = client.post("/predictions/tiny?top_k=2", content=_png(), headers={"content-type": "image/png"})
+    meta = client.get("/v2/models/tiny").json()
     assert answer.status_code == 200, answer.text
     # The page's latency line reads the standard Server-Timing header: total covers the model run.
     timing = dict(re.findall(r"(\w+);dur=([\d.]+)", answer.headers["server-timing"]))

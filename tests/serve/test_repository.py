@@ -12,7 +12,6 @@ import pytest
 
 from bnfold.models.spec import ModelSpec
 from bnfold.serve.errors import ServeError
-from bnfold.serve.launch import running_server
 from bnfold.serve.repository import load_repository, parse_pbtxt
 
 # Test-only dependencies ([test] extra): a machine without one skips these tests, with the reason.
@@ -55,10 +54,10 @@ def test_pbtxt_reads_what_export_writes(tmp_path: Path, tiny_onnx: Path) -> None
     assert load_repository(tmp_path / "repo", threads=1)["first"].max_batch_size == 8
 
 
-def test_config_max_batch_size_is_the_limit_on_the_real_server(repo: Path) -> None:
+def test_config_max_batch_size_is_the_limit_the_service_enforces(repo: Path, in_process_service) -> None:
     x = np.zeros((5, 1, 28, 28), np.float32)
     body = {"inputs": [{"name": "input", "shape": [5, 1, 28, 28], "datatype": "FP32", "data": x.ravel().tolist()}]}
-    with running_server(repo, threads=1) as url, httpx.Client(base_url=url) as client:
+    with in_process_service(repo, "--threads", "1") as client:
         assert client.get("/v2/models/tiny/config").json()["max_batch_size"] == 4
         r = client.post("/v2/models/tiny/infer", json=body)
         assert r.status_code == 400 and "max_batch_size 4" in r.json()["error"]
@@ -131,9 +130,9 @@ def test_non_numeric_version_folders_are_skipped_with_a_log_line(repo: Path, cap
     assert any("latest" in r.getMessage() and "number" in r.getMessage() for r in caplog.records), caplog.text
 
 
-def test_repository_index_lists_the_models(repo: Path) -> None:
-    with running_server(repo, threads=1) as url:
-        index = httpx.post(f"{url}/v2/repository/index").json()
+def test_repository_index_lists_the_models(repo: Path, in_process_service) -> None:
+    with in_process_service(repo, "--threads", "1") as client:
+        index = client.post("/v2/repository/index").json()
         assert index == [{"name": "tiny", "version": "1", "state": "READY"}]
-        assert json.loads(httpx.get(f"{url}/v2").text)["extensions"] == ["binary_tensor_data", "classification",
-                                                                          "statistics"]
+        assert json.loads(client.get("/v2").text)["extensions"] == ["binary_tensor_data", "classification",
+                                                                     "statistics"]
