@@ -214,3 +214,15 @@ def test_the_architecture_list_in_help_is_the_registrys(capsys) -> None:
 def test_threads_zero_means_the_cpus_this_process_may_use() -> None:
     assert options.resolve_threads(0) == options.available_cpus() >= 1
     assert options.resolve_threads(3) == 3
+
+
+def test_only_the_top_floor_imports_the_top_floor() -> None:
+    """cli.py and pipeline.py reach every package; nothing below imports them (pipeline stays in
+    bnfold/ beside cli.py for that reason: like it, it is a command over all the packages)."""
+    import re
+
+    pattern = re.compile(r"^\s*(from bnfold\.(cli|pipeline)\b|from bnfold import .*\b(cli|pipeline)\b|"
+                         r"import bnfold\.(cli|pipeline)\b)", re.M)
+    importers = sorted(str(p.relative_to(ROOT)) for folder in PACKAGES for p in (ROOT / folder).glob("*.py")
+                       if pattern.search(p.read_text(encoding="utf-8")))
+    assert importers == ["bnfold/__main__.py", "bnfold/cli.py"]
