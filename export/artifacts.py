@@ -57,7 +57,13 @@ def _load_source(config: ExportConfig) -> LoadedModel:
                       weights=config.weights, trust_pickle=config.trust_pickle, input_shape=config.input_shape)
 
 
-def _parity_samples(spec: ModelSpec, data_root: str | os.PathLike) -> tuple[torch.Tensor | None, str]:
+def _parity_samples(spec: ModelSpec, data_root: str | os.PathLike,
+                    own_data: str | os.PathLike | None = None) -> tuple[torch.Tensor | None, str]:
+    if not spec.dataset and own_data is not None:  # the user's own images or arrays (--eval/calibration-data)
+        from bnfold.export.user_data import load_user_data
+
+        data = load_user_data(own_data, spec)
+        return torch.from_numpy(data.inputs[:PARITY_SAMPLES]), f"{min(data.samples, PARITY_SAMPLES)} of {data.source}"
     if not spec.dataset:  # a model from elsewhere: bnfold knows no data for it
         return None, "random normal inputs (no dataset is known for this model)"
     samples = models.sample_inputs(spec, PARITY_SAMPLES, data_root=str(data_root))
@@ -126,7 +132,7 @@ def export_model(config: ExportConfig) -> ExportSummary:
         triton_name = check_model_name(config.triton_name or default_model_name(spec))
         triton_target = Path(config.triton_repo) / triton_name
         _check_target(triton_target, config.force, "Triton model folder")
-    samples, source = _parity_samples(spec, config.data_root)
+    samples, source = _parity_samples(spec, config.data_root, config.int8.eval_data or config.int8.calibration_data)
 
     # Everything is written into hidden folders and moved into place only once all of it passed.
     # A failed INT8 gate refuses that file alone: the verified files are still written, and the
