@@ -20,7 +20,6 @@ from bnfold.export.evaluate import load_eval_split
 from bnfold.export.int8 import (AccuracyGateError, Int8Config, calibration_inputs, cpu_int8_support,
                                 export_int8)
 from bnfold.export.onnx import count_ops, read_spec
-from bnfold.serve.launch import running_server
 
 # Test-only dependencies ([test] extra): a machine without one skips these tests, with the reason.
 httpx = pytest.importorskip("httpx")
@@ -190,14 +189,13 @@ def test_reduce_range_and_activation_type_follow_the_cpu_flags(cpuinfo: str, mac
     assert ("may not be faster" in support.note) == (machine == "x86_64" and not vnni)
 
 
-def test_bnfold_serve_serves_the_int8_file(trained_lenet: Path, tmp_path: Path) -> None:
-    model, spec = models.load_checkpoint(trained_lenet)
-    path = tmp_path / "model.int8.onnx"
-    export_int8(model, spec, path, config=Int8Config(calibration_samples=32))
+def test_bnfold_serve_serves_the_int8_file(trained_lenet: Path, lenet_exports: Path, in_process_service) -> None:
+    _, spec = models.load_checkpoint(trained_lenet)
+    path = lenet_exports / "model.int8.onnx"     # the run's shared `bnfold export --format ...,int8`
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images = load_eval_split(spec).inputs[:4]
     expected = session.run(None, {"input": images})[0]
-    with running_server(path, threads=1) as url, httpx.Client(base_url=url) as client:
+    with in_process_service(path, "--threads", "1") as client:
         meta = client.get("/v2/models/lenet.int8").json()
         assert meta["inputs"][0]["datatype"] == "FP32" and meta["outputs"][0]["datatype"] == "FP32"
         body = {"inputs": [{"name": "input", "shape": list(images.shape), "datatype": "FP32",
