@@ -242,3 +242,14 @@ def test_batchnorm_over_tokens_is_not_folded_into_a_linear_of_the_same_width() -
     assert name == "1" and "axis 1 of a 3-D input" in why, str(report)
     with torch.no_grad():
         assert torch.equal(model(x), folded(x))
+
+
+@pytest.mark.gpu
+def test_d2l_lenet_on_cuda_is_probed_on_the_cpu_and_folded_on_its_device(d2l) -> None:
+    net = _trained_statistics(d2l.lenet()).cuda()
+    x = torch.randn(4, 1, 28, 28, device="cuda")
+    folded, report = fold(net, example_inputs=x)
+    assert len(report.folded) == 4 and report.ok, str(report)
+    assert all(p.device.type == "cuda" for p in folded.parameters())
+    with torch.no_grad():
+        assert _max_rel(net(x).cpu(), folded(x).cpu()) <= 1e-5
