@@ -49,8 +49,12 @@ def test_pipeline_report_contents(pipeline_run: Path) -> None:
     metric = spec.metrics["test_accuracy"]
     assert 0.0 <= metric <= 1.0
     assert f"test_accuracy = {metric:.4f}" in report
-    # One thread for every backend by default, and the report says so.
-    assert "| threads (torch and onnxruntime) | 1 |" in report
+    # --threads 0 (every command's default): one count, the CPUs this process may use, for every
+    # backend, and the report says which.
+    from bnfold.options import available_cpus
+
+    assert f"| threads (torch and onnxruntime) | {available_cpus()} |" in report
+    assert "--threads 0" in report   # the command line quoted at the top
 
 
 def test_pipeline_bench_rows(pipeline_run: Path) -> None:
