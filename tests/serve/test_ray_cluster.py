@@ -7,6 +7,7 @@ clients here are this environment's tritonclient and onnxruntime.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -176,3 +177,20 @@ def test_killing_a_replica_under_load_fails_at_most_the_requests_in_flight_and_r
     assert replaced_at is not None, "Ray did not replace the killed replica within 30 s"
     assert after_kill_ok and min(after_kill_ok) - killed_at <= 30.0, "service not back within 30 s"
     assert outcomes.count("ok") > 50
+
+
+def test_replicas_auto_becomes_rays_autoscaling_between_min_and_max(ray_service):
+    """What `--replicas auto` asks Ray for (checked in Ray's environment, without a second deploy)."""
+    cluster, _, _ = ray_service
+    code = ("import json\nfrom bnfold.serve.config import ServeConfig\n"
+            "from bnfold.serve.ray_app import deployment_options\n"
+            "auto = ServeConfig(model='m.onnx', ray='x', replicas='auto', min_replicas=2, max_replicas=6, "
+            "replica_cpus=0.5, max_ongoing_requests=9)\n"
+            "fixed = ServeConfig(model='m.onnx', ray='x', replicas=3)\n"
+            "print(json.dumps([deployment_options(auto), deployment_options(fixed)]))")
+    auto, fixed = json.loads(cluster.run_python(code).strip().splitlines()[-1])
+    assert auto["num_replicas"] == "auto"
+    assert auto["autoscaling_config"]["min_replicas"] == 2 and auto["autoscaling_config"]["max_replicas"] == 6
+    assert auto["ray_actor_options"] == {"num_cpus": 0.5} and auto["max_ongoing_requests"] == 9
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["logging_config"]["enable_access_log"] is False
