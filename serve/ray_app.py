@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -162,9 +163,22 @@ def _check_sources(config: ServeConfig) -> None:
                              status=500)
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """HOST:PORT that nothing answers is our one-line error now; ray.init would retry it for minutes."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return   # "auto", ray://...: Ray's own lookup
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ServeError(f"cannot reach the Ray cluster at {address!r}: {exc.strerror or exc} (is `ray start "
+                         f"--head` running there?)", status=500) from None
+
+
 def deploy(config: ServeConfig) -> str:
     """Deploy `config` as the Serve application "bnfold" on the cluster at `config.ray`; its URL once RUNNING."""
     _check_sources(config)
+    _check_reachable(config.ray)
     try:
         ray.init(address=config.ray, logging_level="ERROR", log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:

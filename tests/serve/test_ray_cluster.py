@@ -194,3 +194,15 @@ def test_replicas_auto_becomes_rays_autoscaling_between_min_and_max(ray_service)
     assert auto["ray_actor_options"] == {"num_cpus": 0.5} and auto["max_ongoing_requests"] == 9
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
     assert fixed["logging_config"]["enable_access_log"] is False
+
+
+@pytest.mark.parametrize("model,address,words", [
+    ("missing.onnx", "127.0.0.1:1", "not found (every Ray node must see it at this path)"),
+    (None, "127.0.0.1:1", "cannot reach the Ray cluster at '127.0.0.1:1'"),
+])
+def test_a_missing_model_or_an_unreachable_cluster_is_one_line_and_exit_2_at_once(tiny_onnx, model, address, words):
+    """Ray itself would retry an unreachable address for minutes, and a missing file would fail in each replica."""
+    done = subprocess.run([str(ray_python()), "-m", "bnfold.serve", model or str(tiny_onnx), "--ray", address],
+                          capture_output=True, text=True, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and words in lines[-1] and "Traceback" not in done.stderr, done.stderr[-2000:]
