@@ -248,11 +248,7 @@ def _fold_parser(sub: argparse._SubParsersAction) -> None:
     opts.add("model", help=_MODEL_HELP)
     opts.shared("--out", required=True, help="the file to torch.save the folded module to")
     _add_model_options(opts)
-    opts.add("--batchnorm", action="append", metavar="CLASS=ADAPTER",
-             help="declare a BatchNorm class of your own that running it cannot settle (repeatable): "
-                  "CLASS and ADAPTER are FILE.py:NAME or package.module:NAME, ADAPTER a function "
-                  "module -> bnfold.BNStats. Without it, a module of yours is folded when, run on the "
-                  "input the model feeds it (from --input-shape), it computes a per-channel a*x + b")
+    opts.shared("--batchnorm")
     opts.shared("--rtol")
     opts.shared("--samples")
 
@@ -330,6 +326,7 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     opts = ConfigOptions(p, ExportConfig)
     opts.add("source", metavar="model", help=_MODEL_HELP)
     _add_model_options(opts)
+    opts.shared("--batchnorm")
     _add_spec_options(p)
     opts.add("--format", dest="formats", type=options.csv,
              help=f"comma-separated formats, default {','.join(DEFAULT_FORMATS)} (onnx alone for an ONNX "

@@ -220,6 +220,11 @@ SHARED: dict[str, dict[str, Any]] = {
     "--trust-pickle": dict(action="store_true",
                            help="allow loading a whole module saved with torch.save(model): unpickling runs code "
                                 "from the file, so only for files you trust"),
+    "--batchnorm": dict(action="append", metavar="CLASS=ADAPTER",
+                        help="declare a BatchNorm class of your own that running it cannot settle (repeatable): "
+                             "CLASS and ADAPTER are FILE.py:NAME or package.module:NAME, ADAPTER a function "
+                             "module -> bnfold.BNStats. Without it, a module of yours is folded when, run on the "
+                             "input the model feeds it (from --input-shape), it computes a per-channel a*x + b"),
 }
 
 

@@ -86,15 +86,17 @@ def reference_module(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).cpu().float().eval()
 
 
-def prepare(model: nn.Module, *, fold: bool, fp16: bool, example: torch.Tensor | None = None) -> Prepared:
+def prepare(model: nn.Module, *, fold: bool, fp16: bool, example: torch.Tensor | None = None,
+            batchnorms: Any = None) -> Prepared:
     """Fold (or copy) the model for export; the given module is left exactly as it was. `example`
-    is an input of the model's shape: modules of its own are recognized by what they compute on it."""
+    is an input of the model's shape: modules of its own are recognized by what they compute on it;
+    `batchnorms` declares classes and their adapters (`bnfold.fold`'s)."""
     if not isinstance(model, nn.Module):
         raise ExportError(f"expected a torch.nn.Module to export, got {type(model).__name__}")
     reference = reference_module(model)
     if fold:
         # bnfold.fold works on a copy, computes in float64 and returns an eval-mode module.
-        module, report = bnfold.fold(reference, example_inputs=example)
+        module, report = bnfold.fold(reference, example_inputs=example, batchnorms=batchnorms)
     else:
         module, report = copy.deepcopy(reference), None
     module = module.cpu().float().eval()
@@ -264,6 +266,7 @@ class WriteOptions:
     dynamic_batch: bool = True
     verbose: bool = False
     rtol: float | None = None            # None: FP32_RTOL, or FP16_RTOL with float16 weights (--rtol)
+    batchnorms: Any = None               # bnfold.fold's batchnorms= (--batchnorm CLASS=ADAPTER), or None
 
 
 def write_verified(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, steps: FormatSteps,
@@ -278,7 +281,7 @@ def write_verified(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, s
     start = time.perf_counter()
     dynamic_batch = options.dynamic_batch
     example = example_input(spec, dynamic_batch)
-    prepared = prepare(model, fold=options.fold, fp16=options.fp16, example=example)
+    prepared = prepare(model, fold=options.fold, fp16=options.fp16, example=example, batchnorms=options.batchnorms)
     with quiet(not options.verbose):
         try:
             exported = steps.export(prepared.module, example)

@@ -92,6 +92,7 @@ class ExportConfig:
     trust_pickle: bool = False           # allow unpickling a whole torch.save'd module (runs its code)
     input_shape: tuple[int, ...] | None = None    # batch first; where the file does not say it
     spec_options: SpecOptions | None = None       # --labels, --mean, --std, --input-size, --grayscale
+    batchnorm: list[str] | None = None   # --batchnorm CLASS=ADAPTER declarations (models.loader.load_batchnorms)
     int8: Int8Config = field(default_factory=Int8Config)   # the int8 format: calibration and accuracy gate
 
     def __post_init__(self) -> None:

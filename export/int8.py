@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 import bnfold
+from bnfold.models.loader import load_batchnorms
 from bnfold.models.spec import ModelSpec
 from bnfold.models.metrics import task_metric
 from bnfold.versions import cpu_name
@@ -499,7 +500,7 @@ def export_int8(model: nn.Module | None, spec: ModelSpec, path: str | os.PathLik
                 calibration_data: np.ndarray | torch.Tensor | UserData | None = None,
                 eval_split: EvalSplit | None = None, fp32_onnx: str | os.PathLike | None = None,
                 fold: bool = True, opset: int | None = None, legacy_onnx: bool = False,
-                verbose: bool = False) -> ArtifactReport:
+                verbose: bool = False, batchnorms: Any = None) -> ArtifactReport:
     """Write `model` as a gated INT8 (QDQ) ONNX file at `path`.
 
     Calibration inputs are `calibration_data` (an array of the spec's shape), else
@@ -549,7 +550,7 @@ def export_int8(model: nn.Module | None, spec: ModelSpec, path: str | os.PathLik
             # Parity inputs: real inputs of the model, as export_checkpoint uses.
             fp32_report = export_onnx(model, spec, work / "model.onnx", fold=fold, opset=opset, legacy_onnx=legacy_onnx,
                                       samples=torch.from_numpy(np.ascontiguousarray(parity_samples)),
-                                      verbose=verbose)
+                                      verbose=verbose, batchnorms=batchnorms)
             fp32_onnx, fold_report = fp32_report.path, fp32_report.fold_report
         else:
             fold_report = None
@@ -640,7 +641,7 @@ def export_from_config(model: nn.Module, spec: ModelSpec, path: Path, config: "E
     # model.onnx cannot be its source.
     reuse = sibling if sibling.is_file() and config.fold and not config.fp16 and config.dynamic_batch else None
     return export_int8(model, spec, path, config=int8, data_root=config.data_root, fp32_onnx=reuse, fold=config.fold, opset=config.opset, legacy_onnx=config.legacy_onnx,
-                       verbose=config.verbose)
+                       verbose=config.verbose, batchnorms=load_batchnorms(config.batchnorm))
 
 
 __all__ = ["AccuracyGateError", "AgreementGate", "AgreementGateError", "CALIBRATIONS", "Calibration", "CpuInt8Support",

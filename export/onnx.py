@@ -15,6 +15,7 @@ from torch import nn
 import bnfold
 from bnfold import sessions
 from bnfold.onnx_fold import load_onnx
+from bnfold.models.loader import load_batchnorms
 from bnfold.models.spec import SPEC_METADATA_KEY, ModelSpec, SpecVersionError
 from bnfold.versions import __version__
 
@@ -169,7 +170,7 @@ def cpu_session(path: str | os.PathLike, threads: int | None = None) -> Any:
 def export_onnx(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *, fold: bool = True,
                 opset: int | None = None, dynamic_batch: bool = True, fp16: bool = False,
                 legacy_onnx: bool = False, samples: torch.Tensor | None = None,
-                verbose: bool = False, rtol: float | None = None) -> ArtifactReport:
+                verbose: bool = False, rtol: float | None = None, batchnorms: Any = None) -> ArtifactReport:
     """Write `model` as a verified ONNX file at `path`.
 
     The file has zero BatchNormalization nodes, input `input`, output `logits` (`mask` for
@@ -199,7 +200,8 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, *, f
                         "ONNX export of {arch} ({dtype}, onnxruntime CPU)", export,
                         save=lambda proto, tmp: onnx.save_model(proto, os.fspath(tmp)), load=cpu_session,
                         static_batch_hint=True)
-    report, proto = write_verified(model, spec, path, steps, WriteOptions(fold, fp16, dynamic_batch, verbose, rtol),
+    report, proto = write_verified(model, spec, path, steps, WriteOptions(fold, fp16, dynamic_batch, verbose, rtol,
+                                                                               batchnorms),
                                    samples)
     report.input_name, report.opset, report.notes = INPUT_NAME, model_opset(proto), notes
     # The fold and the parity check travel with the file for readers without the checkpoint
@@ -221,7 +223,8 @@ def export_from_config(model: nn.Module, spec: ModelSpec, path: Path, config: Ex
     """`export_onnx` with the options of an `ExportConfig` (the entry in `export.WRITERS`)."""
     return export_onnx(model, spec, path, fold=config.fold, opset=config.opset,
                        dynamic_batch=config.dynamic_batch, fp16=config.fp16, legacy_onnx=config.legacy_onnx,
-                       samples=samples, verbose=config.verbose, rtol=config.rtol)
+                       samples=samples, verbose=config.verbose, rtol=config.rtol,
+                       batchnorms=load_batchnorms(config.batchnorm))
 
 
 def _check_io(model: onnx.ModelProto, out: str) -> None:

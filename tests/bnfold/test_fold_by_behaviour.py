@@ -253,3 +253,52 @@ def test_d2l_lenet_on_cuda_is_probed_on_the_cpu_and_folded_on_its_device(d2l) ->
     assert all(p.device.type == "cuda" for p in folded.parameters())
     with torch.no_grad():
         assert _max_rel(net(x).cpu(), folded(x).cpu()) <= 1e-5
+
+
+FLOAT32_BN = '''
+import torch
+from torch import nn
+
+
+class Float32BN(nn.Module):
+    """Normalizes in float32 whatever it is given (as mixed-precision code does): its float64 probe
+    differs from an exact affine map by float32 rounding, so probing cannot settle it."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.register_buffer("mu", torch.linspace(-1, 1, n))
+        self.register_buffer("sigma2", torch.linspace(0.5, 2, n))
+
+    def forward(self, x):
+        y = (x.float() - self.mu[:, None, None]) / torch.sqrt(self.sigma2[:, None, None] + 1e-5)
+        return y.to(x.dtype)
+
+
+def read(module):
+    import bnfold
+    return bnfold.BNStats(module.mu, module.sigma2, 1e-5)
+
+
+def net():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), Float32BN(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+'''
+
+
+def test_a_class_probing_cannot_settle_is_declared_for_fold_and_export(tmp_path: Path, monkeypatch, capsys) -> None:
+    (tmp_path / "f32bn.py").write_text(FLOAT32_BN)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "f32bn", raising=False)
+    import f32bn
+
+    torch.save(f32bn.net().eval(), tmp_path / "net.pt")
+    common = ["net.pt", "--trust-pickle", "--input-shape", "1,3,8,8"]
+    assert cli.main(["fold", *common, "--out", "a.pt"]) == 0
+    out = capsys.readouterr().out
+    assert "0 folded, 1 skipped" in out and "not a per-channel affine map" in out and "--batchnorm" in out
+    declared = ["--batchnorm", "f32bn.py:Float32BN=f32bn.py:read"]
+    assert cli.main(["fold", *common, *declared, "--out", "b.pt"]) == 0
+    assert "1 folded, 0 skipped" in capsys.readouterr().out
+    assert cli.main(["export", *common, *declared, "--format", "torchscript", "--out", "exp", "--no-progress"]) == 0
+    assert "1 folded, 0 skipped" in capsys.readouterr().out
+    sys.modules.pop("f32bn", None)
