@@ -50,10 +50,14 @@ class BackendContext:
 
     def prepare_folded(self) -> None:
         """Fold once, outside inference mode (parameters made under it cannot be copied freely)."""
+        import torch
+
         import bnfold
 
+        # An input the model really takes: modules of the user's own are folded by what they compute on it.
+        example = torch.from_numpy(self.inputs[min(self.inputs)]) if self.inputs else None
         try:
-            self._folded, _ = bnfold.fold(self.model)
+            self._folded, _ = bnfold.fold(self.model, example_inputs=example)
         except Exception as exc:  # noqa: BLE001 - the folded rows report it
             self._fold_error = f"bnfold.fold failed: {first_line(exc, with_type=True, limit=400)}"
 
