@@ -47,7 +47,8 @@ def _one_torch_thread_after_each_test() -> Iterator[None]:
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--extended", action="store_true", default=False,
                      help="also run the tests marked extended (the remaining deep architectures and "
-                          "the longest cases): the nightly run; without it they are deselected")
+                          "the longest cases), and export ONNX with the dynamo exporter in every test: "
+                          "the nightly run; without it they are deselected")
 
 
 # Runs before pytest-xdist's own hook, which reads the xdist_group marks added here.
@@ -76,14 +77,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # a LeNet on two cores against 1 s for the legacy (TorchScript-based) one. Where the dynamo
 # exporter is not what a test checks, the writer is handed the legacy one: the fold, the
 # verification, the metadata and the files around it are the same code either way. A test (and
-# the module fixtures it sets up) marked `dynamo` gets the real choice. The report's `exporter`
-# field still names the exporter that was asked for; no test outside `dynamo` reads it.
+# the module fixtures it sets up) marked `dynamo`, and every test under --extended, gets the real
+# choice. The report's `exporter` field still names the exporter that was asked for; no test
+# outside `dynamo` reads it.
 _DYNAMO = {"allowed": False}
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
-    _DYNAMO["allowed"] = item.get_closest_marker("dynamo") is not None
+    # The nightly run (--extended) exports with dynamo everywhere, as users do by default.
+    _DYNAMO["allowed"] = item.config.getoption("--extended") or item.get_closest_marker("dynamo") is not None
     try:
         return (yield)
     finally:
