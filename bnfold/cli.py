@@ -125,8 +125,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from bnfold.export.config import ExportConfig, Int8Config
+    from bnfold.export.config import DEFAULT_FORMATS, ExportConfig, Int8Config
 
+    if getattr(args, "fp16_format", None):   # the deprecated --fp16: the fp16 format added
+        args.formats = [*(args.formats or DEFAULT_FORMATS), "fp16"]
     config = from_args(ExportConfig, args, spec_options=_spec_options(args), int8=from_args(Int8Config, args))
     from bnfold.export import export_model
 
@@ -339,10 +341,9 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     opts.add("--legacy-onnx", action="store_true", help="use the TorchScript-based ONNX exporter")
     opts.add("--static-batch", dest="dynamic_batch", action="store_false",
              help="fix the batch dimension instead of a dynamic axis")
-    opts.add("--fp16", action="store_true",
-             help="every file with float16 weights (folded in float64 first); inputs and outputs stay "
-                  "float32 and the parity tolerance is 1e-2 max relative error (1e-5 otherwise). "
-                  "--format fp16 instead adds model.fp16.onnx beside the float32 files")
+    # FP16 is one format (model.fp16.onnx, float16 weights, float32 edges): --fp16 was a second way.
+    deprecated(p, "--fp16", "--format ...,fp16 (model.fp16.onnx beside the float32 files)", "fp16_format",
+               flag=True, value=True)
     opts.shared("--rtol")
     opts.add("--triton-repo", metavar="DIR", help="also write a Triton model repository here")
     opts.shared("--data-root")

@@ -76,7 +76,8 @@ class ExportConfig:
     opset: int | None = None             # ONNX opset; None: the exporter's own default
     legacy_onnx: bool = False            # the TorchScript-based ONNX exporter instead of dynamo
     dynamic_batch: bool = True           # False (--static-batch): the batch axis fixed at 1
-    fp16: bool = False                   # float16 weights behind float32 inputs and outputs, in every file
+    fp16: bool = False                   # float16 weights in every file: what the fp16 format's writer sets
+                                         # (model.fp16.onnx); the CLI asks for FP16 only as --format fp16
     rtol: float | None = None            # parity tolerance; None: 1e-5, or 1e-2 with float16 weights
     triton_repo: str | os.PathLike | None = None   # also add the ONNX file to this Triton repository
     triton_device: str = "cpu"           # instance_group kind in config.pbtxt

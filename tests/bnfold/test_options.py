@@ -159,6 +159,8 @@ def test_a_deprecated_spelling_is_not_a_second_meaning_and_warns(capsys) -> None
     assert "--device is deprecated, use --devices" in capsys.readouterr().err
     args = build_parser().parse_args(["loadtest", "http://x", "--model", "lenet"])
     assert args.name == "lenet"
+    args = build_parser().parse_args(["export", "m.pt", "--out", "o", "--fp16"])
+    assert args.fp16_format and "--fp16 is deprecated, use --format ...,fp16" in capsys.readouterr().err
 
 
 def test_every_parser_default_is_its_configs_and_every_option_reaches_the_config(all_commands) -> None:
