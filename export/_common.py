@@ -282,7 +282,10 @@ def write_verified(model: nn.Module, spec: ModelSpec, path: str | os.PathLike, s
     dynamic_batch = options.dynamic_batch
     example = example_input(spec, dynamic_batch)
     prepared = prepare(model, fold=options.fold, fp16=options.fp16, example=example, batchnorms=options.batchnorms)
-    with quiet(not options.verbose):
+    # Exported under no_grad, as it will run: a module that picks its inference path from
+    # torch.is_grad_enabled() (Dive into Deep Learning's BatchNorm) would otherwise be exported in
+    # its training branch.
+    with quiet(not options.verbose), torch.no_grad():
         try:
             exported = steps.export(prepared.module, example)
         except ExportError:

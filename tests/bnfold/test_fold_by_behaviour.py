@@ -162,6 +162,16 @@ def test_d2l_lenet_exports_to_onnx_without_its_arithmetic(d2l, tmp_path: Path, c
     assert ops["Conv"] == 2 and ops["Sigmoid"] == 4
 
 
+def test_d2l_lenet_exported_unfolded_runs_its_inference_branch(d2l, tmp_path: Path, capsys) -> None:
+    """--no-fold: the exporter traces under no_grad, so the course's batch_norm takes its
+    is_grad_enabled() == False branch (traced with grad on, torch.export recorded the training one)."""
+    torch.save(_trained_statistics(d2l.lenet()), tmp_path / "lenet.pt")
+    code = cli.main(["export", "lenet.pt", "--trust-pickle", "--input-shape", "1,1,28,28", "--format", "program",
+                     "--no-fold", "--out", "unfolded", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "unfolded" / "model.pt2").is_file()
+
+
 def test_batchnorm_class_declared_on_the_command_line(d2l, tmp_path: Path, capsys) -> None:
     """--batchnorm CLASS=ADAPTER: the class is read by the user's adapter, not probed."""
     torch.save(_trained_statistics(d2l.lenet()), tmp_path / "lenet.pt")
