@@ -242,6 +242,11 @@ def _float_layers(model: onnx.ModelProto) -> tuple[list[str], int]:
     return left, done
 
 
+def _even_batch(count: int, largest: int = CALIBRATION_BATCH) -> int:
+    """The largest batch size up to `largest` that splits `count` inputs into equal batches."""
+    return next(b for b in range(min(largest, count), 0, -1) if count % b == 0)
+
+
 def _input_name(path: str | os.PathLike) -> str:
     """The one fed input of an ONNX file (bnfold's are called "input"; a file from elsewhere names its own)."""
     model = onnx.load(os.fspath(path), load_external_data=False)
@@ -267,6 +272,9 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     extra: dict[str, Any] = {}
     if method == "percentile":
         extra["CalibPercentile"] = PERCENTILE
+    # The histogram calibrators (percentile, entropy) stack the batches they collected and fail on
+    # a last batch of another size ("inhomogeneous shape"): all batches of one size for them.
+    batch = CALIBRATION_BATCH if method == "minmax" else _even_batch(len(calibration))
     with quiet(not verbose):
         try:
             # ONNX shape inference is enough for a CNN; onnxruntime's symbolic one is meant for
@@ -278,7 +286,7 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
                 print(f"quant_pre_process skipped: {first_line(exc, with_type=True, deepest=True)}")
         try:
             quantize_static(
-                os.fspath(pre), os.fspath(out_path), _Reader(calibration, name=_input_name(fp32_path)),
+                os.fspath(pre), os.fspath(out_path), _Reader(calibration, batch, name=_input_name(fp32_path)),
                 quant_format=QuantFormat.QDQ,
                 per_channel=per_channel, reduce_range=reduce_range,
                 activation_type=QuantType.QUInt8 if activation_type == "uint8" else QuantType.QInt8,
