@@ -1,6 +1,7 @@
 """bnfold: fold eval-mode BatchNorm into neighbouring Conv / ConvTranspose / Linear weights.
 
     folded, report = bnfold.fold(model)                 # nn.Module -> nn.Module
+    folded, report = bnfold.fold(model, example_inputs=x)  # also your own BN classes, by what they compute
     onnx_model, report = bnfold.fold_onnx("model.onnx") # any ONNX file
     bnfold.compare(model, folded, torch.randn(8, 3, 32, 32)).check(1e-5, "folded model")
 
