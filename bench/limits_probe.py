@@ -22,7 +22,6 @@ import argparse
 import io
 import json
 import socket
-import statistics
 import tempfile
 import threading
 import time
@@ -30,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from .timing import latency_stats
 
 
 def _rss_kb(pid: int) -> int:
@@ -40,8 +41,9 @@ def _rss_kb(pid: int) -> int:
 
 
 def _percentiles(ms: list[float]) -> str:
-    q = np.percentile(ms, [50, 90, 99])
-    return f"p50 {q[0]:.2f} ms, p90 {q[1]:.2f} ms, p99 {q[2]:.2f} ms, max {max(ms):.2f} ms (n={len(ms)})"
+    q = latency_stats(ms)
+    return (f"p50 {q['p50_ms']:.2f} ms, p90 {q['p90_ms']:.2f} ms, p99 {q['p99_ms']:.2f} ms, "
+            f"max {max(ms):.2f} ms (n={len(ms)})")
 
 
 def _png(array: np.ndarray) -> bytes:
