@@ -15,10 +15,8 @@ import time
 import numpy as np
 
 from bnfold.serve.errors import ServeError
-from bnfold.serve.runtime import V2_TO_NUMPY
 
-from .loadtest import LoadtestResult, _run, _Tally
-from .timing import latency_stats
+from .loadtest import LoadtestResult, _run, _Tally, request_inputs
 
 _INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -111,25 +109,13 @@ def run_grpc_loadtest(url: str, model: str | None, *, concurrency: int = 8, requ
         raise ServeError("the model's name on the server is required for a gRPC load test")
     target = grpc_target(url)
     input_name, datatype, shape = fetch_grpc_metadata(target, model)
-    if inputs is None:
-        rng = np.random.default_rng(seed)
-        dims = input_shape or tuple(1 if d == -1 else d for d in shape)
-        dtype = V2_TO_NUMPY.get(datatype, np.dtype(np.float32))
-        inputs = [rng.standard_normal(dims).astype(dtype) for _ in range(4)]
-    elif isinstance(inputs, np.ndarray):
-        inputs = [inputs]
+    inputs = request_inputs(inputs, input_shape or tuple(1 if d == -1 else d for d in shape), datatype, seed)
     encoded = [infer_request(model, input_name, datatype, x) for x in inputs]
     try:
         tally, seconds, cpu = _run(_drive(target, encoded, concurrency, requests, warmup))
     except OSError as exc:
         raise ServeError(f"gRPC load test against {url} failed: {type(exc).__name__}: {exc}")
-    ms = np.asarray(tally.latencies) * 1e3
-    stats = latency_stats(ms)
-    return LoadtestResult(url=url, mode="grpc", concurrency=concurrency, requests=len(ms), errors=tally.errors,
-                          seconds=seconds, rps=len(ms) / seconds if seconds > 0 else 0.0,
-                          p50_ms=stats["p50_ms"], p90_ms=stats["p90_ms"], p99_ms=stats["p99_ms"],
-                          mean_ms=stats["mean_ms"], client_cpu_us=cpu / max(1, len(ms)) * 1e6,
-                          first_error=tally.first_error, latencies_ms=ms.tolist())
+    return LoadtestResult.from_tally(url, "grpc", concurrency, tally, seconds, cpu)
 
 
 __all__ = ["grpc_target", "fetch_grpc_metadata", "infer_request", "run_grpc_loadtest"]

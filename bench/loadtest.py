@@ -66,6 +66,18 @@ class LoadtestResult:
     first_error: str | None = None
     latencies_ms: list[float] = field(default_factory=list, repr=False)
 
+    @classmethod
+    def from_tally(cls, url: str, mode: str, concurrency: int, tally: _Tally, seconds: float,
+                   cpu: float) -> LoadtestResult:
+        """The result of a timed run: `tally`'s latencies, over `seconds` of wall and `cpu` of client time."""
+        ms = np.asarray(tally.latencies) * 1e3
+        stats = latency_stats(ms)
+        return cls(url=url, mode=mode, concurrency=concurrency, requests=len(ms), errors=tally.errors,
+                   seconds=seconds, rps=len(ms) / seconds if seconds > 0 else 0.0,
+                   p50_ms=stats["p50_ms"], p90_ms=stats["p90_ms"], p99_ms=stats["p99_ms"],
+                   mean_ms=stats["mean_ms"], client_cpu_us=cpu / max(1, len(ms)) * 1e6,
+                   first_error=tally.first_error, latencies_ms=ms.tolist())
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("latencies_ms")
@@ -79,6 +91,16 @@ class LoadtestResult:
         if self.first_error:
             text += f" (first: {self.first_error})"
         return text
+
+
+def request_inputs(inputs: np.ndarray | list[np.ndarray] | None, shape: tuple[int, ...], datatype: str,
+                   seed: int) -> list[np.ndarray]:
+    """The arrays a load test sends: the caller's (one array or a list), else 4 random arrays of `shape`."""
+    if inputs is None:
+        rng = np.random.default_rng(seed)
+        dtype = V2_TO_NUMPY.get(datatype, np.dtype(np.float32))
+        return [rng.standard_normal(shape).astype(dtype) for _ in range(4)]
+    return [inputs] if isinstance(inputs, np.ndarray) else inputs
 
 
 def _split(url: str) -> tuple[str, int, str]:
@@ -328,7 +350,6 @@ def run_loadtest(url: str, model: str | None, *, concurrency: int = 8, requests:
     if protocol != "http":
         raise ServeError(f"--protocol must be http or grpc, got {protocol!r}")
     host, port, base = _split(url)
-    rng = np.random.default_rng(seed)
     if reference:
         shape = input_shape or (1, 1, 28, 28)
         datatype, input_name = "FP32", None
@@ -340,11 +361,7 @@ def run_loadtest(url: str, model: str | None, *, concurrency: int = 8, requests:
         first = meta["inputs"][0]
         datatype, input_name = first["datatype"], first["name"]
         shape = input_shape or tuple(1 if d == -1 else d for d in first["shape"])
-    if inputs is None:
-        dtype = V2_TO_NUMPY.get(datatype, np.dtype(np.float32))
-        inputs = [rng.standard_normal(shape).astype(dtype) for _ in range(4)]
-    elif isinstance(inputs, np.ndarray):
-        inputs = [inputs]
+    inputs = request_inputs(inputs, shape, datatype, seed)
     if reference:
         encoded = [reference_request(host, base, x) for x in inputs]
         mode = "reference"
@@ -355,11 +372,4 @@ def run_loadtest(url: str, model: str | None, *, concurrency: int = 8, requests:
         tally, seconds, cpu = _run(_drive(host, port, encoded, concurrency, requests, warmup))
     except (OSError, ConnectionError) as exc:
         raise ServeError(f"load test against {url} failed: {type(exc).__name__}: {exc}")
-    ms = np.asarray(tally.latencies) * 1e3
-    stats = latency_stats(ms)
-    return LoadtestResult(url=url, mode=mode, concurrency=concurrency, requests=len(ms), errors=tally.errors,
-                          seconds=seconds, rps=len(ms) / seconds if seconds > 0 else 0.0,
-                          p50_ms=stats["p50_ms"], p90_ms=stats["p90_ms"], p99_ms=stats["p99_ms"],
-                          mean_ms=stats["mean_ms"],
-                          client_cpu_us=cpu / max(1, len(ms)) * 1e6, first_error=tally.first_error,
-                          latencies_ms=ms.tolist())
+    return LoadtestResult.from_tally(url, mode, concurrency, tally, seconds, cpu)
