@@ -232,7 +232,7 @@ def read_scheduling(fields: dict[str, list[Any]], path: Path) -> Scheduling:
             raise _start_error(path, f"instance_group count must be from 1 to {MAX_INSTANCES}, got {count}")
         instances = 1 if count is None else count
         kind = _one(group, "kind", str, path, "instance_group ")
-        if kind is not None and kind not in KINDS + ("KIND_AUTO",):
+        if kind is not None and kind not in KINDS:
             raise _start_error(path, f"instance_group kind must be KIND_CPU, KIND_GPU or KIND_AUTO, got {kind!r}")
     delay, preferred = None, ()
     batching = _block(fields, "dynamic_batching", path)

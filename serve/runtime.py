@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from bnfold.options import available_cpus  # the CPUs --threads 0 means, one definition
+from bnfold.options import DEVICES, available_cpus, resolve_threads  # --threads 0's CPUs, one definition
 from bnfold.sessions import session_options
 from bnfold.models.spec import MAX_BATCH_SIZE, SPEC_METADATA_KEY, ModelSpec, SpecVersionError
 from bnfold.serve.errors import DeviceUnavailableError, ServeError
@@ -288,13 +288,13 @@ def _warm_up(runtime: ModelRuntime, rounds: int = 7) -> None:
 
 def _check_options(path: Path, device: str, threads: int | None, cuda_graph: bool) -> int:
     """Validate the options before anything is loaded; returns the thread count to use."""
-    if device not in ("cpu", "cuda"):
+    if device not in DEVICES:
         raise ServeError(f"device must be 'cpu' or 'cuda', got {device!r}", status=500)
     if cuda_graph and device != "cuda":
         raise ServeError("--cuda-graph needs --device cuda", status=500)
     if not path.is_file():
         raise ServeError(f"model file not found: {path}", status=500)
-    threads = available_cpus() if not threads else threads   # None or 0: every CPU this process may use
+    threads = resolve_threads(threads)   # None or 0: every CPU this process may use
     if threads < 1:
         raise ServeError(f"threads must be 0 (the CPUs this process may use) or more, got {threads}", status=500)
     return threads
