@@ -85,9 +85,10 @@ def _file_part(body: bytes, content_type: str, max_parts: int) -> bytes:
                      "(curl -F data=@digit.png)")
 
 
-def _undecodable(data: bytes, reason: object) -> ServeError:
-    return ServeError(f"cannot decode the body as an image (expected PNG or JPEG; {len(data)} bytes "
-                      f"starting {data[:8]!r}): {reason}")
+def _undecodable(size: int, start: bytes, reason: object) -> ServeError:
+    """The 400 for a body of `size` bytes beginning with `start` that is not an image Pillow can read."""
+    return ServeError(f"cannot decode the body as an image (expected PNG or JPEG; {size} bytes "
+                      f"starting {start!r}): {reason}")
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -98,9 +99,9 @@ def open_image(data: bytes) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except UnidentifiedImageError:   # its message holds the BytesIO's repr: say it in our words
-        raise _undecodable(data, f"not an image format Pillow reads here ({', '.join(IMAGE_FORMATS)})")
+        raise _undecodable(len(data), data[:8], f"not an image format Pillow reads here ({', '.join(IMAGE_FORMATS)})")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise _undecodable(data, exc)
+        raise _undecodable(len(data), data[:8], exc)
     if image.width * image.height > _MAX_PIXELS:
         raise ServeError(f"image of {image.width}x{image.height} pixels is over the limit of "
                          f"{_MAX_PIXELS} pixels", status=413)
@@ -117,9 +118,7 @@ def load_image(image: Image.Image) -> Image.Image:
     try:
         image.load()
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        size, start = image.info.get("bnfold_bytes", (0, b""))
-        raise ServeError(f"cannot decode the body as an image (expected PNG or JPEG; {size} bytes "
-                         f"starting {start!r}): {exc}")
+        raise _undecodable(*image.info.get("bnfold_bytes", (0, b"")), exc)
     if image.mode.startswith("I;16"):
         # 16-bit grayscale (PNG, TIFF): Pillow's convert("L") clips every value over 255 to white,
         # so scale 0..65535 to 0..255 instead, as the same picture saved at 8 bits would be. By
