@@ -437,8 +437,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     opts.shared("--devices")
     deprecated(p, "--device", "--devices", "devices", convert=options.csv)
     opts.add("--backends", type=options.csv,
-             help=f"comma-separated: {', '.join(REQUESTABLE)}; on cuda, "
-                  "ort adds IO-binding and CUDA-graph rows, and http adds an 8-connection row")
+             help=f"comma-separated: {', '.join(REQUESTABLE)}; http also adds an 8-connection row and a "
+                  "gRPC row (the same server's --grpc-port), and on cuda ort adds IO-binding and "
+                  "CUDA-graph rows")
     opts.add("--batch-sizes", type=options.int_list,
              help="comma-separated batch sizes: 1 is the latency headline, larger ones give "
                   "throughput (HTTP rows run at 1 only)")
