@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from bnfold.models.spec import MAX_BATCH_SIZE
 from bnfold.options import DEVICES, SHARED, ConfigOptions, from_args as config_from_args
 from bnfold.serve.errors import ServeError
+from bnfold.serve.scheduler import MAX_INSTANCES, MAX_QUEUE_DELAY_US
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -70,12 +71,13 @@ class ServeConfig:
             # 100,000 threads hung start-up for minutes while onnxruntime created them
             raise ServeError(f"--threads must be from 0 (the CPUs this process may use) to {MAX_THREADS}, "
                              f"got {self.threads}")
-        if self.instances is not None and not (isinstance(self.instances, int) and 1 <= self.instances <= 64):
-            raise ServeError(f"--instances must be from 1 to 64, got {self.instances}")
+        if self.instances is not None and not (isinstance(self.instances, int)
+                                               and 1 <= self.instances <= MAX_INSTANCES):
+            raise ServeError(f"--instances must be from 1 to {MAX_INSTANCES}, got {self.instances}")
         delay = self.dynamic_batching
-        if delay is not None and delay != "off" and not (type(delay) is int and 0 <= delay <= 10_000_000):
-            raise ServeError(f"--dynamic-batching must be a delay in microseconds from 0 to 10000000, or off; "
-                             f"got {delay!r}")
+        if delay is not None and delay != "off" and not (type(delay) is int and 0 <= delay <= MAX_QUEUE_DELAY_US):
+            raise ServeError(f"--dynamic-batching must be a delay in microseconds from 0 to {MAX_QUEUE_DELAY_US}, "
+                             f"or off; got {delay!r}")
         if self.ray is None and (self.replicas != 1 or self.min_replicas != 1 or self.max_replicas != 4
                                  or self.replica_cpus != 1.0 or self.max_ongoing_requests != 32):
             raise ServeError("--replicas, --min-replicas, --max-replicas, --replica-cpus and --max-ongoing-requests "
