@@ -17,7 +17,7 @@ from torch import nn
 from bnfold.adapters import Adapter
 from bnfold.errors import BnfoldError, first_line
 from bnfold.fx_fold import count_batchnorm, fold
-from bnfold.onnx_fold import count_onnx_batchnorm, fold_onnx, load_onnx
+from bnfold.onnx_fold import count_onnx_batchnorm, fold_onnx, graph_inputs, load_onnx
 from bnfold.parity import Parity, compare, module_dtype
 from bnfold.sessions import cpu_session
 from bnfold.fold_report import FoldReport
@@ -83,18 +83,12 @@ _NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.fl
              onnx.TensorProto.DOUBLE: np.float64}
 
 
-def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """The graph's inputs that are fed at run time (an initializer may be listed as an input too)."""
-    inits = {t.name for t in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in inits]
-
-
 def onnx_input_shape(model: onnx.ModelProto, input_shape: Sequence[int] | None = None) -> tuple[int, ...]:
     """The first graph input's shape: a symbolic first (batch) axis becomes 1; any other
     symbolic axis needs `input_shape`."""
     if input_shape is not None:
         return tuple(int(d) for d in input_shape)
-    inputs = _graph_inputs(model)
+    inputs = graph_inputs(model)
     if not inputs:
         raise BnfoldError("the ONNX graph has no inputs (only initializers)")
     first = inputs[0]
@@ -116,12 +110,12 @@ def fold_onnx_file(src: str | os.PathLike, dst: str | os.PathLike, *, input_shap
 
     original = load_onnx(src)
     folded, report = fold_onnx(original)
-    graph_inputs = _graph_inputs(original)
-    if len(graph_inputs) != 1:
-        raise BnfoldError(f"{str(src)!r} has {len(graph_inputs)} inputs; the parity check supports one")
-    elem = graph_inputs[0].type.tensor_type.elem_type
+    fed = graph_inputs(original)
+    if len(fed) != 1:
+        raise BnfoldError(f"{str(src)!r} has {len(fed)} inputs; the parity check supports one")
+    elem = fed[0].type.tensor_type.elem_type
     if elem not in _NP_TYPES:
-        raise BnfoldError(f"input {graph_inputs[0].name!r} is not a float tensor "
+        raise BnfoldError(f"input {fed[0].name!r} is not a float tensor "
                           f"({onnx.TensorProto.DataType.Name(elem)})")
     shape = onnx_input_shape(original, input_shape)
     rng = np.random.default_rng(seed)

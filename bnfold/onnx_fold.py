@@ -33,7 +33,7 @@ from bnfold.math import bn_scale_shift, fold_bn_after
 from bnfold.fold_report import FoldReport
 from bnfold.patterns import merge_table
 
-__all__ = ["fold_onnx", "load_onnx", "count_onnx_batchnorm", "ONNX_FOLDERS", "OnnxFoldFn", "OnnxGraph", "AffineNode"]
+__all__ = ["fold_onnx", "load_onnx", "graph_inputs", "count_onnx_batchnorm", "ONNX_FOLDERS", "OnnxFoldFn", "OnnxGraph", "AffineNode"]
 
 
 class _NotConstant(Exception):
@@ -59,6 +59,12 @@ def load_onnx(model_or_path: onnx.ModelProto | str | os.PathLike, *, load_extern
     if not model.graph.node:
         raise error(f"{str(path)!r} holds no ONNX graph (is it an ONNX file?)")
     return model
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The graph's inputs that are fed at run time (an initializer may be listed as an input too)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
 
 
 def _is_batchnorm(node: onnx.NodeProto) -> bool:

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 import bnfold
+from bnfold.onnx_fold import graph_inputs
 from bnfold.models.loader import load_batchnorms
 from bnfold.models.spec import ModelSpec
 from bnfold.models.metrics import task_metric
@@ -249,9 +250,7 @@ def _even_batch(count: int, largest: int = CALIBRATION_BATCH) -> int:
 
 def _input_name(path: str | os.PathLike) -> str:
     """The one fed input of an ONNX file (bnfold's are called "input"; a file from elsewhere names its own)."""
-    model = onnx.load(os.fspath(path), load_external_data=False)
-    inits = {t.name for t in model.graph.initializer}
-    return next(i.name for i in model.graph.input if i.name not in inits)
+    return graph_inputs(onnx.load(os.fspath(path), load_external_data=False))[0].name
 
 
 def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calibration: np.ndarray, *,
@@ -620,7 +619,7 @@ def export_int8(model: nn.Module | None, spec: ModelSpec, path: str | os.PathLik
                           dtype="int8", dynamic_batch=True, folded=fold, parity=gate.parity,
                           # Not a tolerance on the outputs: INT8 is held to its gate instead.
                           tolerance=None, parity_inputs=f"{against}, against the FP32 ONNX file", size_bytes=size,
-                          seconds=time.perf_counter() - start, input_name=_input_name(path),
+                          seconds=time.perf_counter() - start, input_name=graph_inputs(proto)[0].name,
                           output_name=proto.graph.output[0].name, opset=model_opset(proto), fold_report=fold_report,
                           notes=notes, details={"int8": quantization})
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import onnx
 
 from bnfold.models.loader import LoadedModel
+from bnfold.onnx_fold import graph_inputs
 from bnfold.models.spec import ModelSpec
 
 from bnfold.export._common import FP32_RTOL
@@ -60,7 +61,7 @@ def export_onnx_file(loaded: LoadedModel, config: ExportConfig, formats: list[st
                               f"({reasons}); refusing to write an unfolded file")
         set_metadata(proto, {**spec_metadata(spec), "bnfold.folded": "true"})
         onnx.save(proto, os.fspath(target))
-        graph_input = next(i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer})
+        graph_input = graph_inputs(proto)[0]
         first = graph_input.type.tensor_type.shape.dim[0] if graph_input.type.tensor_type.shape.dim else None
         artifact = ArtifactReport(
             format="onnx", path=out_dir / "model.onnx", exporter="bnfold.fold_onnx (the file was already ONNX)",

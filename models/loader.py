@@ -281,6 +281,8 @@ def is_onnx_file(source: str | os.PathLike) -> bool:
 def _from_onnx(path: Path) -> LoadedModel:
     import onnx
 
+    from bnfold.onnx_fold import graph_inputs
+
     model = onnx.load(os.fspath(path), load_external_data=False)
     props = {p.key: p.value for p in model.metadata_props}
     spec = None
@@ -288,8 +290,7 @@ def _from_onnx(path: Path) -> LoadedModel:
         with contextlib.suppress(ValueError, TypeError, KeyError):
             spec = ModelSpec.from_json(props[SPEC_METADATA_KEY])
     shape = None
-    inits = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
+    inputs = graph_inputs(model)
     if len(inputs) == 1:
         dims = []
         for axis, dim in enumerate(inputs[0].type.tensor_type.shape.dim):
