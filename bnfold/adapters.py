@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
-from bnfold.errors import BnfoldError, FoldSkipped
+from bnfold.errors import BnfoldError, FoldSkipped, first_line
 
 __all__ = ["BNStats", "Adapter", "BatchNormActTail", "BatchNormReader", "KNOWN_ADAPTERS", "check_running_stats",
            "affine_candidate", "looks_like_batchnorm", "looks_like_normalization", "probe_affine", "qualname"]
@@ -333,7 +333,7 @@ def probe_affine(module: nn.Module, example: Tensor) -> BNStats:
                 out = probe(inp)
         except Exception as exc:  # noqa: BLE001 - the caller's module, failing in its own words
             raise FoldSkipped(f"{what} failed on a float64 copy of its input {list(shape)} "
-                              f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''})")
+                              f"({first_line(exc, with_type=True, limit=160)})")
         if not isinstance(out, Tensor) or tuple(out.shape) != shape:
             got = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise FoldSkipped(f"{what} returns {got} for its input {list(shape)}: not an elementwise map")
