@@ -384,11 +384,16 @@ def _agreement(reference: tuple[Path, np.ndarray], outputs: np.ndarray) -> tuple
         raise EvaluationError(f"outputs of shape {list(outputs.shape[1:])} cannot be compared with those of "
                               f"{str(first)!r} ({list(ref.shape[1:])})")
     agree = float((ref.argmax(axis=1) == outputs.argmax(axis=1)).mean()) if ref.ndim >= 2 else 1.0
-    diff = outputs.astype(np.float64) - ref
-    error = float(np.linalg.norm(diff) / max(float(np.linalg.norm(ref.astype(np.float64))), 1e-30))
-    return f"agreement with {first.name}", agree, error
+    return f"agreement with {first.name}", agree, output_error(ref, outputs)
+
+
+def output_error(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """||candidate - reference|| / ||reference|| over all outputs (10^(-SQNR/20)): quantization noise
+    against signal, which one outlying logit does not dominate as a maximum would."""
+    ref, cand = reference.astype(np.float64), candidate.astype(np.float64)
+    return float(np.linalg.norm(cand - ref) / max(float(np.linalg.norm(ref)), 1e-30))
 
 
 __all__ = ["EvalSplit", "Evaluation", "EvaluationError", "EvaluationReport", "LoadedArtifact",
            "evaluate_artifacts", "load_artifact", "load_eval_split", "module_runner",
-           "onnx_session", "run_batches", "score", "session_runner"]
+           "onnx_session", "output_error", "run_batches", "score", "session_runner"]

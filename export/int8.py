@@ -56,7 +56,7 @@ from bnfold.errors import first_line
 from bnfold.export._common import quiet, staged_file
 from bnfold.export.config import ACTIVATION_TYPES, CALIBRATIONS, Int8Config
 from bnfold.export.errors import ExportError
-from bnfold.export.evaluate import (EvalSplit, load_eval_split, onnx_session, score,
+from bnfold.export.evaluate import (EvalSplit, load_eval_split, onnx_session, output_error, score,
                                     session_runner)
 from bnfold.export.onnx import (INPUT_NAME, count_ops, export_onnx, model_opset, set_metadata,
                                 spec_metadata)
@@ -396,13 +396,6 @@ def agreement_gate(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, i
     agreement = parity.top1_agreement if parity.top1_agreement is not None else 1.0
     return AgreementGate(agreement, output_error(fp32.all(), int8.all()), config.min_agreement,
                          config.max_output_error, len(inputs), source, parity)
-
-
-def output_error(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """||candidate - reference|| / ||reference|| over all outputs (10^(-SQNR/20)): quantization noise
-    against signal, which one outlying logit does not dominate as a maximum would."""
-    ref, cand = reference.astype(np.float64), candidate.astype(np.float64)
-    return float(np.linalg.norm(cand - ref) / max(float(np.linalg.norm(ref)), 1e-30))
 
 
 def _calibration_tips(config: Int8Config, calibration: Calibration) -> list[str]:
