@@ -430,7 +430,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     from bnfold.bench.backends import REQUESTABLE  # the table; no torch import
     from bnfold.bench.run import BenchConfig
 
-    p = _add(sub, "bench", _cmd_bench, "measure batch-1 latency of eager, folded, TorchScript, torch.export, onnxruntime and HTTP")
+    p = _add(sub, "bench", _cmd_bench, "measure batch-1 latency of eager, folded, TorchScript, torch.export, onnxruntime, HTTP and gRPC")
     opts = ConfigOptions(p, BenchConfig)
     opts.add("source", metavar="model", help=_MODEL_HELP + "; an ONNX file gets the onnxruntime and HTTP rows only")
     _add_model_options(opts)
@@ -487,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     _export_parser(sub)
     _evaluate_parser(sub)
 
-    p = _add(sub, "serve", _cmd_serve, "serve ONNX models over the Open Inference Protocol v2 (HTTP)")
+    p = _add(sub, "serve", _cmd_serve, "serve ONNX models over the Open Inference Protocol v2 (HTTP; gRPC too with --grpc-port)")
     from bnfold.serve.config import add_arguments as add_serve_arguments   # shared with `python -m bnfold.serve`
     add_serve_arguments(p)
 
