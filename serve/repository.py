@@ -445,6 +445,7 @@ def load_models(sources: str | os.PathLike | Sequence[str | os.PathLike], device
         text = os.fspath(item)
         path = Path(text)
         given, sep, target = text.partition("=")
+        loose = path.is_dir() and not _is_repository(path)   # no <name>/<version>/ inside: not a repository
         if sep and not path.exists() and given and os.sep not in given:
             path = Path(target)
             if not path.is_file():
@@ -452,14 +453,14 @@ def load_models(sources: str | os.PathLike | Sequence[str | os.PathLike], device
             found.append(open_file(path, check_model_name(given, path)))
         elif path.is_file():
             found.append(open_file(path, None if name is None else check_model_name(name, path)))
-        elif path.is_dir() and not _is_repository(path) and any(path.glob("*.onnx")):
+        elif loose and any(path.glob("*.onnx")):
             found.extend(_export_folder(path, open_file))
-        elif path.is_dir() and not _is_repository(path) and (inner := sorted(path.glob("*/*.onnx"))):
+        elif loose and (inner := sorted(path.glob("*/*.onnx"))):
             # `bnfold pipeline --out runs/demo` holds train/, export/, bench/: the ONNX files are one level down.
             folders = sorted({str(f.parent) for f in inner})
             raise ServeError(f"{path} holds no ONNX file itself; {' and '.join(folders)} "
                              f"{'does' if len(folders) == 1 else 'do'}: serve {folders[0]}", status=500)
-        elif path.is_dir() and not _is_repository(path) and (others := _pytorch_files(path)):
+        elif loose and (others := _pytorch_files(path)):
             raise ServeError(f"{path} holds no ONNX file, only {', '.join(others)}; `bnfold serve` runs ONNX: "
                              f"`bnfold export MODEL --format onnx --out DIR` writes one, then serve DIR", status=500)
         else:
