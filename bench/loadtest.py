@@ -110,20 +110,38 @@ def _split(url: str) -> tuple[str, int, str]:
     return parts.hostname, parts.port or 80, parts.path.rstrip("/")
 
 
-def fetch_model_metadata(url: str, model: str) -> dict[str, Any]:
-    """GET /v2/models/{model} from a running v2 server."""
+def _ask(url: str, method: str, path: str) -> tuple[int, bytes]:
+    """One request to a running server: (status, body); a server that is not there, or that does not
+    speak HTTP (a gRPC port), is one ServeError saying so."""
     host, port, base = _split(url)
     conn = http.client.HTTPConnection(host, port, timeout=10)
     try:
-        conn.request("GET", f"{base}/v2/models/{model}")
+        conn.request(method, f"{base}{path}")
         response = conn.getresponse()
-        body = response.read()
+        return response.status, response.read()
+    except http.client.HTTPException as exc:
+        raise ServeError(f"{url} did not answer in HTTP ({type(exc).__name__}); if it is the port of "
+                         f"`bnfold serve --grpc-port`, add --protocol grpc")
     except OSError as exc:
         raise ServeError(f"cannot reach {url}: {exc}")
     finally:
         conn.close()
-    if response.status != 200:
-        raise ServeError(f"{url} answered {response.status} for model {model!r}: {body[:300].decode(errors='replace')}")
+
+
+def served_models(url: str) -> list[str]:
+    """The names of the models a running v2 server holds (POST /v2/repository/index)."""
+    status, body = _ask(url, "POST", "/v2/repository/index")
+    try:
+        return sorted({entry["name"] for entry in json.loads(body)}) if status == 200 else []
+    except (ValueError, TypeError, KeyError):
+        return []
+
+
+def fetch_model_metadata(url: str, model: str) -> dict[str, Any]:
+    """GET /v2/models/{model} from a running v2 server."""
+    status, body = _ask(url, "GET", f"/v2/models/{model}")
+    if status != 200:
+        raise ServeError(f"{url} answered {status} for model {model!r}: {body[:300].decode(errors='replace')}")
     try:
         return json.loads(body)
     except ValueError as exc:
@@ -355,8 +373,9 @@ def run_loadtest(url: str, model: str | None, *, concurrency: int = 8, requests:
         datatype, input_name = "FP32", None
     else:
         if not model:
+            names = served_models(url)
             raise ServeError("--name is required for an Open Inference Protocol server: the model's name on it "
-                             "(GET /v2/models lists them)")
+                             f"({url} serves {', '.join(names) if names else 'no model'})")
         meta = fetch_model_metadata(url, model)
         first = meta["inputs"][0]
         datatype, input_name = first["datatype"], first["name"]

@@ -408,8 +408,8 @@ def _loadtest_parser(sub: argparse._SubParsersAction) -> None:
     p = _add(sub, "loadtest", _cmd_loadtest, "drive a running server and report latency and throughput")
     opts = ConfigOptions(p, LoadtestConfig)
     opts.add("url", help="server base URL, e.g. http://127.0.0.1:8000")
-    opts.shared("--name", help="the model's name on the server (required unless --reference; GET /v2/models "
-                               "lists them)")
+    opts.shared("--name", help="the model's name on the server (required unless --reference; POST "
+                               "/v2/repository/index lists them, and so does loadtest without --name)")
     deprecated(p, "--model", "--name", "name")
     opts.shared("--concurrency")
     opts.add("--requests", type=int, help="total requests over all connections")

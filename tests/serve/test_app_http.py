@@ -330,6 +330,40 @@ def test_loadtest_command(server: str, capsys: pytest.CaptureFixture) -> None:
     assert "unknown model 'nope'" in capsys.readouterr().err
 
 
+def test_loadtest_without_a_name_says_which_models_the_server_has(server: str, capsys) -> None:
+    # The error once pointed at GET /v2/models, a route the protocol does not have (404).
+    from bnfold.cli import main
+
+    assert main(["loadtest", server, "--requests", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--name is required" in err and "serves rgb, tiny" in err, err
+
+
+def test_loadtest_at_a_port_that_does_not_speak_http_says_so_in_one_line(capsys) -> None:
+    # What a gRPC port answers an HTTP/1.1 request: an HTTP/2 SETTINGS frame, which http.client
+    # raised as BadStatusLine, a traceback for the user who forgot --protocol grpc.
+    from bnfold.cli import main
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def answer_in_http2() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x04\x00\x40\x00\x00\n")
+
+    thread = threading.Thread(target=answer_in_http2, daemon=True)
+    thread.start()
+    try:
+        assert main(["loadtest", f"http://127.0.0.1:{port}", "--name", "tiny", "--requests", "5"]) == 2
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did not answer in HTTP" in err and "--protocol grpc" in err, err
+
+
 # ------------------------------------------------------------------------------------ operations
 
 
