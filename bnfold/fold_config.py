@@ -15,15 +15,25 @@ from bnfold.models.spec_options import SpecOptions
 FOLD_RTOL = 1e-5
 
 
-def _check_parity(rtol: float | None, samples: int) -> None:
-    if rtol is not None and not rtol > 0:
-        raise BnfoldError(f"--rtol must be positive, got {rtol}")
-    if samples < 1:
-        raise BnfoldError(f"--samples must be at least 1, got {samples}")
+class _ParityOptions:
+    """What fold and fold-onnx share: the check of `rtol` and `samples`, and the tolerance they mean."""
+
+    rtol: float | None
+    samples: int
+
+    def __post_init__(self) -> None:
+        if self.rtol is not None and not self.rtol > 0:
+            raise BnfoldError(f"--rtol must be positive, got {self.rtol}")
+        if self.samples < 1:
+            raise BnfoldError(f"--samples must be at least 1, got {self.samples}")
+
+    @property
+    def tolerance(self) -> float:
+        return FOLD_RTOL if self.rtol is None else self.rtol
 
 
 @dataclass
-class FoldConfig:
+class FoldConfig(_ParityOptions):
     """`bnfold fold`: a PyTorch model in, the folded module out, written only when parity holds."""
 
     model: str | os.PathLike             # anything models.load_model reads
@@ -37,16 +47,9 @@ class FoldConfig:
     input_shape: tuple[int, ...] | None = None
     batchnorm: list[str] | None = None   # --batchnorm CLASS=ADAPTER declarations (models.loader.load_batchnorms)
 
-    def __post_init__(self) -> None:
-        _check_parity(self.rtol, self.samples)
-
-    @property
-    def tolerance(self) -> float:
-        return FOLD_RTOL if self.rtol is None else self.rtol
-
 
 @dataclass
-class FoldOnnxConfig:
+class FoldOnnxConfig(_ParityOptions):
     """`bnfold fold-onnx`: an ONNX file in, the folded file out (with a spec when one is given)."""
 
     model: str | os.PathLike             # the ONNX file to read
@@ -55,13 +58,6 @@ class FoldOnnxConfig:
     samples: int = 8
     input_shape: tuple[int, ...] | None = None
     spec_options: SpecOptions | None = None
-
-    def __post_init__(self) -> None:
-        _check_parity(self.rtol, self.samples)
-
-    @property
-    def tolerance(self) -> float:
-        return FOLD_RTOL if self.rtol is None else self.rtol
 
 
 __all__ = ["FOLD_RTOL", "FoldConfig", "FoldOnnxConfig"]
