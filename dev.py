@@ -47,11 +47,11 @@ def setup() -> None:
 
 
 def _workers(args: list[str]) -> list[str]:
-    """pytest-xdist on two workers, each test module whole on one of them (tests/conftest.py groups
-    them), unless the arguments choose for themselves (-n, --dist, -p no:xdist, --pdb)."""
+    """pytest-xdist on two workers, each test module whole on one of them (its module fixtures are
+    built once), unless the arguments choose for themselves (-n, --dist, -p no:xdist, --pdb)."""
     chosen = any(arg in {"-n", "--numprocesses", "--pdb", "no:xdist", "-pno:xdist"}
                  or arg.startswith(("-n", "--numprocesses=", "--dist")) for arg in args)
-    return [] if chosen else ["-n", "2", "--dist", "loadgroup"]
+    return [] if chosen else ["-n", "2", "--dist", "loadscope"]
 
 
 def main(argv: list[str]) -> int:

@@ -8,9 +8,10 @@ How the suite stays fast (issue 20):
   exporter itself (its graph, opsets, progress lines) are marked `dynamo` and get it.
 - Artifacts several files need (a trained LeNet, its export in every format) are session
   fixtures, built once per run and shared by pytest-xdist's workers (`shared_artifact`).
-- Under `-n 2 --dist loadgroup` (what `python3 dev.py test` runs) each test module goes to one
-  worker as a whole, so its module fixtures (a server, an export) are built once; modules that
-  must not overlap share an `xdist_group` name.
+- Under `-n 2 --dist loadscope` (what `python3 dev.py test` runs) each test module goes to one
+  worker as a whole, so its module fixtures (a server, an export) are built once. (Not loadgroup:
+  pytest-xdist 3.8 groups by rewriting `item._nodeid`, which pytest 9 no longer reads, so its
+  groups are silently ignored and a module's tests are spread over both workers.)
 """
 from __future__ import annotations
 
@@ -51,19 +52,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                           "the nightly run; without it they are deselected")
 
 
-# Runs before pytest-xdist's own hook, which reads the xdist_group marks added here.
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not config.getoption("--extended"):
         extended = [item for item in items if item.get_closest_marker("extended") is not None]
         if extended:
             config.hook.pytest_deselected(items=extended)
             items[:] = [item for item in items if item.get_closest_marker("extended") is None]
-    # pytest-xdist's loadgroup hands out groups whole: a module without a group of its own is its
-    # own group, so that its module-scoped fixtures (a server, a training run) are built once.
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
     if torch.cuda.is_available():
         return
     reason = "needs a CUDA device: torch.cuda.is_available() is False on this machine"

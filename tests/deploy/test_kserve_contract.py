@@ -28,9 +28,7 @@ from bnfold.serve.launch import free_port, server_process
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kserve"
 PEER_SCRIPT = Path(__file__).with_name("kserve_peer.py")
 
-# One xdist worker runs this module and the other peer-environment clusters (Ray, KServe) one after
-# another: each starts several processes of its own, too many at once for two cores.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("peer-clusters")]
+pytestmark = pytest.mark.slow
 
 
 def _runtime_command(mnt: Path, http_port: int, grpc_port: int) -> tuple[list[str], str]:

@@ -23,9 +23,7 @@ import tritonclient.http as triton_http
 from bnfold.bench.ray_cluster import loopback_cluster, ray_python
 from bnfold.serve.launch import free_port
 
-# One xdist worker runs this module and the other peer-environment clusters (Ray, KServe) one after
-# another: each starts several processes of its own, too many at once for two cores.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("peer-clusters")]
+pytestmark = pytest.mark.slow
 
 MODEL = "tiny"
 
