@@ -456,17 +456,18 @@ def _cwd_on_path() -> None:
         sys.path.insert(0, cwd)
 
 
-def import_class(ref: str) -> Any:
-    """The class (or builder function) that "FILE.py:Class" or "package.module:Class" names."""
+def import_class(ref: str, option: str = "--model-class") -> Any:
+    """The class (or builder function) that "FILE.py:Class" or "package.module:Class" names; `option`
+    is the command-line option that gave it, for the messages."""
     target, sep, attr = ref.rpartition(":")
     if not sep or not target or not attr:
-        raise LoaderError(f"--model-class {ref!r}: expected FILE.py:Class, package.module:Class, "
+        raise LoaderError(f"{option} {ref!r}: expected FILE.py:Class, package.module:Class, "
                           "torchvision:NAME or timm:NAME")
     _cwd_on_path()
     if target.endswith(".py") or os.sep in target or "/" in target:
         file = Path(target).expanduser()
         if not file.is_file():
-            raise LoaderError(f"--model-class {ref!r}: there is no file {str(file)!r}")
+            raise LoaderError(f"{option} {ref!r}: there is no file {str(file)!r}")
         folder = str(file.resolve().parent)
         if folder not in sys.path:
             sys.path.insert(0, folder)  # so that the file's own imports of its neighbours work
@@ -478,7 +479,7 @@ def import_class(ref: str) -> Any:
             else:
                 spec = importlib.util.spec_from_file_location(name, file)
                 if spec is None or spec.loader is None:
-                    raise LoaderError(f"--model-class {ref!r}: {str(file)!r} cannot be imported as Python")
+                    raise LoaderError(f"{option} {ref!r}: {str(file)!r} cannot be imported as Python")
                 module = importlib.util.module_from_spec(spec)
                 # Registered under its name so that pickles referring to `name.Class` find it.
                 sys.modules[name] = module
@@ -487,24 +488,24 @@ def import_class(ref: str) -> Any:
             raise
         except Exception as exc:  # noqa: BLE001 - the user's file failed to import
             sys.modules.pop(name, None)
-            raise LoaderError(f"--model-class {ref!r}: importing {str(file)!r} failed: "
+            raise LoaderError(f"{option} {ref!r}: importing {str(file)!r} failed: "
                               f"{first_line(exc, with_type=True)}") from None
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
-            raise LoaderError(f"--model-class {ref!r}: cannot import {target!r} ({first_line(exc)}); run from the "
+            raise LoaderError(f"{option} {ref!r}: cannot import {target!r} ({first_line(exc)}); run from the "
                               "folder holding it or set PYTHONPATH (PYTHONPATH=. for the current folder)") from None
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
             names = sorted(n for n, v in vars(module).items()
                            if isinstance(v, type) and issubclass(v, nn.Module) and v.__module__ == module.__name__)
-            raise LoaderError(f"--model-class {ref!r}: {target!r} has no {attr!r}"
+            raise LoaderError(f"{option} {ref!r}: {target!r} has no {attr!r}"
                               + (f"; its nn.Module classes: {', '.join(names)}" if names else ""))
         obj = getattr(obj, part)
     if not callable(obj):
-        raise LoaderError(f"--model-class {ref!r} is a {type(obj).__name__}, not a class or function")
+        raise LoaderError(f"{option} {ref!r} is a {type(obj).__name__}, not a class or function")
     return obj
 
 
@@ -517,7 +518,7 @@ def load_batchnorms(declarations: Sequence[str] | None) -> dict[type, Any]:
         if not sep or not cls_ref.strip() or not fn_ref.strip():
             raise LoaderError(f"--batchnorm {text!r}: expected CLASS=ADAPTER, e.g. "
                               "--batchnorm my_layers.py:MyBN=my_layers.py:read_bn (ADAPTER: module -> bnfold.BNStats)")
-        cls, fn = import_class(cls_ref.strip()), import_class(fn_ref.strip())
+        cls, fn = import_class(cls_ref.strip(), "--batchnorm"), import_class(fn_ref.strip(), "--batchnorm")
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise LoaderError(f"--batchnorm {text!r}: {cls_ref.strip()!r} is not an nn.Module class")
         found[cls] = fn

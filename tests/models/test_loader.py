@@ -152,3 +152,14 @@ def test_spec_options_and_spec_files(tmp_path):
         read_spec_file(tmp_path / "bad.json")
     with pytest.raises(SpecError, match="is a folder"):
         read_spec_file(tmp_path)
+
+
+def test_a_batchnorm_declaration_that_names_a_missing_file_is_blamed_on_batchnorm(tmp_path: Path) -> None:
+    # The message once said "--model-class 'nope.py:MyBN'" for a --batchnorm the user typed.
+    from bnfold.models.loader import load_batchnorms
+
+    missing = tmp_path / "nope.py"
+    with pytest.raises(LoaderError) as caught:
+        load_batchnorms([f"{missing}:MyBN={missing}:read_bn"])
+    assert str(caught.value).startswith(f"--batchnorm '{missing}:MyBN': there is no file"), caught.value
+    assert "--model-class" not in str(caught.value)
