@@ -70,6 +70,10 @@ def load_eval_split(spec: ModelSpec, data_root: str | os.PathLike = "data") -> E
 
     from bnfold import models
 
+    if not spec.dataset:  # a model from elsewhere, exported with its spec options: no bnfold dataset
+        raise EvaluationError("this model's spec names no dataset to evaluate on: pass --eval-data PATH "
+                              "(class folders of images for accuracy; unlabelled images, .npy or .npz for "
+                              "agreement with the first artifact) or --dataset NAME")
     try:
         _, test = models.load_datasets(spec, str(data_root), download=False, augment=False)
     except models.DatasetError as exc:
@@ -293,7 +297,9 @@ def _resolve_spec(loaded: LoadedArtifact, given: ModelSpec | None, dataset: str 
         spec, source = spec_beside(loaded.path), "export.json beside it"
         if spec is None:
             raise EvaluationError(f"{str(loaded.path)!r} ({loaded.kind}) carries no model spec and there is "
-                                  "no export.json beside it: pass --checkpoint with the checkpoint it came from")
+                                  "no export.json beside it: pass --checkpoint with the checkpoint it came from, or give it "
+                                  f"a spec with `bnfold export {loaded.path} --out DIR` (--labels, --mean, --std) "
+                                  "and evaluate DIR/model.onnx")
     if dataset is not None and dataset != spec.dataset:
         spec = dataclasses.replace(spec, dataset=dataset)
         source += f", dataset {dataset!r}"

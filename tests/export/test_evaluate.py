@@ -142,3 +142,20 @@ def test_a_state_dict_with_model_class_and_a_timm_name_are_evaluated(trained: Pa
     assert code == 0 and "Traceback" not in err, err
     row = json.loads(out)["results"][0]
     assert row["samples"] == 360 and 0.0 <= row["value"] <= 1.0 and row["size_bytes"] == 0
+
+
+def test_a_model_whose_spec_names_no_dataset_is_asked_for_eval_data(make_tiny_onnx, tmp_path: Path,
+                                                                   capfd: pytest.CaptureFixture) -> None:
+    # What `bnfold export theirs.onnx --labels ...` writes: a spec without a bnfold dataset. evaluate
+    # once answered "the eval split of '' is not available: unknown dataset ''".
+    from bnfold.models.spec import ModelSpec, Preprocess
+
+    spec = ModelSpec(arch="theirs", arch_kwargs={}, task="classification", input_shape=[1, 28, 28],
+                     preprocess=Preprocess(mode="L", resize=28, crop=[28, 28], mean=[0.5], std=[0.25]),
+                     labels=[str(i) for i in range(10)], dataset="")
+    onnx_file = make_tiny_onnx(tmp_path / "model.onnx", spec=spec)
+    assert main(["evaluate", str(onnx_file)]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "names no dataset" in err and "--eval-data PATH" in err, err
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32))
+    assert main(["evaluate", str(onnx_file), "--eval-data", str(tmp_path / "x.npy")]) == 0, capfd.readouterr().err
