@@ -499,7 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's own parser ("bnfold serve: error: ..."), with what to do
+        command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        several = [a.metavar or a.dest for a in command._actions if not a.option_strings and a.nargs in ("+", "*")]
+        stray = all(not a.startswith("-") for a in extra)
+        command.error(f"unrecognized arguments: {' '.join(extra)}" + (
+            f" (the {several[0]} arguments must come together: put them all before the options)"
+            if several and stray else ""))
     try:
         return int(args.handler(args) or 0)
     except BnfoldError as exc:

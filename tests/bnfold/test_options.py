@@ -228,3 +228,19 @@ def test_only_the_top_floor_imports_the_top_floor() -> None:
     importers = sorted(str(p.relative_to(ROOT)) for folder in PACKAGES for p in (ROOT / folder).glob("*.py")
                        if pattern.search(p.read_text(encoding="utf-8")))
     assert importers == ["bnfold/__main__.py", "bnfold/cli.py"]
+
+
+def test_an_argument_left_over_is_refused_by_the_command_with_a_hint(capsys: pytest.CaptureFixture) -> None:
+    # `bnfold serve a.onnx --spec s.json b.onnx`: argparse reads the MODELs in one run, so b.onnx was
+    # left over and refused by the top-level parser ("bnfold: error: unrecognized arguments").
+    from bnfold.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["serve", "a.onnx", "--spec", "s.json", "b.onnx"])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert stopped.value.code == 2
+    assert err.startswith("bnfold serve: error: unrecognized arguments: b.onnx (the MODEL arguments must come "
+                          "together"), err
+    with pytest.raises(SystemExit):
+        main(["fold", "m.pt", "--out", "f.pt", "--nope"])
+    assert capsys.readouterr().err.splitlines()[-1] == "bnfold fold: error: unrecognized arguments: --nope"
