@@ -95,6 +95,7 @@ def test_noisy_rows_and_busy_machines_are_flagged_not_reported_as_results():
     assert flag_untrustworthy(rows[:1], {"load_average": [0.5, 0.5, 0.5], "cpus_available": 2}, 30) == ""
 
 
+@pytest.mark.dynamo   # the dynamo exporter's failure on a fixed batch is what the hint answers
 def test_a_fixed_batch_program_is_told_to_export_with_static_batch_and_reuse_the_folder(tmp_path, capsys):
     """The exporter's hint said "try --static-batch", an option bench does not have."""
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten()).eval()
