@@ -106,7 +106,8 @@ def run_grpc_loadtest(url: str, model: str | None, *, concurrency: int = 8, requ
     if concurrency < 1 or requests < 1:
         raise ServeError(f"concurrency and requests must be at least 1, got {concurrency} and {requests}")
     if not model:
-        raise ServeError("the model's name on the server is required for a gRPC load test")
+        raise ServeError("--name is required for a gRPC load test: the model's name on the server "
+                         "(its RepositoryIndex lists them, as POST /v2/repository/index does over HTTP)")
     target = grpc_target(url)
     input_name, datatype, shape = fetch_grpc_metadata(target, model)
     inputs = request_inputs(inputs, input_shape or tuple(1 if d == -1 else d for d in shape), datatype, seed)
