@@ -579,7 +579,9 @@ def _give_spec(models: Mapping[str, Runtime], path: str | os.PathLike) -> None:
     from bnfold.models.spec_options import SpecError, read_spec_file
 
     if len(models) != 1:
-        raise ServeError("--spec applies to a single model file, not a repository of several", status=500)
+        raise ServeError(f"--spec applies to a single model file, and {len(models)} models were given "
+                         f"({', '.join(sorted(models))}): serve that file alone with --spec, or give it a "
+                         "spec with `bnfold export FILE --out DIR` (--labels, --mean, --std)", status=500)
     try:
         spec = read_spec_file(path)
     except SpecError as exc:

@@ -93,3 +93,13 @@ def test_the_cli_refuses_a_clash_in_one_line(tiny_onnx: Path, tmp_path: Path) ->
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert "two models would both be served as 'tiny'" in lines[-1] and "Traceback" not in result.stderr
+
+
+def test_spec_with_several_models_names_them_and_what_to_do(tmp_path: Path, tiny_onnx: Path) -> None:
+    # It said "not a repository of several" to a user who had given two files.
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"labels": ["a", "b"], "mean": [0.5], "std": [0.5], "input_shape": [1, 28, 28]}')
+    done = subprocess.run([sys.executable, "-m", "bnfold.serve", str(tiny_onnx), f"b={tiny_onnx}", "--spec", str(spec),
+                           "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "--spec applies to a single model file, and 2 models were given (b, tiny)" in done.stderr, done.stderr
