@@ -45,7 +45,7 @@ PARITY_SAMPLES = 32
 
 def _check_target(path: Path, force: bool, what: str) -> None:
     if path.exists() and not force and not (path.is_dir() and not any(path.iterdir())):
-        raise OutputExistsError(f"{what} {str(path)!r} already exists; pass --force (force=True) "
+        raise OutputExistsError(f"{what} {str(path)!r} already exists; pass --force (from Python: force=True) "
                                 "to replace it")
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"{what} {str(path)!r} exists and is not a folder")
