@@ -154,7 +154,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
              help="also serve the Open Inference Protocol over gRPC (inference.GRPCInferenceService, "
                   "what tritonclient.grpc speaks) on this port, in the same process with the same "
                   "models and limits; 0 picks a free port (printed at start); default: no gRPC")
-    opts.shared("--threads", help=SHARED["--threads"]["help"] + ", divided among the instances; at most 1024")
+    opts.shared("--threads", help="onnxruntime's intra-op threads (the service has no torch); 0 = the CPUs this "
+                                    "process may use, divided among the instances; at most 1024")
     opts.add("--instances", type=int, metavar="N",
              help="sessions of each model, each run by its own worker thread on its share of the CPUs; a "
                   "request runs on a free one (default: a repository model's instance_group count, else 1)")
