@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, fields
 
 from bnfold.models.spec import MAX_BATCH_SIZE
-from bnfold.options import DEVICES, SHARED, ConfigOptions, from_args as config_from_args
+from bnfold.options import DEVICES, ConfigOptions, from_args as config_from_args
 from bnfold.serve.errors import ServeError
 from bnfold.serve.scheduler import MAX_INSTANCES, MAX_QUEUE_DELAY_US
 
