@@ -350,8 +350,13 @@ def _imagefolder_datasets(dataset: str) -> tuple[Any, Any]:
     try:
         train_idx, test_idx = train_test_split(np.arange(len(targets)), test_size=0.2, stratify=targets,
                                                random_state=DIGITS_SPLIT_SEED)
-    except ValueError as exc:
-        raise DatasetError(f"image folder {dataset!r} is too small to split 80/20 per class: {exc}") from None
+    except ValueError:  # sklearn's words name classes by index: say it with the folder names
+        counts = np.bincount(targets, minlength=len(train.classes))
+        fewest = ", ".join(f"{train.classes[i]!r} ({counts[i]})" for i in np.argsort(counts, kind="stable")[:3])
+        raise DatasetError(f"image folder {dataset!r} is too small to split 80/20 per class: {len(targets)} images "
+                           f"in {len(train.classes)} class folders, the fewest in {fewest}; each class needs at "
+                           f"least 2 images and a fifth of all images at least one per class, or give "
+                           "PATH/train/<class>/ and PATH/val/<class>/ to split it yourself") from None
     return Subset(train, train_idx.tolist()), Subset(train, test_idx.tolist())
 
 

@@ -104,3 +104,15 @@ def test_imagefolder_with_an_empty_class_is_one_line_exit_2(tmp_path, capsys):
     assert "class folder(s) bird hold no readable image" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_imagefolder_too_small_to_split_names_the_class_folders(tmp_path, capsys):
+    # sklearn's own words named the class by its index ("Classes with too few members are: [1]").
+    root = _pets(tmp_path / "pets", per_class=4)
+    for extra in ("1.png", "2.png", "3.png"):
+        (root / "dog" / extra).unlink()
+    code = main(["train", "--model", "resnet20", "--dataset", f"imagefolder:{root}", "--epochs", "1",
+                 "--device", "cpu", "--no-progress", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "5 images in 2 class folders, the fewest in 'dog' (1), 'cat' (4)" in err and "PATH/train/<class>/" in err
