@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from bnfold.versions import cpu_name
 from bnfold.serve.launch import free_port, running_server, server_process
 from bnfold.serve.runtime import ServeError, open_session
 
@@ -150,14 +151,6 @@ def _git_commit() -> str:
     return done.stdout.strip() or "?"
 
 
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "?"
-
-
 def compare(onnx_path: str | os.PathLike, *, rounds: int = 3, sequential: int = 1000, concurrent: int = 4000,
             concurrency: int = 8, threads: int = 1) -> dict[str, Any]:
     """Measure bnfold and KServe interleaved; the pooled figures, the ratios and what ran."""
@@ -235,7 +228,7 @@ def compare(onnx_path: str | os.PathLike, *, rounds: int = 3, sequential: int = 
     floor_stats = latency_stats(np.concatenate(floor_ms))
     return {"model": name, "onnx": str(onnx_path), "input_shape": list(x.shape), "threads": threads,
             "rounds": rounds, "sequential_per_round": sequential, "concurrent_per_round": concurrent,
-            "concurrency": concurrency, "cpus": len(os.sched_getaffinity(0)), "cpu": _cpu_name(),
+            "concurrency": concurrency, "cpus": len(os.sched_getaffinity(0)), "cpu": cpu_name(),
             "loadavg_before": load_before, "loadavg_after": Path("/proc/loadavg").read_text().split()[:3],
             "bnfold_commit": _git_commit(), "kserve_version": _peer_version("kserve", "kserve"),
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bnfold.errors import first_line
 from bnfold.serve.config import ServeConfig
 from bnfold.serve.errors import ServeError
 
@@ -182,8 +183,7 @@ def deploy(config: ServeConfig) -> str:
     try:
         ray.init(address=config.ray, logging_level="ERROR", log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ServeError(f"cannot reach the Ray cluster at {config.ray!r}: {first}", status=500) from None
+        raise ServeError(f"cannot reach the Ray cluster at {config.ray!r}: {first_line(exc)}", status=500) from None
     try:
         grpc_options = None
         if config.grpc_port is not None:
