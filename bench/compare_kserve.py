@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from bnfold.serve.runtime import ServeError, open_session
 from .loadtest import run_loadtest
 from .peers import PeerError, peer_python
 from .timing import latency_stats
+from bnfold.bench.comparison import run_comparison
 
 KSERVE_MODEL = Path(__file__).with_name("kserve_model.py")
 SERVERS = ("bnfold", "kserve")
@@ -287,20 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8, help="connections of the throughput measure (default 8)")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
-    for option in ("rounds", "sequential", "concurrent", "concurrency"):
-        if getattr(args, option) < 1:
-            print(f"compare_kserve: error: --{option} must be at least 1, got {getattr(args, option)}", file=sys.stderr)
-            return 2
-    try:
-        report = compare(args.onnx, rounds=args.rounds, sequential=args.sequential, concurrent=args.concurrent,
-                         concurrency=args.concurrency)
-    except (ServeError, PeerError) as exc:
-        print(f"compare_kserve: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_report(report))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
-    return 0
+    return run_comparison(
+        "compare_kserve", args,
+        lambda: compare(args.onnx, rounds=args.rounds, sequential=args.sequential, concurrent=args.concurrent,
+                        concurrency=args.concurrency),
+        format_report, (ServeError, PeerError))
 
 
 if __name__ == "__main__":

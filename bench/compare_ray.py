@@ -22,7 +22,6 @@ Ray Serve settings that its proxies and replicas read at start (RAY_SERVE_*) go 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import numpy as np
 from bnfold.bench.loadtest import LoadtestResult, run_loadtest
 from bnfold.bench.ray_cluster import RAY_VERSION, loopback_cluster, ray_python
 from bnfold.bench.timing import latency_stats
+from bnfold.bench.comparison import run_comparison
 from bnfold.serve.launch import free_port, running_server
 from bnfold.serve.runtime import ServeError, open_session
 
@@ -161,22 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for option, value in [("--rounds", args.rounds), ("--sequential", args.sequential),
-                          ("--concurrent", args.concurrent), ("--concurrency", args.concurrency)]:
-        if value < 1:
-            print(f"compare_ray: error: {option} must be at least 1, got {value}", file=sys.stderr)
-            return 2
-    try:
-        report = compare(args.onnx, rounds=args.rounds, sequential=args.sequential, concurrent=args.concurrent,
-                         concurrency=args.concurrency, ray_env=dict(args.ray_env),
-                         serve_args=args.serve_arg)
-    except ServeError as exc:
-        print(f"compare_ray: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_report(report))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
-    return 0
+    return run_comparison(
+        "compare_ray", args,
+        lambda: compare(args.onnx, rounds=args.rounds, sequential=args.sequential, concurrent=args.concurrent,
+                        concurrency=args.concurrency, ray_env=dict(args.ray_env), serve_args=args.serve_arg),
+        format_report, (ServeError,))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import numpy as np
 from bnfold.serve.launch import free_port, running_server, server_process
 from bnfold.bench.loadtest import LoadtestResult, run_loadtest
 from bnfold.bench.timing import latency_stats
+from bnfold.bench.comparison import run_comparison
 from bnfold.serve.runtime import ServeError, open_session
 
 # The reference service, as uvicorn imports it: a factory in this package (so it runs from a wheel).
@@ -167,16 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        report = compare(args.onnx, rounds=args.rounds, sequential=args.sequential, concurrent=args.concurrent,
-                         concurrency=args.concurrency)
-    except ServeError as exc:
-        print(f"compare_reference: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_report(report))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
-    return 0
+    return run_comparison(
+        "compare_reference", args,
+        lambda: compare(args.onnx, rounds=args.rounds, sequential=args.sequential, concurrent=args.concurrent,
+                        concurrency=args.concurrency),
+        format_report, (ServeError,))
 
 
 if __name__ == "__main__":
