@@ -40,8 +40,8 @@ from tritonclient.grpc import model_config_pb2, service_pb2 as pb
 from bnfold.versions import __version__
 
 from .errors import ServeError, client_text, limit_error
-from .protocol import (OutputRequest, _bytes_tensor, _shape_str, check_datatype, check_input_name, check_shape,
-                       classify)
+from .protocol import (OutputRequest, _bytes_tensor, check_classification, check_datatype, check_input_name,
+                       check_shape, classify, output_named)
 from .runtime import Runtime
 
 if TYPE_CHECKING:
@@ -192,10 +192,7 @@ def _requested_outputs(model: Runtime, requested: Any) -> list[OutputRequest]:
     by_name = {meta.name: meta for meta in model.outputs}
     chosen = []
     for item in requested:
-        if item.name not in by_name:
-            raise ServeError(f"unexpected inference output {json.dumps(item.name[:60])} for model {model.name!r}. "
-                             f"Expected one of {sorted(by_name)}")
-        meta = by_name[item.name]
+        meta = output_named(model, by_name, item.name)
         classes = 0
         if "classification" in item.parameters:
             param = item.parameters["classification"]
@@ -206,14 +203,9 @@ def _requested_outputs(model: Runtime, requested: Any) -> list[OutputRequest]:
                 got = f"{param.int64_param}" if kind == "int64_param" else f"a {kind}"
                 raise ServeError(f"parameters.classification of output {item.name!r} must be a positive integer "
                                  f"(how many top classes to return), got {got}")
-            if classes and (len(meta.shape) != 2 or meta.datatype not in _SCORES):
-                raise ServeError(f"output {item.name!r} of model {model.name!r} has shape {_shape_str(meta.shape)} "
-                                 f"and datatype {meta.datatype}; classification needs [batch, classes] scores")
+            check_classification(model, meta, classes)
         chosen.append(OutputRequest(meta, True, classes))
     return chosen
-
-
-_SCORES = {"FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
 
 
 class GrpcService:

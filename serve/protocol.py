@@ -354,20 +354,30 @@ def _requested_outputs(model: Runtime, requested: Any, binary_default: bool) -> 
     chosen = []
     for item in requested:
         name = item.get("name") if isinstance(item, dict) else None
-        if not isinstance(name, str) or name not in by_name:   # a list or object is not a name either
-            raise ServeError(f"unexpected inference output {_short(name)} for model {model.name!r}. "
-                             f"Expected one of {sorted(by_name)}")
+        meta = output_named(model, by_name, name)
         params = _parameters(item, f"output {name!r}")
         classes = params.get("classification", 0)
         if type(classes) is not int or classes < 0:
             raise ServeError(f"parameters.classification of output {name!r} must be a positive integer "
                              f"(how many top classes to return), got {_short(classes)}")
-        meta = by_name[name]
-        if classes and (len(meta.shape) != 2 or meta.datatype not in _SCORES):
-            raise ServeError(f"output {name!r} of model {model.name!r} has shape {_shape_str(meta.shape)} and "
-                             f"datatype {meta.datatype}; classification needs [batch, classes] scores")
+        check_classification(model, meta, classes)
         chosen.append(OutputRequest(meta, _flag(params, "binary_data", binary_default, f"output {name!r}"), classes))
     return chosen
+
+
+def output_named(model: Runtime, by_name: dict[str, TensorMeta], name: Any) -> TensorMeta:
+    """The output a client asked for by `name` (HTTP and gRPC alike), or a 400 naming the ones there are."""
+    if not isinstance(name, str) or name not in by_name:   # a list or object is not a name either
+        raise ServeError(f"unexpected inference output {_short(name)} for model {model.name!r}. "
+                         f"Expected one of {sorted(by_name)}")
+    return by_name[name]
+
+
+def check_classification(model: Runtime, meta: TensorMeta, classes: int) -> None:
+    """Refuse `classes` top classes (0: no classification asked) of an output that is not [batch, classes] scores."""
+    if classes and (len(meta.shape) != 2 or meta.datatype not in _SCORES):
+        raise ServeError(f"output {meta.name!r} of model {model.name!r} has shape {_shape_str(meta.shape)} and "
+                         f"datatype {meta.datatype}; classification needs [batch, classes] scores")
 
 
 _SCORES = {"FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
