@@ -318,8 +318,7 @@ class InferenceApp:
             status, headers, body = 500, _JSON, _error(f"internal error ({type(exc).__name__}); see the server log")
         finally:
             if request is not None and request.reserved:
-                with self._pending_lock:
-                    self.pending_bytes -= request.reserved   # the handler is done with its body
+                self._release(request.reserved)   # the handler is done with its body
         await send({"type": "http.response.start", "status": status,   # a 304 has no length of its own
                     "headers": headers + [(b"content-length", str(len(body)).encode())] if status != 304 else headers})
         await send({"type": "http.response.body", "body": body})
@@ -487,6 +486,11 @@ class InferenceApp:
                 return
         raise limit_error(f"request bodies held at once ({held} bytes, and {size} more for this one)",
                           f"{self.max_pending_bytes} bytes", "--max-pending-mb", status=503)
+
+    def _release(self, size: int) -> None:
+        """Give back `size` bytes that `_reserve` counted (HTTP bodies, gRPC tensors)."""
+        with self._pending_lock:
+            self.pending_bytes -= size
 
     async def _run(self, model: Runtime, x: np.ndarray) -> list[np.ndarray]:
         """`model`'s outputs for `x` through its scheduler (as `self.schedulers[name].infer(x)`)."""

@@ -21,7 +21,6 @@ RESOURCE_EXHAUSTED past it); `--max-batch-size` and every input check are HTTP's
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -299,7 +298,7 @@ class GrpcService:
                 message = f"internal error ({type(exc).__name__}); see the server log"
             finally:
                 if reserved:
-                    _release(app, reserved)
+                    app._release(reserved)
             elapsed = time.perf_counter() - start
             known = model if model in app.models else "-"
             if infer:
@@ -410,11 +409,6 @@ def _reserve(app: InferenceApp, size: int) -> int:
     held = _Held()
     app._reserve(held, size)
     return held.reserved
-
-
-def _release(app: InferenceApp, size: int) -> None:
-    with getattr(app, "_pending_lock", contextlib.nullcontext()):
-        app.pending_bytes -= size
 
 
 def check_port_free(host: str, port: int) -> None:
