@@ -78,8 +78,7 @@ class ServeConfig:
         if delay is not None and delay != "off" and not (type(delay) is int and 0 <= delay <= MAX_QUEUE_DELAY_US):
             raise ServeError(f"--dynamic-batching must be a delay in microseconds from 0 to {MAX_QUEUE_DELAY_US}, "
                              f"or off; got {delay!r}")
-        if self.ray is None and (self.replicas != 1 or self.min_replicas != 1 or self.max_replicas != 4
-                                 or self.replica_cpus != 1.0 or self.max_ongoing_requests != 32):
+        if self.ray is None and any(getattr(self, name) != default for name, default in _RAY_DEFAULTS.items()):
             raise ServeError("--replicas, --min-replicas, --max-replicas, --replica-cpus and --max-ongoing-requests "
                              "need --ray ADDRESS")
         if self.ray is not None and self.grpc_port == 0:
@@ -119,6 +118,10 @@ class ServeConfig:
     def max_decode_pixels(self) -> int:
         return int(self.max_decode_mpx * 1_000_000)
 
+
+# The Ray-only settings and their defaults, read from the fields: any other value needs --ray.
+_RAY_DEFAULTS = {f.name: f.default for f in fields(ServeConfig)
+                 if f.name in ("replicas", "min_replicas", "max_replicas", "replica_cpus", "max_ongoing_requests")}
 
 MAX_THREADS = 1024
 # Each limit's option and largest value, checked when the config is made (at parse time): far above
