@@ -31,20 +31,6 @@ LIMITS = ["--max-body-mb", "8", "--max-header-kb", "16", "--request-timeout", "3
           "--max-decode-mpx", "12"]
 
 
-@pytest.fixture(scope="module")
-def served(tiny_onnx: Path, tmp_path_factory: pytest.TempPathFactory):
-    """(url, pid, log path) of a server with small limits."""
-    log = tmp_path_factory.mktemp("hardening") / "serve.log"
-    processes: list[subprocess.Popen] = []
-    with running_server(tiny_onnx, threads=1, extra_args=LIMITS, log_path=log, on_ready=processes.append) as url:
-        yield url, processes[0].pid, log
-
-
-@pytest.fixture
-def url(served) -> str:
-    return served[0]
-
-
 def _address(url: str) -> tuple[str, int]:
     host, port = url.removeprefix("http://").split(":")
     return host, int(port)

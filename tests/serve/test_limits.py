@@ -23,7 +23,6 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from bnfold.serve.launch import running_server
 
 # Test-only dependencies ([test] extra): a machine without one skips these tests, with the reason.
 httpx = pytest.importorskip("httpx")
@@ -31,20 +30,6 @@ triton_http = pytest.importorskip("tritonclient.http")
 
 LIMITS = ["--max-body-mb", "8", "--max-header-kb", "16", "--max-headers", "50", "--request-timeout", "1",
           "--max-connections", "24", "--max-multipart-parts", "16", "--max-pending-mb", "20"]
-
-
-@pytest.fixture(scope="module")
-def served(tiny_onnx: Path, tmp_path_factory: pytest.TempPathFactory):
-    """(url, pid, log path) of a server with small limits."""
-    log = tmp_path_factory.mktemp("limits") / "serve.log"
-    processes: list[subprocess.Popen] = []
-    with running_server(tiny_onnx, threads=1, extra_args=LIMITS, log_path=log, on_ready=processes.append) as url:
-        yield url, processes[0].pid, log
-
-
-@pytest.fixture
-def url(served) -> str:
-    return served[0]
 
 
 def _address(url: str) -> tuple[str, int]:
