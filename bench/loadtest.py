@@ -13,6 +13,7 @@ import http.client
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -309,13 +310,14 @@ class _Connection(asyncio.Protocol):
         self._fail(ConnectionError(f"connection lost: {self.lost}"))
 
 
-async def _drive(host: str, port: int, requests: list[bytes], concurrency: int, total: int,
+async def _drive(endpoints: list[tuple[str, int]], requests: list[bytes], concurrency: int, total: int,
                  warmup: int) -> tuple[_Tally, float, float]:
     tally = _Tally()
     loop = asyncio.get_running_loop()
     connections: list[_Connection] = []
     try:
         for c in range(concurrency):
+            host, port = endpoints[c % len(endpoints)]   # connection c to endpoint c mod n
             _, protocol = await loop.create_connection(lambda c=c: _Connection(requests, c, tally), host, port)
             connections.append(protocol)
         # The first answer to each input is taken on one connection before the load starts.
@@ -346,7 +348,8 @@ def _run(coro):
 def run_loadtest(url: str, model: str | None, *, concurrency: int = 8, requests: int = 2000,
                  binary: bool = True, inputs: np.ndarray | list[np.ndarray] | None = None,
                  reference: bool = False, input_shape: tuple[int, ...] | None = None,
-                 warmup: int = 10, seed: int = 0, protocol: str = "http") -> LoadtestResult:
+                 warmup: int = 10, seed: int = 0, protocol: str = "http",
+                 replicas: Sequence[str] = ()) -> LoadtestResult:
     """Send `requests` inferences over `concurrency` keep-alive connections and time them.
 
     url: server base URL. model: the v2 model name (ignored with `reference`). inputs: one
@@ -355,6 +358,9 @@ def run_loadtest(url: str, model: str | None, *, concurrency: int = 8, requests:
     warmup: untimed requests per connection before its timed ones.
     protocol: "http", or "grpc" for ModelInfer calls to the gRPC address `url` ("host:port", the
     port of `bnfold serve --grpc-port`), raw tensor contents (`bench.grpc_load`).
+    replicas: more base URLs (HTTP) serving the same model under the same path, such as the replicas
+    Ray Serve's direct ingress opens; connection i then goes to [url, *replicas][i mod n], which is
+    what a client-side load balancer does. Every answer is still checked against the first one.
     """
     if concurrency < 1 or requests < 1:
         raise ServeError(f"concurrency and requests must be at least 1, got {concurrency} and {requests}")
@@ -388,7 +394,8 @@ def run_loadtest(url: str, model: str | None, *, concurrency: int = 8, requests:
         encoded = [v2_request(host, base, model, input_name, datatype, x, binary) for x in inputs]
         mode = "binary" if binary else "json"
     try:
-        tally, seconds, cpu = _run(_drive(host, port, encoded, concurrency, requests, warmup))
+        endpoints = [(host, port)] + [_split(other)[:2] for other in replicas]
+        tally, seconds, cpu = _run(_drive(endpoints, encoded, concurrency, requests, warmup))
     except (OSError, ConnectionError) as exc:
         raise ServeError(f"load test against {url} failed: {type(exc).__name__}: {exc}")
     return LoadtestResult.from_tally(url, mode, concurrency, tally, seconds, cpu)

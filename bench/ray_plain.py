@@ -47,14 +47,18 @@ class PlainOnnx:
 
 
 def deploy(model_path: str | os.PathLike, address: str, *, replicas: int = 2, replica_cpus: float = 1.0,
-           port: int = 8000) -> None:
-    """Deploy the plain application on the cluster at `address` (HTTP through Ray Serve's proxy on `port`)."""
+           port: int = 8000) -> list[str]:
+    """Deploy the plain application on the cluster at `address` (HTTP through Ray Serve's proxy on `port`);
+    its replicas' own URLs when the cluster runs Ray's direct ingress, else []."""
+    from bnfold.serve.ray_app import direct_ingress_urls
+
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = PlainOnnx.options(num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus}).bind(
             str(Path(model_path).resolve()))
         serve.run(app, name=APP_NAME, route_prefix=ROUTE_PREFIX)
+        return direct_ingress_urls(APP_NAME, "127.0.0.1", replicas)
     finally:
         ray.shutdown()
 
@@ -68,8 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per replica (default 1)")
     p.add_argument("--port", type=int, default=8000, help="Ray Serve's HTTP port, if Serve is not yet started")
     args = p.parse_args(argv)
-    deploy(args.model, args.address, replicas=args.replicas, replica_cpus=args.replica_cpus, port=args.port)
+    from bnfold.serve.config import RAY_DIRECT_LINE as DIRECT_LINE
+
+    direct = deploy(args.model, args.address, replicas=args.replicas, replica_cpus=args.replica_cpus, port=args.port)
     print(f"plain Ray Serve deployment RUNNING under {ROUTE_PREFIX}", file=sys.stderr)
+    if direct:
+        print(f"{DIRECT_LINE} {' '.join(direct)}", file=sys.stderr)
     return 0
 
 

@@ -123,6 +123,10 @@ class ServeConfig:
 _RAY_DEFAULTS = {f.name: f.default for f in fields(ServeConfig)
                  if f.name in ("replicas", "min_replicas", "max_replicas", "replica_cpus", "max_ongoing_requests")}
 
+# How `bnfold serve --ray` (and bench.ray_plain) name the replicas' own URLs under Ray Serve's
+# direct ingress, one line on stderr that bench.compare_ray reads back.
+RAY_DIRECT_LINE = "direct ingress replicas:"
+
 MAX_THREADS = 1024
 # Each limit's option and largest value, checked when the config is made (at parse time): far above
 # any real need, and low enough that the byte counts stay exact integers (1e308 MB was a traceback).

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bnfold.errors import first_line
-from bnfold.serve.config import ServeConfig
+from bnfold.serve.config import RAY_DIRECT_LINE as DIRECT_LINE, ServeConfig
 from bnfold.serve.errors import ServeError
 
 try:
@@ -176,6 +176,48 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
                          f"--head` running there?)", status=500) from None
 
 
+def direct_ingress_urls(app_name: str, host: str, expected: int = 1, timeout: float = 30.0) -> list[str]:
+    """The HTTP addresses at which `app_name`'s replicas answer themselves, when the cluster runs Ray
+    Serve's direct ingress (`RAY_SERVE_ENABLE_DIRECT_INGRESS=1` or `RAY_SERVE_THROUGHPUT_OPTIMIZED=1`
+    on every node); [] when it does not. Call with `ray.init` done. Ray's controller publishes the
+    replicas' ports a control-loop tick after they start, so this waits (up to `timeout`) for
+    `expected` of them. `host` is where the replicas listen (Serve's `http_options.host`); for all
+    interfaces, each replica's node address is given instead.
+
+    Ray has no public call for this yet: it reads the controller's target groups, which are what its
+    own HAProxy ingress is configured from, and says [] if that call is not there.
+    """
+    import time
+
+    import ray.exceptions
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller
+    # The flag is the cluster's, read by Ray's controller; this process may not have it set, so
+    # without it here a short wait tells (the ports are published within a tick when it is on).
+    started = time.monotonic()
+    wait = timeout if _direct_ingress_on() else min(timeout, 3.0)
+    while True:
+        try:
+            groups = ray.get(controller.get_target_groups.remote(app_name))
+        except (AttributeError, TypeError, ray.exceptions.RayError):
+            return []
+        targets = [t for g in groups if str(getattr(g.protocol, "value", g.protocol)) == "HTTP"
+                   for t in g.targets if t.name.startswith("SERVE_REPLICA::")]
+        late = time.monotonic() - started > wait
+        if len(targets) >= expected or (late and targets):
+            return sorted(f"http://{t.ip if host in ('0.0.0.0', '::') else host}:{t.port}" for t in targets)
+        if late:
+            return []
+        time.sleep(0.2)
+
+
+def _direct_ingress_on() -> bool:
+    from ray.serve._private import constants
+
+    return bool(constants.RAY_SERVE_ENABLE_DIRECT_INGRESS)
+
+
 def deploy(config: ServeConfig) -> str:
     """Deploy `config` as the Serve application "bnfold" on the cluster at `config.ray`; its URL once RUNNING."""
     _check_sources(config)
@@ -191,6 +233,8 @@ def deploy(config: ServeConfig) -> str:
         serve.start(http_options={"host": config.host, "port": config.port}, grpc_options=grpc_options)
         app = BnfoldReplica.options(**deployment_options(config)).bind(replica_config(config))
         serve.run(app, name=APP_NAME, route_prefix="/")
+        expected = config.replicas if config.replicas != "auto" else config.min_replicas
+        direct = direct_ingress_urls(APP_NAME, config.host, expected)
     except RuntimeError as exc:   # the deployment failed: Ray's message names the replica's error
         lines = [line for line in str(exc).splitlines() if line.strip()]
         reason = next((line.strip() for line in reversed(lines) if "Error" in line), lines[-1] if lines else "")
@@ -204,7 +248,11 @@ def deploy(config: ServeConfig) -> str:
     print(f"bnfold serve: application {APP_NAME!r} RUNNING on the Ray cluster at {config.ray} with {count} "
           f"replica(s) of {config.replica_cpus:g} CPU; Ray Serve answers on {url}{grpc_note} "
           f"(remove it with: serve shutdown -a http://DASHBOARD:8265 -y)", file=sys.stderr, flush=True)
+    if direct:
+        print(f"{DIRECT_LINE} {' '.join(direct)} (Ray Serve's direct ingress: each replica answers on its own "
+              "port, without Ray's proxy; put them behind a load balancer)", file=sys.stderr, flush=True)
     return url
 
 
-__all__ = ["APP_NAME", "BnfoldReplica", "deploy", "deployment_options", "replica_config"]
+__all__ = ["APP_NAME", "DIRECT_LINE", "BnfoldReplica", "deploy", "deployment_options", "direct_ingress_urls",
+           "replica_config"]

@@ -21,6 +21,7 @@ import pytest
 import tritonclient.http as triton_http
 
 from bnfold.bench.ray_cluster import loopback_cluster, ray_python
+from bnfold.serve.config import RAY_DIRECT_LINE
 from bnfold.serve.launch import free_port
 
 pytestmark = pytest.mark.slow
@@ -35,10 +36,11 @@ def _replicas(cluster) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def ray_service(tiny_onnx: Path):
-    """(cluster, http address, grpc address): bnfold's app on a 2-node loopback Ray cluster, 2 replicas
-    of 1 CPU, HTTP and gRPC through Ray Serve's proxies."""
+    """(cluster, http address, grpc address, direct URLs): bnfold's app on a 2-node loopback Ray cluster,
+    2 replicas of 1 CPU, HTTP and gRPC through Ray Serve's proxy; the cluster runs Ray's direct
+    ingress, so each replica also answers HTTP on a port of its own (the URLs deploy printed)."""
     python = ray_python()
-    with loopback_cluster(python, nodes=2, cpus_per_node=1) as cluster:
+    with loopback_cluster(python, nodes=2, cpus_per_node=1, env={"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}) as cluster:
         port, grpc_port = free_port(), free_port()
         deployed = subprocess.run([str(python), "-m", "bnfold.serve", str(tiny_onnx), "--ray", cluster.address,
                                    "--replicas", "2", "--replica-cpus", "1", "--port", str(port),
@@ -46,7 +48,9 @@ def ray_service(tiny_onnx: Path):
                                   capture_output=True, text=True, env=cluster.env, timeout=300)
         assert deployed.returncode == 0, deployed.stderr[-3000:]
         assert "RUNNING" in deployed.stderr
-        yield cluster, f"127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
+        direct = [line for line in deployed.stderr.splitlines() if line.startswith(RAY_DIRECT_LINE)]
+        urls = [w for w in direct[0].split() if w.startswith("http://")] if direct else []
+        yield cluster, f"127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", urls
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +67,7 @@ def _infer(client: triton_http.InferenceServerClient, x: np.ndarray) -> np.ndarr
 
 
 def test_the_two_replicas_run_on_both_nodes_as_rays_state_api_reports(ray_service):
-    cluster, _, _ = ray_service
+    cluster, _, _, _ = ray_service
     nodes = {n["node_id"] for n in cluster.state("nodes") if n.get("state") == "ALIVE"}
     replicas = _replicas(cluster)
     assert len(nodes) == 2
@@ -72,7 +76,7 @@ def test_the_two_replicas_run_on_both_nodes_as_rays_state_api_reports(ray_servic
 
 
 def test_tritonclient_answers_through_ray_equal_in_process_onnxruntime(ray_service, reference):
-    _, url, _ = ray_service
+    _, url, _, _ = ray_service
     client = triton_http.InferenceServerClient(url)
     assert client.is_server_ready() and client.is_model_ready(MODEL)
     assert client.get_model_metadata(MODEL)["platform"] == "onnxruntime_onnx"
@@ -82,12 +86,45 @@ def test_tritonclient_answers_through_ray_equal_in_process_onnxruntime(ray_servi
         np.testing.assert_allclose(_infer(client, x), reference(x), rtol=1e-5, atol=1e-6)
 
 
+def test_with_rays_direct_ingress_each_replica_answers_on_its_own_port_as_deploy_printed(ray_service, reference):
+    """Ray's direct ingress (the fast path measured in bench.compare_ray): `bnfold serve --ray` names one
+    URL per replica; each is a different replica process and answers what onnxruntime answers."""
+    cluster, _, _, urls = ray_service
+    assert len(urls) == 2 and len(set(urls)) == 2, urls
+    rng = np.random.default_rng(3)
+    for url in urls:
+        client = triton_http.InferenceServerClient(url.removeprefix("http://"))
+        assert client.is_server_ready() and client.is_model_ready(MODEL)
+        x = rng.standard_normal((2, 1, 28, 28), dtype=np.float32)
+        np.testing.assert_allclose(_infer(client, x), reference(x), rtol=1e-5, atol=1e-6)
+    ports = [int(url.rsplit(":", 1)[1]) for url in urls]
+    owners = {_listener(port) for port in ports}
+    assert owners == {int(r["pid"]) for r in _replicas(cluster)}, (owners, ports)
+
+
+def _listener(port: int) -> int | None:
+    """The pid of the process listening on 127.0.0.1:`port` (this machine's /proc: the cluster is local)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:   # 0A: LISTEN
+            inodes.add(f"socket:[{fields[9]}]")
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                    return int(proc.name)
+            except OSError:   # a process that ended, or one we may not look into
+                continue
+    return None
+
+
 def test_tritonclient_grpc_answers_through_rays_grpc_proxy_equal_onnxruntime_and_errors_keep_their_status(
         ray_service, reference):
     import tritonclient.grpc as triton_grpc
     from tritonclient.utils import InferenceServerException
 
-    _, _, address = ray_service
+    _, _, address, _ = ray_service
     client = triton_grpc.InferenceServerClient(address)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
     assert client.get_model_metadata(MODEL).name == MODEL
@@ -110,7 +147,7 @@ def test_killing_a_replica_under_load_fails_at_most_the_requests_in_flight_and_r
     Every answer is checked against onnxruntime; a failed request is one that got an error or
     no answer. Ray must start a new replica and the service must answer again within 30 s.
     """
-    cluster, url, _ = ray_service
+    cluster, url, _, _ = ray_service
     rng = np.random.default_rng(1)
     inputs = [rng.standard_normal((1, 1, 28, 28), dtype=np.float32) for _ in range(8)]
     expected = [reference(x) for x in inputs]
@@ -179,7 +216,7 @@ def test_killing_a_replica_under_load_fails_at_most_the_requests_in_flight_and_r
 
 def test_replicas_auto_becomes_rays_autoscaling_between_min_and_max(ray_service):
     """What `--replicas auto` asks Ray for (checked in Ray's environment, without a second deploy)."""
-    cluster, _, _ = ray_service
+    cluster, _, _, _ = ray_service
     code = ("import json\nfrom bnfold.serve.config import ServeConfig\n"
             "from bnfold.serve.ray_app import deployment_options\n"
             "auto = ServeConfig(model='m.onnx', ray='x', replicas='auto', min_replicas=2, max_replicas=6, "
