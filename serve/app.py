@@ -195,7 +195,6 @@ class InferenceApp:
         self.schedulers: dict[str, Scheduler] = {
             name: build_scheduler(m, getattr(m, "scheduling", Scheduling()), self.metrics.run_observer(name))
             for name, m in self.models.items()}
-        self._scheduler_of = {id(m): self.schedulers[name] for name, m in self.models.items()}
         self.ready = True
         self._flusher: asyncio.Task | None = None
         # Servers that share this app's loop and lifespan (serve.grpc_service): awaited at start-up, in
@@ -318,7 +317,7 @@ class InferenceApp:
             status, headers, body = 500, _JSON, _error(f"internal error ({type(exc).__name__}); see the server log")
         finally:
             if request is not None and request.reserved:
-                self._release(request.reserved)   # the handler is done with its body
+                self.release(request.reserved)   # the handler is done with its body
         await send({"type": "http.response.start", "status": status,   # a 304 has no length of its own
                     "headers": headers + [(b"content-length", str(len(body)).encode())] if status != 304 else headers})
         await send({"type": "http.response.body", "body": body})
@@ -387,10 +386,10 @@ class InferenceApp:
             # its output counted against --max-pending-mb as it grows.
             body = await asyncio.get_running_loop().run_in_executor(
                 self.decode_pool, inflate, body, encoding, self.max_body_bytes,
-                lambda size: self._reserve(request, size))
+                lambda size: self.reserve(request, size))
         header_length = parse_header_length(request.header(b"inference-header-content-length"), len(body))
         parsed = self.parsers[name].parse(body, header_length)
-        results = await self.schedulers[name].infer(parsed.array)
+        results = await self.run_model(name, parsed.array)
         payload, json_length = self.encoders[name].encode(parsed, results)
         if json_length is None:
             return 200, _JSON, payload
@@ -424,7 +423,7 @@ class InferenceApp:
                                            V2_TO_NUMPY[model.inputs[0].datatype])
         del image
         model_start = time.perf_counter()
-        logits = (await self._run(model, x))[0]
+        logits = (await self.run_model(model.name, x))[0]
         model_ms = (time.perf_counter() - model_start) * 1e3
         answer = json.dumps({"model": model.name, "predictions": images.top_k(logits[0], spec.labels, k),
                              "image": note.to_dict()}).encode()
@@ -454,7 +453,7 @@ class InferenceApp:
         if message["type"] == "http.disconnect":
             raise _Disconnected
         body = message.get("body", b"")
-        self._reserve(request, len(body))
+        self.reserve(request, len(body))
         if not message.get("more_body", False):
             return body
         chunks = [body]
@@ -467,12 +466,12 @@ class InferenceApp:
             size += len(chunk)
             if size > limit:
                 raise limit_error("request body", f"{limit} bytes", "--max-body-mb")
-            self._reserve(request, len(chunk))
+            self.reserve(request, len(chunk))
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    def _reserve(self, request: Request, size: int) -> None:
+    def reserve(self, request: Request, size: int) -> None:
         """Count `size` body bytes against --max-pending-mb (503 past it); _http gives them back.
 
         Called on the event loop for received bytes and from a decoding thread for inflated ones.
@@ -487,14 +486,14 @@ class InferenceApp:
         raise limit_error(f"request bodies held at once ({held} bytes, and {size} more for this one)",
                           f"{self.max_pending_bytes} bytes", "--max-pending-mb", status=503)
 
-    def _release(self, size: int) -> None:
-        """Give back `size` bytes that `_reserve` counted (HTTP bodies, gRPC tensors)."""
+    def release(self, size: int) -> None:
+        """Give back `size` bytes that `reserve` counted (HTTP bodies, gRPC tensors)."""
         with self._pending_lock:
             self.pending_bytes -= size
 
-    async def _run(self, model: Runtime, x: np.ndarray) -> list[np.ndarray]:
-        """`model`'s outputs for `x` through its scheduler (as `self.schedulers[name].infer(x)`)."""
-        return await self._scheduler_of[id(model)].infer(x)
+    async def run_model(self, name: str, x: np.ndarray) -> list[np.ndarray]:
+        """Model `name`'s outputs for `x` through its scheduler: the one entry point HTTP and gRPC use."""
+        return await self.schedulers[name].infer(x)
 
 
 # Concatenated gzip members are one body (RFC 1952; `gzip.decompress` and gunzip agree); each

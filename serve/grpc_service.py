@@ -2,7 +2,7 @@
 
 `bnfold serve --grpc-port N` starts a `grpc.aio` server on the HTTP server's event loop (the app's
 lifespan starts and stops it), so both protocols share one process and everything in it: the
-models and the same entry point that runs them (`InferenceApp._run`: inline for small batches,
+models and the same entry point that runs them (`InferenceApp.run_model`: inline for small batches,
 a worker thread for large ones), the limits, the Prometheus metrics (label `protocol="grpc"`) and
 the JSON-lines access log (method `GRPC`, the RPC's path, the HTTP status the same mistake gets).
 
@@ -236,9 +236,9 @@ class GrpcService:
                    ("grpc.so_reuseport", 0)]
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=self.max_concurrent_rpcs)
         handlers = {name: grpc.unary_unary_rpc_method_handler(
-                        self._wrap(name, method), request_deserializer=_deserializer(request_class, limit),
+                        self.wrap(name, method), request_deserializer=_deserializer(request_class, limit),
                         response_serializer=response_class.SerializeToString)
-                    for name, (method, request_class, response_class) in self._methods().items()}
+                    for name, (method, request_class, response_class) in self.methods().items()}
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         server.add_registered_method_handlers(SERVICE, handlers)
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -259,7 +259,7 @@ class GrpcService:
             await self.server.stop(grace)
             self.server = None
 
-    def _methods(self) -> dict[str, tuple[Callable[[Any], Awaitable[Any]], Any, Any]]:
+    def methods(self) -> dict[str, tuple[Callable[[Any], Awaitable[Any]], Any, Any]]:
         """RPC name -> (handler, request class, response class): the service's table."""
         return {
             "ServerLive": (self.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
@@ -273,7 +273,7 @@ class GrpcService:
             "RepositoryIndex": (self.repository_index, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
         }
 
-    def _wrap(self, rpc: str, method: Callable[[Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
+    def wrap(self, rpc: str, method: Callable[[Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
         """The grpc handler for `method`: errors become statuses; metrics and access log as HTTP's."""
         app = self.app
         path = f"/{SERVICE}/{rpc}"
@@ -298,7 +298,7 @@ class GrpcService:
                 message = f"internal error ({type(exc).__name__}); see the server log"
             finally:
                 if reserved:
-                    app._release(reserved)
+                    app.release(reserved)
             elapsed = time.perf_counter() - start
             known = model if model in app.models else "-"
             if infer:
@@ -379,7 +379,7 @@ class GrpcService:
     async def model_infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         model = self._model(request.model_name, request.model_version)
         array, outputs = parse_model_infer(model, request, self._plans[request.model_name])
-        results = await self.app._run(model, array)   # the entry point HTTP's /infer uses
+        results = await self.app.run_model(model.name, array)   # the entry point HTTP's /infer uses
         by_name = dict(zip((o.name for o in model.outputs), results))
         response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
         labels = model.spec.labels if model.spec is not None else None
@@ -396,7 +396,7 @@ class GrpcService:
 
 
 class _Held:
-    """What `InferenceApp._reserve` counts a request's bytes on (an HTTP `Request` elsewhere)."""
+    """What `InferenceApp.reserve` counts a request's bytes on (an HTTP `Request` elsewhere)."""
 
     __slots__ = ("reserved",)
 
@@ -407,7 +407,7 @@ class _Held:
 def _reserve(app: InferenceApp, size: int) -> int:
     """Count `size` tensor bytes against --max-pending-mb as HTTP counts bodies (503 past it); the size held."""
     held = _Held()
-    app._reserve(held, size)
+    app.reserve(held, size)
     return held.reserved
 
 

@@ -79,8 +79,8 @@ class _Replica:
             from bnfold.serve.grpc_service import GrpcService
 
             service = GrpcService(self._app)
-            self._rpcs = {name: (service._wrap(name, method), response)
-                          for name, (method, _, response) in service._methods().items()}
+            self._rpcs = {name: (service.wrap(name, method), response)
+                          for name, (method, _, response) in service.methods().items()}
 
     def __serve_build_asgi_app__(self) -> Any:
         return self._app
