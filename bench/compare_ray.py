@@ -7,9 +7,9 @@ bench.ray_cluster) carries both Ray applications at once, each with 2 replicas:
 
 - "plain Ray Serve": bench.ray_plain, an onnxruntime session in a `@serve.deployment` class with a
   Starlette handler and a JSON body, as Ray's documentation shows (POST /plain/predict);
-- "bnfold on Ray": `bnfold serve MODEL --ray ADDRESS --replicas 2` (binary tensors, tritonclient's
-  default, and JSON tensors; not gRPC: with two applications on the cluster Ray's gRPC proxy wants
-  an `application` metadata entry on every call, which bench.loadtest does not send);
+- "bnfold on Ray": `bnfold serve MODEL --ray ADDRESS --replicas 2 --grpc-port P` (binary tensors,
+  tritonclient's default, JSON tensors, and gRPC through Ray's gRPC proxy, which with two
+  applications on the cluster wants the metadata `application: bnfold` on every call);
 
 and "bnfold direct" is `bnfold serve` as one process beside the cluster. Both Ray applications
 share the cluster's two CPUs, so each replica reserves half of one (`--replica-cpus 0.5`); every
@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bnfold.bench.grpc_load import run_grpc_loadtest
 from bnfold.bench.loadtest import LoadtestResult, run_loadtest
 from bnfold.bench.ray_cluster import RAY_VERSION, loopback_cluster, ray_python
 from bnfold.bench.timing import latency_stats
@@ -82,14 +83,15 @@ def compare(onnx_path: str | os.PathLike, *, rounds: int = 3, sequential: int = 
     started = time.monotonic()
     with loopback_cluster(python, nodes=2, cpus_per_node=1, env=ray_env) as cluster:
         cluster_s = time.monotonic() - started
-        port = free_port()
+        port, grpc_port = free_port(), free_port()
         started = time.monotonic()
-        ours_direct = _run([str(python), "-m", "bnfold.serve", str(onnx_path), "--ray", cluster.address, "--replicas", "2",
-              "--replica-cpus", "0.5", "--threads", "1", "--port", str(port), *(serve_args or [])], cluster.env,
-             "bnfold serve --ray")
+        ours_direct = _run([str(python), "-m", "bnfold.serve", str(onnx_path), "--ray", cluster.address,
+                            "--replicas", "2", "--replica-cpus", "0.5", "--threads", "1", "--port", str(port),
+                            "--grpc-port", str(grpc_port), *(serve_args or [])], cluster.env, "bnfold serve --ray")
         deploy_s = time.monotonic() - started
-        plain_direct = _run([str(python), "-m", "bnfold.bench.ray_plain", str(onnx_path), "--address", cluster.address,
-              "--replicas", "2", "--replica-cpus", "0.5", "--port", str(port)], cluster.env, "the plain deployment")
+        plain_direct = _run([str(python), "-m", "bnfold.bench.ray_plain", str(onnx_path), "--address",
+                             cluster.address, "--replicas", "2", "--replica-cpus", "0.5", "--port", str(port)],
+                            cluster.env, "the plain deployment")
         on_ray = f"http://127.0.0.1:{port}"
         with running_server(onnx_path, threads=1) as direct:
             targets = {
@@ -98,6 +100,10 @@ def compare(onnx_path: str | os.PathLike, *, rounds: int = 3, sequential: int = 
                 "bnfold on Ray": lambda c, n: run_loadtest(on_ray, name, concurrency=c, requests=n, inputs=x),
                 "bnfold on Ray, JSON": lambda c, n: run_loadtest(on_ray, name, concurrency=c, requests=n,
                                                                  binary=False, inputs=x),
+                # Ray's gRPC proxy picks the application from the call's metadata (two are deployed)
+                "bnfold on Ray, gRPC": lambda c, n: run_grpc_loadtest(
+                    f"127.0.0.1:{grpc_port}", name, concurrency=c, requests=n, inputs=x,
+                    metadata=(("application", "bnfold"),)),
                 "bnfold direct": lambda c, n: run_loadtest(direct, name, concurrency=c, requests=n, inputs=x),
             }
             if plain_direct and ours_direct:   # Ray's direct ingress: each replica on its own port

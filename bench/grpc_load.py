@@ -30,7 +30,8 @@ def grpc_target(url: str) -> str:
     return target
 
 
-def fetch_grpc_metadata(target: str, model: str) -> tuple[str, str, list[int]]:
+def fetch_grpc_metadata(target: str, model: str,
+                        metadata: tuple[tuple[str, str], ...] = ()) -> tuple[str, str, list[int]]:
     """(input name, datatype, shape) of `model`'s first input, from the server's ModelMetadata."""
     import grpc
     from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
@@ -38,7 +39,7 @@ def fetch_grpc_metadata(target: str, model: str) -> tuple[str, str, list[int]]:
     with grpc.insecure_channel(target) as channel:
         try:
             meta = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(
-                pb.ModelMetadataRequest(name=model), timeout=10)
+                pb.ModelMetadataRequest(name=model), timeout=10, metadata=metadata)
         except grpc.RpcError as exc:
             raise ServeError(f"gRPC server {target} answered {exc.code().name} for model {model!r}: "
                              f"{exc.details()}") from None
@@ -57,7 +58,7 @@ def infer_request(model: str, input_name: str, datatype: str, x: np.ndarray) -> 
 
 
 async def _drive(target: str, requests: list[bytes], concurrency: int, total: int,
-                 warmup: int) -> tuple[_Tally, float, float]:
+                 warmup: int, metadata: tuple[tuple[str, str], ...] = ()) -> tuple[_Tally, float, float]:
     import grpc
 
     tally = _Tally()
@@ -72,7 +73,7 @@ async def _drive(target: str, requests: list[bytes], concurrency: int, total: in
             index = (offset + i) % len(requests)
             start = time.perf_counter()
             try:
-                answer = await call(requests[index], timeout=60)
+                answer = await call(requests[index], timeout=60, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 elapsed = time.perf_counter() - start
                 if timed:
@@ -98,10 +99,13 @@ async def _drive(target: str, requests: list[bytes], concurrency: int, total: in
 
 def run_grpc_loadtest(url: str, model: str | None, *, concurrency: int = 8, requests: int = 2000,
                       inputs: np.ndarray | list[np.ndarray] | None = None,
-                      input_shape: tuple[int, ...] | None = None, warmup: int = 10, seed: int = 0) -> LoadtestResult:
+                      input_shape: tuple[int, ...] | None = None, warmup: int = 10, seed: int = 0,
+                      metadata: tuple[tuple[str, str], ...] = ()) -> LoadtestResult:
     """`requests` ModelInfer calls over `concurrency` gRPC connections to `url` ("host:port"), timed.
 
     inputs: one array or a list cycled through (default: 4 random arrays of the model's batch-1 shape).
+    metadata: sent with every call, e.g. (("application", "bnfold"),) for Ray Serve's gRPC proxy
+    when the cluster runs more than one application.
     """
     if concurrency < 1 or requests < 1:
         raise ServeError(f"concurrency and requests must be at least 1, got {concurrency} and {requests}")
@@ -109,11 +113,11 @@ def run_grpc_loadtest(url: str, model: str | None, *, concurrency: int = 8, requ
         raise ServeError("--name is required for a gRPC load test: the model's name on the server "
                          "(its RepositoryIndex lists them, as POST /v2/repository/index does over HTTP)")
     target = grpc_target(url)
-    input_name, datatype, shape = fetch_grpc_metadata(target, model)
+    input_name, datatype, shape = fetch_grpc_metadata(target, model, metadata)
     inputs = request_inputs(inputs, input_shape or tuple(1 if d == -1 else d for d in shape), datatype, seed)
     encoded = [infer_request(model, input_name, datatype, x) for x in inputs]
     try:
-        tally, seconds, cpu = _run(_drive(target, encoded, concurrency, requests, warmup))
+        tally, seconds, cpu = _run(_drive(target, encoded, concurrency, requests, warmup, metadata))
     except OSError as exc:
         raise ServeError(f"gRPC load test against {url} failed: {type(exc).__name__}: {exc}")
     return LoadtestResult.from_tally(url, "grpc", concurrency, tally, seconds, cpu)

@@ -20,6 +20,8 @@ import onnxruntime as ort
 import pytest
 import tritonclient.http as triton_http
 
+from bnfold.bench.grpc_load import run_grpc_loadtest
+from bnfold.bench.loadtest import run_loadtest
 from bnfold.bench.ray_cluster import loopback_cluster, ray_python
 from bnfold.serve.config import RAY_DIRECT_LINE
 from bnfold.serve.launch import free_port
@@ -97,6 +99,9 @@ def test_with_rays_direct_ingress_each_replica_answers_on_its_own_port_as_deploy
         assert client.is_server_ready() and client.is_model_ready(MODEL)
         x = rng.standard_normal((2, 1, 28, 28), dtype=np.float32)
         np.testing.assert_allclose(_infer(client, x), reference(x), rtol=1e-5, atol=1e-6)
+    # The load generator spreads its connections over the replicas (connection i to URL i mod 2)
+    spread = run_loadtest(urls[0], MODEL, replicas=urls[1:], concurrency=4, requests=200, warmup=2)
+    assert spread.requests == 200 and spread.errors == 0, spread.first_error
     ports = [int(url.rsplit(":", 1)[1]) for url in urls]
     owners = {_listener(port) for port in ports}
     assert owners == {int(r["pid"]) for r in _replicas(cluster)}, (owners, ports)
@@ -138,6 +143,11 @@ def test_tritonclient_grpc_answers_through_rays_grpc_proxy_equal_onnxruntime_and
     with pytest.raises(InferenceServerException) as refused:   # a client's mistake: not INTERNAL
         client.get_model_metadata("no-such-model")
     assert "NOT_FOUND" in str(refused.value.status()) and "no-such-model" in refused.value.message()
+    # bench.grpc_load with the `application` metadata Ray's gRPC proxy routes on when a cluster has
+    # several applications (bench.compare_ray's case; with one, as here, Ray routes to it anyway)
+    ours = run_grpc_loadtest(address, MODEL, concurrency=2, requests=40, warmup=1,
+                             metadata=(("application", "bnfold"),))
+    assert ours.requests == 40 and ours.errors == 0, ours.first_error
 
 
 def test_killing_a_replica_under_load_fails_at_most_the_requests_in_flight_and_ray_replaces_it(
