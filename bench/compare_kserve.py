@@ -81,7 +81,7 @@ def grpc_floor_server(answer: bytes, directory: Path) -> Iterator[str]:
     port = free_port()
     answer_file = directory / "floor-answer.bin"
     answer_file.write_bytes(answer)
-    process = subprocess.Popen([sys.executable, "-m", "bnfold.bench.grpc_floor", "--port", str(port),
+    process = subprocess.Popen([sys.executable, "-m", "bnfold.bench.grpc_floor", "--grpc-port", str(port),
                                 "--answer", str(answer_file)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for_grpc(f"127.0.0.1:{port}")

@@ -17,7 +17,11 @@ onnxruntime session has one intra-op thread. Rounds alternate between the target
 sequential latency (one connection) and throughput (`--concurrency` connections) with
 `bench.loadtest`; latencies pool over rounds, throughput is total requests over total time.
 Ray Serve settings that its proxies and replicas read at start (RAY_SERVE_*) go to every node with
-`--ray-env KEY=VALUE`; they are cluster-wide, so comparing them takes one run each.
+`--ray-env KEY=VALUE`; they are cluster-wide, so comparing them takes one run each. With
+`--ray-env RAY_SERVE_ENABLE_DIRECT_INGRESS=1` (or RAY_SERVE_THROUGHPUT_OPTIMIZED=1) each Ray
+application is also measured at its replicas' own ports (the deploys print them), connections
+spread over the replicas; the headline ratio is then bnfold there against the plain deployment
+through Ray's proxy, and the same-path ratios are reported beside it.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The floor of a Python gRPC server: a server answering every ModelInfer with prebuilt bytes.
 
-    python -m bnfold.bench.grpc_floor --port 8001 --answer response.bin [--kind aio|sync|h2]
+    python -m bnfold.bench.grpc_floor --grpc-port 8001 --answer response.bin [--kind aio|sync|h2]
     python -m bnfold.bench.grpc_floor --compare          # every kind, timed with tritonclient.grpc
 
 No parsing, no model, no metrics: the handler hands back the same serialized
@@ -171,7 +171,7 @@ def compare(requests: int, rounds: int) -> list[tuple[str, float, float]]:
         for _ in range(rounds):
             for kind in results:
                 port = free_port()
-                process = subprocess.Popen([sys.executable, "-m", "bnfold.bench.grpc_floor", "--port", str(port),
+                process = subprocess.Popen([sys.executable, "-m", "bnfold.bench.grpc_floor", "--grpc-port", str(port),
                                             "--answer", str(answer), "--kind", kind], stderr=subprocess.DEVNULL)
                 try:
                     _wait_for_grpc(f"127.0.0.1:{port}")
@@ -186,7 +186,7 @@ def compare(requests: int, rounds: int) -> list[tuple[str, float, float]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bnfold.bench.grpc_floor", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--port", type=int, help="port on 127.0.0.1 (serving one kind)")
+    parser.add_argument("--grpc-port", type=int, help="port on 127.0.0.1 (serving one kind)")
     parser.add_argument("--answer", help="file holding the serialized ModelInferResponse to send")
     parser.add_argument("--kind", choices=KINDS, default="aio", help="which server (default aio)")
     parser.add_argument("--compare", action="store_true", help="time every installed kind with tritonclient.grpc")
@@ -200,11 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"not measured (package not installed): {', '.join(missing)}", file=sys.stderr)
         return 0
-    if args.port is None or args.answer is None:
-        parser.error("--port and --answer are required unless --compare")
+    if args.grpc_port is None or args.answer is None:
+        parser.error("--grpc-port and --answer are required unless --compare")
     if not _installed(args.kind):
         parser.error("--kind h2 needs the h2 package: pip install h2")
-    serve(args.kind, args.port, Path(args.answer).read_bytes())
+    serve(args.kind, args.grpc_port, Path(args.answer).read_bytes())
     return 0
 
 

@@ -4,7 +4,10 @@ Each replica is a Ray actor that builds the same ASGI app `bnfold serve` runs un
 (`create_app(config)`: the same routes, limits, page, metrics and access log), loading the model
 itself from a path its node can read. Ray Serve's proxy on every node (`--host`/`--port`) takes
 the HTTP requests and hands them to a replica; Ray restarts a replica whose process dies and,
-with `--replicas auto`, adds and removes replicas with the load.
+with `--replicas auto`, adds and removes replicas with the load. On a cluster that runs Ray
+Serve's direct ingress (`RAY_SERVE_ENABLE_DIRECT_INGRESS=1` on every node), each replica also
+answers HTTP on a port of its own, without the proxy; `deploy` prints those URLs
+(`direct_ingress_urls`).
 
 `deploy(config)` returns once the application is RUNNING (every replica loaded and warmed up);
 the application stays on the cluster after this process exits, like any Serve application, until

@@ -16,7 +16,7 @@ def test_every_installed_floor_kind_answers_tritonclient_and_the_missing_ones_ar
         assert np.isfinite(p50) and p50 > 0 and 0 < cpu < 1000
 
 
-def test_serving_one_kind_needs_port_and_answer() -> None:
+def test_serving_one_kind_needs_grpc_port_and_answer() -> None:
     with pytest.raises(SystemExit) as refused:
         grpc_floor.main(["--kind", "sync"])
     assert refused.value.code == 2

@@ -10,6 +10,7 @@ the old name of a setting, not a second meaning of it.
 from __future__ import annotations
 
 import argparse
+import re
 import dataclasses
 import importlib
 from collections import defaultdict
@@ -38,14 +39,17 @@ class _Captured(Exception):
 def _script_modules() -> list[str]:
     """Every module of the project that builds a parser (found by its source, so new scripts join).
 
-    A script that imports nothing of bnfold (a peer's server, run in the peer's own environment,
-    such as bench/kserve_model.py) takes the peer's options, not bnfold's.
+    A script that imports nothing of bnfold, or that imports a peer project at its top (a peer's
+    server or deployment, run in the peer's own environment, such as bench/kserve_model.py and
+    bench/ray_plain.py), takes the peer's options, not bnfold's.
     """
     found = []
     for folder, package in PACKAGES.items():
         for path in sorted((ROOT / folder).glob("*.py")):
             text = path.read_text(encoding="utf-8")
-            if "ArgumentParser(" in text and ("from bnfold" in text or "import bnfold" in text or "from ." in text):
+            peer = re.search(r"^(import|from) (ray|kserve)\b", text, flags=re.MULTILINE)
+            if peer is None and "ArgumentParser(" in text and (
+                    "from bnfold" in text or "import bnfold" in text or "from ." in text):
                 found.append(f"{package}.{path.stem}")
     return found
 
