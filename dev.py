@@ -55,9 +55,13 @@ def _workers(args: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in {"setup", "demo", "test"}:
+    if not argv or argv[0] in {"-h", "--help"}:
         print(__doc__)
-        return 0 if argv and argv[0] in {"-h", "--help"} else 2
+        return 0 if argv else 2
+    if argv[0] not in {"setup", "demo", "test"}:
+        print(f"dev.py: unknown command {argv[0]!r}; choose demo, test or setup (python3 dev.py --help)",
+              file=sys.stderr)
+        return 2
     verb, rest = argv[0], argv[1:]
     try:
         setup()
