@@ -183,7 +183,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             help="deploy the same app as a Ray Serve application on the Ray cluster at ADDRESS (host:port "
                  "of its head, or auto) and return once every replica is ready; --host/--port are then "
                  "Ray Serve's HTTP proxy on each node, and MODEL must be readable at the same path on "
-                 "every node")
+                 "every node. On a cluster started with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 each replica "
+                 "also answers on a port of its own, without Ray's proxy (about 10x faster here): the "
+                 "URLs are printed")
     ray.add("--replicas", type=_replicas, metavar="N|auto",
             help="replicas of the app, each with its own onnxruntime session; auto lets Ray add and "
                  "remove them with the load, between --min-replicas and --max-replicas")
