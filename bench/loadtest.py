@@ -39,10 +39,14 @@ class LoadtestConfig:
     reference: bool = False              # the reference FastAPI service's POST /predict instead of /v2
     input_shape: tuple[int, ...] | None = None
     protocol: str = "http"               # http, or grpc (to `bnfold serve --grpc-port`)
+    replica_urls: tuple[str, ...] = ()   # more base URLs of the same model (direct-ingress replicas)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ServeError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        self.replica_urls = tuple(self.replica_urls)
+        if self.replica_urls and self.protocol != "http":
+            raise ServeError("--replica-urls spreads HTTP connections; it does not apply to --protocol grpc")
         if self.tensors not in TENSOR_ENCODINGS:
             raise ServeError(f"--tensors must be one of {', '.join(TENSOR_ENCODINGS)}, got {self.tensors!r}")
         # --concurrency, --requests and --name are run_loadtest's checks, which library callers get too.

@@ -184,7 +184,7 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
     config = from_args(LoadtestConfig, args)
     result = run_loadtest(config.url, config.name, concurrency=config.concurrency, requests=config.requests,
                           binary=config.tensors == "binary", reference=config.reference,
-                          input_shape=config.input_shape, protocol=config.protocol)
+                          input_shape=config.input_shape, protocol=config.protocol, replicas=config.replica_urls)
     print(result)
     return 0 if result.errors == 0 else 1
 
@@ -214,14 +214,15 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show an option's default only where it says something (not for None or on/off flags)."""
+    """Show an option's default only where it says something (not for None, empty lists or on/off flags)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.help and options.ARCHITECTURES_PLACEHOLDER in action.help:
             from bnfold.models import list_models   # the registry (imports torch): only when help is shown
 
             action.help = action.help.replace(options.ARCHITECTURES_PLACEHOLDER, ", ".join(list_models()))
-        if action.default is None or isinstance(action.default, bool) or action.default is argparse.SUPPRESS:
+        if action.default is None or isinstance(action.default, bool) or action.default is argparse.SUPPRESS \
+                or action.default in ((), []):
             return action.help
         if isinstance(action.default, (list, tuple)) and action.help:
             # Written the way it is typed: --devices cpu,cuda
@@ -424,6 +425,9 @@ def _loadtest_parser(sub: argparse._SubParsersAction) -> None:
     opts.add("--protocol", metavar="|".join(PROTOCOLS),
              help="http, or grpc: ModelInfer calls with raw tensor contents to the address "
                   "`bnfold serve --grpc-port` listens on (URL then host:port, e.g. 127.0.0.1:8001)")
+    opts.add("--replica-urls", type=options.csv, metavar="URL,URL",
+             help="more base URLs serving the same model, such as the replica URLs `bnfold serve --ray` "
+                  "prints under Ray's direct ingress: connection i goes to [URL, *these][i mod n]")
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:

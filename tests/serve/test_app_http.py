@@ -330,6 +330,28 @@ def test_loadtest_command(server: str, capsys: pytest.CaptureFixture) -> None:
     assert "unknown model 'nope'" in capsys.readouterr().err
 
 
+def test_loadtest_replica_urls_spread_the_connections_over_two_servers(repo: Path, device: str, server: str,
+                                                                       capsys) -> None:
+    """`--replica-urls` (for the replicas Ray's direct ingress opens): connection i goes to URL i mod n,
+    so two servers of the same model each answer their share; every answer is still checked."""
+    from bnfold.cli import main
+
+    def served(url: str) -> float:
+        return _metric(httpx.get(f"{url}/metrics").text, "bnfold_requests_total", model="tiny", endpoint="infer")
+
+    with running_server(repo, device=device, threads=1) as second:   # the same answers, bit for bit
+        before = served(server), served(second)
+        assert main(["loadtest", server, "--name", "tiny", "--requests", "200", "--concurrency", "4",
+                     "--replica-urls", second]) == 0
+        assert "errors 0" in capsys.readouterr().out
+        first_share, second_share = served(server) - before[0], served(second) - before[1]
+    # 200 timed requests split 100/100, plus warm-up and first answers on each side
+    assert first_share >= 100 and second_share >= 100, (first_share, second_share)
+    assert main(["loadtest", "127.0.0.1:8001", "--protocol", "grpc", "--name", "tiny",
+                 "--replica-urls", second]) == 2
+    assert "does not apply to --protocol grpc" in capsys.readouterr().err
+
+
 def test_loadtest_without_a_name_says_which_models_the_server_has(server: str, capsys) -> None:
     # The error once pointed at GET /v2/models, a route the protocol does not have (404).
     from bnfold.cli import main
