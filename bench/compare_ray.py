@@ -30,7 +30,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -38,31 +38,10 @@ import numpy as np
 from bnfold.bench.grpc_load import run_grpc_loadtest
 from bnfold.bench.loadtest import LoadtestResult, run_loadtest
 from bnfold.bench.ray_cluster import RAY_VERSION, loopback_cluster, ray_python
-from bnfold.bench.timing import latency_stats
-from bnfold.bench.comparison import run_comparison
+from bnfold.bench.comparison import pool, run_comparison
 from bnfold.serve.launch import free_port, running_server
 from bnfold.serve.config import RAY_DIRECT_LINE as DIRECT_LINE
 from bnfold.serve.runtime import ServeError, open_session
-
-
-@dataclass
-class Figures:
-    name: str
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    sequential_requests: int
-    rps: float
-    concurrent_requests: int
-    errors: int
-
-
-def _pool(name: str, sequential: list[LoadtestResult], concurrent: list[LoadtestResult]) -> Figures:
-    stats = latency_stats(np.concatenate([r.latencies_ms for r in sequential]))
-    total = sum(r.requests for r in concurrent)
-    return Figures(name, stats["p50_ms"], stats["p90_ms"], stats["p99_ms"], sum(r.requests for r in sequential),
-                   total / sum(r.seconds for r in concurrent), total,
-                   sum(r.errors for r in sequential + concurrent))
 
 
 def _run(command: list[str], env: dict[str, str], what: str) -> list[str]:
@@ -125,7 +104,7 @@ def compare(onnx_path: str | os.PathLike, *, rounds: int = 3, sequential: int = 
                     print(f"round {r + 1}/{rounds} {key:20s} p50 {seq[key][-1].p50_ms:7.3f} ms  "
                           f"{conc[key][-1].rps:7.0f} req/s (x{concurrency}), errors "
                           f"{seq[key][-1].errors + conc[key][-1].errors}", file=sys.stderr, flush=True)
-    figures = {k: _pool(k, seq[k], conc[k]) for k in targets}
+    figures = {k: pool(k, seq[k], conc[k]) for k in targets}
     plain = figures["plain Ray Serve"]
     # bnfold on Ray at its best path on this cluster, against the yardstick as Ray's docs show it
     # (through Ray's proxy); the same-path ratios are reported beside it.

@@ -26,8 +26,7 @@ import numpy as np
 
 from bnfold.serve.launch import free_port, running_server, server_process
 from bnfold.bench.loadtest import LoadtestResult, run_loadtest
-from bnfold.bench.timing import latency_stats
-from bnfold.bench.comparison import run_comparison
+from bnfold.bench.comparison import Figures, pool, run_comparison
 from bnfold.serve.runtime import ServeError, open_session
 
 # The reference service, as uvicorn imports it: a factory in this package (so it runs from a wheel).
@@ -69,28 +68,17 @@ def cpu_seconds(pid: int) -> float:
 
 
 @dataclass
-class TargetFigures:
-    name: str
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    sequential_requests: int
-    rps: float
-    concurrent_requests: int
-    errors: int
+class TargetFigures(Figures):
     server_cpu_us_per_request: float   # server process CPU time / requests, over the x8 runs
     generator_cpu_us_per_request: float  # the load generator's, likewise
 
 
 def _pool(name: str, sequential: list[LoadtestResult], concurrent: list[LoadtestResult],
           cpu: float) -> TargetFigures:
-    ms = np.concatenate([r.latencies_ms for r in sequential])
-    stats = latency_stats(ms)
-    total = sum(r.requests for r in concurrent)
-    seconds = sum(r.seconds for r in concurrent)
-    errors = sum(r.errors for r in sequential + concurrent)
-    return TargetFigures(name, stats["p50_ms"], stats["p90_ms"], stats["p99_ms"], int(ms.size), total / seconds, total, errors,
-                         cpu / total * 1e6, sum(r.client_cpu_us * r.requests for r in concurrent) / total)
+    figures = pool(name, sequential, concurrent)
+    total = figures.concurrent_requests
+    return TargetFigures(**asdict(figures), server_cpu_us_per_request=cpu / total * 1e6,
+                         generator_cpu_us_per_request=sum(r.client_cpu_us * r.requests for r in concurrent) / total)
 
 
 def compare(onnx_path: str | os.PathLike, *, rounds: int = 3, sequential: int = 1000, concurrent: int = 4000,
