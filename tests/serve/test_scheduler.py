@@ -57,17 +57,21 @@ def test_onnxruntime_gives_each_row_the_same_bits_at_batch_16_as_alone(runtime: 
         assert np.array_equal(full[k:k + 1], runtime.run_all(x[k:k + 1])[0]), k
 
 
+def _answer_all(scheduler, xs: list[np.ndarray]) -> list[list[np.ndarray]]:
+    """Every request in `xs` sent at once; the answers in order, and the scheduler closed whatever happens."""
+    async def main() -> list[list[np.ndarray]]:
+        return await asyncio.gather(*(scheduler.infer(x) for x in xs))
+    try:
+        return asyncio.run(main())
+    finally:
+        scheduler.close()
+
+
 def test_1000_concurrent_mixed_size_requests_are_batched_and_answered_bit_identical(runtime: ModelRuntime) -> None:
     runs = Runs()
     scheduler = build_scheduler(runtime, Scheduling(max_queue_delay_us=2000), runs)
     xs = _requests(1000)
-
-    async def main() -> list[list[np.ndarray]]:
-        return await asyncio.gather(*(scheduler.infer(x) for x in xs))
-    try:
-        answers = asyncio.run(main())
-    finally:
-        scheduler.close()
+    answers = _answer_all(scheduler, xs)
     for x, answer in zip(xs, answers):
         expected = runtime.run_all(x)
         assert len(answer) == len(expected)
@@ -128,13 +132,7 @@ def test_two_instances_run_side_by_side_and_answer_like_one(runtime: ModelRuntim
     runs = Runs()
     scheduler = build_scheduler(runtime, Scheduling(instances=2), runs)
     xs = _requests(200, seed=3)
-
-    async def main() -> list[list[np.ndarray]]:
-        return await asyncio.gather(*(scheduler.infer(x) for x in xs))
-    try:
-        answers = asyncio.run(main())
-    finally:
-        scheduler.close()
+    answers = _answer_all(scheduler, xs)
     assert len(scheduler.instances) == 2 and scheduler.instances[1].session is not runtime.session
     for x, answer in zip(xs, answers):
         assert np.array_equal(answer[0], runtime.run_all(x)[0])
